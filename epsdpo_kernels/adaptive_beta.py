@@ -1,0 +1,77 @@
+"""``AdaptiveBeta``: ε-DPO's β carried across optimizer steps (and ranks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .validation import check_scalars
+
+
+class AdaptiveBeta:
+    """β ← β / (1 + ε·mean(s)) after every optimizer step, the mean over all pairs of the step.
+
+    Call ``observe(out.steps)`` after each micro-batch and ``update()`` once per optimizer step,
+    on every rank: the step sums and counts are all-reduced when torch.distributed is initialised,
+    so all ranks move to the same β. ``observe`` does not synchronise with the device; ``update``
+    does (once per step). The controller is training state: save ``state_dict()`` in checkpoints.
+
+    Example:
+        >>> controller = AdaptiveBeta(beta=0.1, epsilon=0.01)
+        >>> controller.observe(torch.tensor([1, 1, 0, -1]))
+        >>> round(controller.update(), 6)  # mean step 0.25: 0.1 / (1 + 0.01 * 0.25)
+        0.09975
+    """
+
+    def __init__(self, beta: float, epsilon: float = 0.01):
+        check_scalars(
+            beta=beta, epsilon=epsilon, label_smoothing=0.0, ignore_index=-100,
+            average_log_prob=False, backend="auto",
+        )  # fmt: skip
+        self.beta = float(beta)
+        self.epsilon = float(epsilon)
+        self._pending: torch.Tensor | None = None  # float64 [Σs, count] on the steps' device
+
+    def observe(self, steps: torch.Tensor) -> None:
+        """Accumulate one micro-batch's per-pair steps (values in {-1, 0, +1})."""
+        if not isinstance(steps, torch.Tensor):
+            raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
+        steps = steps.detach()
+        total = torch.stack([steps.sum().double(), torch.tensor(steps.numel(), dtype=torch.float64, device=steps.device)])
+        self._pending = total if self._pending is None else self._pending + total.to(self._pending.device)
+
+    def update(self, group=None) -> float:
+        """Apply the step's mean to β, reset the accumulator and return the new β."""
+        pending = self._pending
+        if pending is None:
+            pending = torch.zeros(2, dtype=torch.float64, device=self._default_device(group))
+        if dist.is_available() and dist.is_initialized():
+            pending = pending.to(self._default_device(group))
+            dist.all_reduce(pending, op=dist.ReduceOp.SUM, group=group)
+        step_sum, count = pending.tolist()
+        self._pending = None
+        if count > 0:
+            self.beta = self.beta / (1.0 + self.epsilon * step_sum / count)
+        return self.beta
+
+    @staticmethod
+    def _default_device(group) -> torch.device:
+        # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+        if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def state_dict(self) -> dict:
+        pending = [0.0, 0.0] if self._pending is None else self._pending.tolist()
+        return {"beta": self.beta, "epsilon": self.epsilon, "pending_sum": pending[0], "pending_count": pending[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+        self.epsilon = float(state["epsilon"])
+        if state.get("pending_count", 0.0) > 0:
+            self._pending = torch.tensor([state["pending_sum"], state["pending_count"]], dtype=torch.float64)
+        else:
+            self._pending = None
+
+    def __repr__(self) -> str:
+        return f"AdaptiveBeta(beta={self.beta!r}, epsilon={self.epsilon!r})"

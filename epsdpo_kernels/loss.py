@@ -1,0 +1,99 @@
+"""Public entry point: ε-DPO from policy and reference logits."""
+
+from __future__ import annotations
+
+import torch
+
+from . import validation as V
+from .logits_function import EpsilonDPOLogitsFunction, logits_forward, split_pair
+from .output import EpsilonDPOOutput, build_output
+
+
+def epsilon_dpo_loss(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float = 0.01,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average_log_prob: bool = False,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> EpsilonDPOOutput:
+    """ε-DPO loss (Lee et al., 2025, arXiv 2502.13177) on concatenated chosen/rejected logits.
+
+    One pass over the vocabulary per scored token computes the label's log-probability under the
+    policy, the reference and the two perturbed policies ``softmax((1±ε)·h ∓ ε·g)``; a per-pair
+    head decides each pair's step ``s ∈ {-1, 0, +1}`` and ``β̃ = β/(1+ε·s)`` and returns the DPO
+    sigmoid loss at β̃. Backward is one more pass over V per scored token. No ``(2B, T, V)``
+    temporary is allocated besides the gradient itself.
+
+    Args:
+        policy_logits: ``(2B, T, V)`` float32/bfloat16/float16; rows ``[0, B)`` are the chosen
+            responses, ``[B, 2B)`` the rejected ones (pair i = rows i and B+i).
+        ref_logits: ``(2B, T, V)`` reference-model logits; never receives a gradient.
+        labels: ``(2B, T)`` integer, already shifted (``policy_logits[:, t]`` scores
+            ``labels[:, t]``); ``ignore_index`` marks prompt and padding positions.
+        beta: current KL coefficient β > 0 (``AdaptiveBeta.beta`` carries it across steps).
+        epsilon: perturbation size ε in [0, 1); 0 gives plain DPO.
+        label_smoothing: conservative-DPO smoothing in [0, 0.5).
+        ignore_index: label value of unscored positions.
+        average_log_prob: average instead of sum the per-token log-probs of each sequence.
+        backend: ``"auto"`` (Triton for CUDA tensors, torch otherwise), ``"triton"`` or ``"torch"``.
+        inplace_backward: write the gradient into ``policy_logits``' storage instead of a new
+            ``(2B, T, V)`` buffer. Safe when nothing reads those logits after this loss's backward
+            and no other autograd node saved them: e.g. logits from ``hidden @ W.T`` (matmul saves
+            its inputs, not its output) used only by this loss. Not safe if you also feed the same
+            logits tensor to another loss, or inspect it after ``backward()``.
+
+    Returns:
+        ``EpsilonDPOOutput``; ``.loss`` is the mean over pairs. ``.metrics()`` gives TRL's names.
+
+    Example:
+        >>> B, T, V = 2, 8, 507
+        >>> policy_logits = torch.randn(2 * B, T, V, requires_grad=True)
+        >>> ref_logits = torch.randn(2 * B, T, V)
+        >>> labels = torch.randint(0, V, (2 * B, T))
+        >>> labels[:, :3] = -100  # prompt
+        >>> out = epsilon_dpo_loss(policy_logits, ref_logits, labels, beta=0.1, epsilon=0.01)
+        >>> out.loss.backward()
+        >>> out.steps.shape, policy_logits.grad.shape
+        (torch.Size([2]), torch.Size([4, 8, 507]))
+    """
+    V.check_scalars(
+        beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        average_log_prob=average_log_prob, backend=backend,
+    )  # fmt: skip
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
+    V.check_tensor("ref_logits", ref_logits, ndim=3, float_dtype=True)
+    if ref_logits.shape != policy_logits.shape:
+        raise ValueError(
+            f"ref_logits must have the shape of policy_logits {tuple(policy_logits.shape)}, "
+            f"got {tuple(ref_logits.shape)}"
+        )
+    rows, tokens, vocab = policy_logits.shape
+    V.check_pair_rows("policy_logits", rows)
+    if tokens == 0 or vocab == 0:
+        raise ValueError(f"policy_logits must have T > 0 and V > 0, got shape {(rows, tokens, vocab)}")
+    device = V.check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
+    V.check_labels(labels, rows=rows, tokens=tokens, vocab=vocab, ignore_index=ignore_index)
+
+    params = V.LossParams(
+        beta=float(beta), epsilon=float(epsilon), label_smoothing=float(label_smoothing),
+        ignore_index=ignore_index, average_log_prob=average_log_prob,
+        backend=V.resolve_backend(backend, device), inplace_backward=inplace_backward,
+    )  # fmt: skip
+    ref_logits = ref_logits.detach()
+    if torch.is_grad_enabled() and policy_logits.requires_grad:
+        losses, chosen, rejected, pair = EpsilonDPOLogitsFunction.apply(
+            policy_logits, ref_logits, labels, params
+        )
+    else:
+        # Evaluation: nothing is saved for a backward that will not come.
+        _, pair = logits_forward(policy_logits.detach(), ref_logits, labels, params)
+        losses, chosen, rejected = split_pair(pair)
+    return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)

@@ -1,0 +1,91 @@
+"""``EpsilonDPOOutput``: what both loss functions return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import layout as L
+
+
+@dataclass(frozen=True)
+class EpsilonDPOOutput:
+    """Loss, per-pair values and the metrics TRL's ε-DPO trainer logs, for one batch of B pairs.
+
+    ``loss``, ``losses``, ``chosen_logps`` and ``rejected_logps`` are differentiable w.r.t. the
+    policy inputs; everything else is detached. All per-pair tensors are fp32 of shape ``(B,)``,
+    except ``steps`` (int64, values in {-1, 0, +1}).
+    """
+
+    loss: torch.Tensor  # scalar: mean of losses
+    losses: torch.Tensor  # (B,) L_i
+    steps: torch.Tensor  # (B,) s_i: +1 weaker KL preferred, -1 stronger, 0 neither
+    beta_used: torch.Tensor  # (B,) β/(1+ε·s_i)
+    chosen_logps: torch.Tensor  # (B,) A_c (summed or averaged log-probs of the chosen row)
+    rejected_logps: torch.Tensor  # (B,) A_j
+    ref_chosen_logps: torch.Tensor  # (B,) R_c
+    ref_rejected_logps: torch.Tensor  # (B,) R_j
+    chosen_rewards: torch.Tensor  # (B,) β̃·(A_c − R_c)
+    rejected_rewards: torch.Tensor  # (B,) β̃·(A_j − R_j)
+    logratios: torch.Tensor  # (B,) ℓ = A_c − A_j
+    ref_logratios: torch.Tensor  # (B,) ℓ_ref
+    p_epsilon_logratios: torch.Tensor  # (B,) ℓ⁺ under the (1+ε)·h − ε·g mix
+    n_epsilon_logratios: torch.Tensor  # (B,) ℓ⁻ under the (1−ε)·h + ε·g mix
+    mean_chosen_logits: torch.Tensor  # scalar: mean raw policy logit over chosen scored tokens × V
+    mean_rejected_logits: torch.Tensor  # scalar
+    beta: float  # the β this call was given
+
+    def metrics(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The batch means TRL logs, under TRL's names (detached 0-dim tensors, no sync)."""
+        steps = self.steps.float()
+        accuracies = (self.chosen_rewards > self.rejected_rewards).float()
+        values = {
+            "rewards/chosen": self.chosen_rewards.mean(),
+            "rewards/rejected": self.rejected_rewards.mean(),
+            "rewards/accuracies": accuracies.mean(),
+            "rewards/margins": (self.chosen_rewards - self.rejected_rewards).mean(),
+            "logps/chosen": self.chosen_logps.detach().mean(),
+            "logps/rejected": self.rejected_logps.detach().mean(),
+            "logits/chosen": self.mean_chosen_logits,
+            "logits/rejected": self.mean_rejected_logits,
+            "kl/p_epsilon_steps": (steps > 0).float().mean(),
+            "kl/n_epsilon_steps": (steps < 0).float().mean(),
+            "kl/avg_steps": steps.mean(),
+            "kl/beta": torch.tensor(self.beta),
+        }
+        return {prefix + k: v for k, v in values.items()}
+
+
+def build_output(
+    losses: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    pair: torch.Tensor,
+    *,
+    beta: float,
+    vocab: int,
+) -> EpsilonDPOOutput:
+    """Assemble the output from the differentiable tensors and the head's pair buffer."""
+    pair = pair.detach()
+    chosen_tokens = pair[L.PAIR_CHOSEN_COUNT].sum().clamp(min=1)
+    rejected_tokens = pair[L.PAIR_REJECTED_COUNT].sum().clamp(min=1)
+    return EpsilonDPOOutput(
+        loss=losses.mean(),
+        losses=losses,
+        steps=pair[L.PAIR_STEP].long(),
+        beta_used=pair[L.PAIR_BETA_USED],
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=pair[L.PAIR_REF_CHOSEN_LOGPS],
+        ref_rejected_logps=pair[L.PAIR_REF_REJECTED_LOGPS],
+        chosen_rewards=pair[L.PAIR_CHOSEN_REWARD],
+        rejected_rewards=pair[L.PAIR_REJECTED_REWARD],
+        logratios=pair[L.PAIR_LOGRATIO],
+        ref_logratios=pair[L.PAIR_REF_LOGRATIO],
+        p_epsilon_logratios=pair[L.PAIR_P_EPS_LOGRATIO],
+        n_epsilon_logratios=pair[L.PAIR_N_EPS_LOGRATIO],
+        mean_chosen_logits=pair[L.PAIR_CHOSEN_LOGIT_SUM].sum() / (chosen_tokens * vocab),
+        mean_rejected_logits=pair[L.PAIR_REJECTED_LOGIT_SUM].sum() / (rejected_tokens * vocab),
+        beta=beta,
+    )

@@ -1,0 +1,129 @@
+"""The per-pair head: from per-token log-probabilities to the ε-DPO step, loss and gradient scale.
+
+Two implementations of the same few lines of SPEC.md (Per sequence, Per pair): a Triton kernel
+with one program per pair, so a step launches one kernel whatever B is, and plain torch for the
+torch backend. Both read the ``(TOKEN_FIELDS, 2B·T)`` token stats and write ``(PAIR_FIELDS, B)``;
+the sums run in a fixed order (no atomics), so results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import layout as L
+
+
+def _sequence_sums(stats: torch.Tensor, scored: torch.Tensor, average: bool):
+    """(TOKEN_FIELDS, 2B) row sums of the token stats, and the (2B,) scored-token counts."""
+    two_b, t = scored.shape
+    sums = stats.view(L.TOKEN_FIELDS, two_b, t).sum(-1)
+    counts = scored.sum(-1).to(torch.float32)
+    if average:
+        # Only the log-probabilities are averaged; the logit sum feeds a token-weighted metric.
+        sums[: L.TOK_N_EPS_LOGP + 1] /= counts.clamp(min=1)
+    return sums, counts
+
+
+def pair_head_torch(
+    stats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    label_smoothing: float,
+    ignore_index: int,
+    average_log_prob: bool,
+) -> torch.Tensor:
+    scored = labels != ignore_index
+    sums, counts = _sequence_sums(stats, scored, average_log_prob)
+    b = scored.shape[0] // 2
+    A, R, U, D = (sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_LOGP, L.TOK_N_EPS_LOGP))
+
+    logratio = A[:b] - A[b:]
+    p_eps = U[:b] - U[b:]
+    n_eps = D[:b] - D[b:]
+    ref_logratio = R[:b] - R[b:]
+    up = (p_eps > logratio) & (logratio > n_eps)
+    down = (n_eps > logratio) & (logratio > p_eps)
+    step = (up.float() - down.float()) * float(epsilon > 0)
+    beta_used = beta / (1.0 + epsilon * step)
+    z = beta_used * (logratio - ref_logratio)
+    loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    dloss = -beta_used * ((1 - label_smoothing) * torch.sigmoid(-z) - label_smoothing * torch.sigmoid(z))
+
+    out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
+    out[L.PAIR_LOSS] = loss
+    out[L.PAIR_STEP] = step
+    out[L.PAIR_BETA_USED] = beta_used
+    out[L.PAIR_CHOSEN_LOGPS] = A[:b]
+    out[L.PAIR_REJECTED_LOGPS] = A[b:]
+    out[L.PAIR_REF_CHOSEN_LOGPS] = R[:b]
+    out[L.PAIR_REF_REJECTED_LOGPS] = R[b:]
+    out[L.PAIR_CHOSEN_REWARD] = beta_used * (A[:b] - R[:b])
+    out[L.PAIR_REJECTED_REWARD] = beta_used * (A[b:] - R[b:])
+    out[L.PAIR_DLOSS_DLOGRATIO] = dloss
+    out[L.PAIR_CHOSEN_COUNT] = counts[:b]
+    out[L.PAIR_REJECTED_COUNT] = counts[b:]
+    out[L.PAIR_CHOSEN_LOGIT_SUM] = sums[L.TOK_LOGIT_SUM, :b]
+    out[L.PAIR_REJECTED_LOGIT_SUM] = sums[L.TOK_LOGIT_SUM, b:]
+    out[L.PAIR_LOGRATIO] = logratio
+    out[L.PAIR_REF_LOGRATIO] = ref_logratio
+    out[L.PAIR_P_EPS_LOGRATIO] = p_eps
+    out[L.PAIR_N_EPS_LOGRATIO] = n_eps
+    return out
+
+
+def pair_head(
+    stats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    label_smoothing: float,
+    ignore_index: int,
+    average_log_prob: bool,
+    backend: str,
+) -> torch.Tensor:
+    """Dispatch to the Triton or the torch head; both return the same ``(PAIR_FIELDS, B)``."""
+    kwargs = dict(
+        beta=beta,
+        epsilon=epsilon,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        average_log_prob=average_log_prob,
+    )
+    if backend == "triton":
+        from .pair_head_kernel import pair_head_triton
+
+        return pair_head_triton(stats, labels, **kwargs)
+    return pair_head_torch(stats, labels, **kwargs)
+
+
+def row_coefficients(
+    pair: torch.Tensor,
+    grad_losses: torch.Tensor | None,
+    grad_chosen_logps: torch.Tensor | None,
+    grad_rejected_logps: torch.Tensor | None,
+    *,
+    average_log_prob: bool,
+) -> torch.Tensor:
+    """c_n = ∂(upstream)/∂A_n for the 2B sequence rows, from the head's ∂L_i/∂ℓ_i.
+
+    ℓ_i = A_chosen − A_rejected, so the chosen row gets +g·∂L/∂ℓ and the rejected row −g·∂L/∂ℓ;
+    gradients that reach chosen_logps/rejected_logps directly (an NLL term, say) add on top.
+    With averaging, A_n is a mean, so every token of row n carries c_n / count_n.
+    """
+    dloss = pair[L.PAIR_DLOSS_DLOGRATIO]
+    through_loss = dloss * grad_losses if grad_losses is not None else torch.zeros_like(dloss)
+    chosen = through_loss.clone()
+    rejected = -through_loss
+    if grad_chosen_logps is not None:
+        chosen = chosen + grad_chosen_logps.float()
+    if grad_rejected_logps is not None:
+        rejected = rejected + grad_rejected_logps.float()
+    coef = torch.cat([chosen, rejected])
+    if average_log_prob:
+        counts = torch.cat([pair[L.PAIR_CHOSEN_COUNT], pair[L.PAIR_REJECTED_COUNT]])
+        coef = coef / counts.clamp(min=1)
+    return coef

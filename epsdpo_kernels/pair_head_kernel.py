@@ -1,0 +1,142 @@
+"""Triton version of the per-pair head (see pair_head.py for what it computes and why)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import layout as L
+
+MAX_BLOCK_T = 1024
+
+
+@triton.jit
+def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignore_index,
+              BLOCK_T: tl.constexpr):  # fmt: skip
+    """Σ_t of the four log-probability fields and the logit sum over one sequence row, and its
+    scored-token count; blocks are visited in order, so the sums are deterministic."""
+    a = tl.zeros([BLOCK_T], dtype=tl.float32)
+    r = tl.zeros([BLOCK_T], dtype=tl.float32)
+    u = tl.zeros([BLOCK_T], dtype=tl.float32)
+    d = tl.zeros([BLOCK_T], dtype=tl.float32)
+    logit_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    count = tl.zeros([BLOCK_T], dtype=tl.float32)
+    base = seq * T
+    for start in range(0, T, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        valid = t < T
+        idx = base + t
+        labels = tl.load(labels_ptr + seq * stride_ln + t * stride_lt, mask=valid, other=ignore_index)
+        count += tl.where(labels != ignore_index, 1.0, 0.0)
+        # Ignored token rows hold zeros in stats, so no further masking is needed.
+        a += tl.load(stats_ptr + 0 * n_rows + idx, mask=valid, other=0.0)
+        r += tl.load(stats_ptr + 1 * n_rows + idx, mask=valid, other=0.0)
+        u += tl.load(stats_ptr + 2 * n_rows + idx, mask=valid, other=0.0)
+        d += tl.load(stats_ptr + 3 * n_rows + idx, mask=valid, other=0.0)
+        logit_sum += tl.load(stats_ptr + 5 * n_rows + idx, mask=valid, other=0.0)
+    return (tl.sum(a, 0), tl.sum(r, 0), tl.sum(u, 0), tl.sum(d, 0), tl.sum(logit_sum, 0),
+            tl.sum(count, 0))  # fmt: skip
+
+
+@triton.jit
+def _log_sigmoid(x):
+    # log σ(x) = min(x, 0) − log1p(exp(−|x|)); log1p via the (w−1) correction trick, since
+    # log(1 + e) rounds to 0 for e < 2^-24 and the loss of a well-separated pair is that small.
+    e = tl.exp(-tl.abs(x))
+    w = 1.0 + e
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.minimum(x, 0.0) - log1p_e
+
+
+@triton.jit
+def pair_head_kernel(
+    stats_ptr,  # (TOKEN_FIELDS, 2B·T) fp32 token stats
+    labels_ptr,  # (2B, T) integer labels
+    out_ptr,  # (PAIR_FIELDS, B) fp32 out, see layout.py
+    B,
+    T,
+    n_rows,  # 2B·T
+    stride_ln,
+    stride_lt,
+    beta,
+    epsilon,
+    label_smoothing,
+    ignore_index,
+    AVERAGE_LOG_PROB: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program owns one pair i: it sums rows i (chosen) and B+i (rejected), decides the
+    step from the three log-ratios, and writes the loss, β̃, rewards, logps and ∂L_i/∂ℓ_i."""
+    i = tl.program_id(0)
+    a_c, r_c, u_c, d_c, lsum_c, n_c = _row_sums(
+        stats_ptr, labels_ptr, i, T, n_rows, stride_ln, stride_lt, ignore_index, BLOCK_T
+    )
+    a_j, r_j, u_j, d_j, lsum_j, n_j = _row_sums(
+        stats_ptr, labels_ptr, i + B, T, n_rows, stride_ln, stride_lt, ignore_index, BLOCK_T
+    )
+    if AVERAGE_LOG_PROB:
+        inv_c = 1.0 / tl.maximum(n_c, 1.0)
+        inv_j = 1.0 / tl.maximum(n_j, 1.0)
+        a_c, r_c, u_c, d_c = a_c * inv_c, r_c * inv_c, u_c * inv_c, d_c * inv_c
+        a_j, r_j, u_j, d_j = a_j * inv_j, r_j * inv_j, u_j * inv_j, d_j * inv_j
+
+    logratio = a_c - a_j
+    p_eps = u_c - u_j
+    n_eps = d_c - d_j
+    ref_logratio = r_c - r_j
+    up = (p_eps > logratio) & (logratio > n_eps)
+    down = (n_eps > logratio) & (logratio > p_eps)
+    step = tl.where(up, 1.0, 0.0) - tl.where(down, 1.0, 0.0)
+    step = tl.where(epsilon > 0, step, 0.0)
+    beta_used = beta / (1.0 + epsilon * step)
+    z = beta_used * (logratio - ref_logratio)
+    loss = -(1.0 - label_smoothing) * _log_sigmoid(z) - label_smoothing * _log_sigmoid(-z)
+    sig_z = 1.0 / (1.0 + tl.exp(-z))
+    sig_neg_z = 1.0 / (1.0 + tl.exp(z))
+    dloss = -beta_used * ((1.0 - label_smoothing) * sig_neg_z - label_smoothing * sig_z)
+
+    tl.store(out_ptr + 0 * B + i, loss)
+    tl.store(out_ptr + 1 * B + i, step)
+    tl.store(out_ptr + 2 * B + i, beta_used)
+    tl.store(out_ptr + 3 * B + i, a_c)
+    tl.store(out_ptr + 4 * B + i, a_j)
+    tl.store(out_ptr + 5 * B + i, r_c)
+    tl.store(out_ptr + 6 * B + i, r_j)
+    tl.store(out_ptr + 7 * B + i, beta_used * (a_c - r_c))
+    tl.store(out_ptr + 8 * B + i, beta_used * (a_j - r_j))
+    tl.store(out_ptr + 9 * B + i, dloss)
+    tl.store(out_ptr + 10 * B + i, n_c)
+    tl.store(out_ptr + 11 * B + i, n_j)
+    tl.store(out_ptr + 12 * B + i, lsum_c)
+    tl.store(out_ptr + 13 * B + i, lsum_j)
+    tl.store(out_ptr + 14 * B + i, logratio)
+    tl.store(out_ptr + 15 * B + i, ref_logratio)
+    tl.store(out_ptr + 16 * B + i, p_eps)
+    tl.store(out_ptr + 17 * B + i, n_eps)
+
+
+def pair_head_triton(
+    stats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    label_smoothing: float,
+    ignore_index: int,
+    average_log_prob: bool,
+) -> torch.Tensor:
+    # The kernel hard-codes the layout's indices; fail loudly if layout.py is ever reordered.
+    assert (L.PAIR_FIELDS, L.PAIR_DLOSS_DLOGRATIO, L.PAIR_N_EPS_LOGRATIO) == (18, 9, 17)
+    two_b, t = labels.shape
+    b = two_b // 2
+    out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
+    pair_head_kernel[(b,)](
+        stats, labels, out,
+        b, t, two_b * t,
+        labels.stride(0), labels.stride(1),
+        float(beta), float(epsilon), float(label_smoothing), int(ignore_index),
+        AVERAGE_LOG_PROB=average_log_prob,
+        BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t)),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,102 @@
+"""Readable eager ε-DPO, line by line as ``SPEC.md`` states it.
+
+This is the ground truth the kernels are tested against (in float64) and the shape of the
+computation the benchmarks call ``eager`` (the authors' TRL trainer does the same: four full
+log-softmaxes). It materialises several ``(2B, T, V)`` tensors and is not meant to be fast.
+
+Gradients flow only through the policy log-probabilities ``a``: the mixed streams use a
+detached copy of the policy logits, and the step ``s`` comes from comparisons, so autograd on
+``reference_epsilon_dpo`` gives exactly the gradient SPEC.md derives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _label_logps(logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[label] per position, 0 where the position is not scored."""
+    safe_labels = torch.where(scored, labels, torch.zeros_like(labels))
+    logps = F.log_softmax(logits, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return torch.where(scored, logps, torch.zeros_like(logps))
+
+
+def reference_epsilon_dpo(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float = 0.01,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average_log_prob: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """ε-DPO on materialised logits; every field of ``EpsilonDPOOutput`` as a dict.
+
+    ``policy_logits``/``ref_logits``: ``(2B, T, V)``, rows ``[0, B)`` chosen, ``[B, 2B)`` rejected.
+    ``labels``: ``(2B, T)``, already shifted. Arithmetic is done in ``dtype`` (float64 in tests).
+    """
+    h = policy_logits.to(dtype)
+    g = ref_logits.to(dtype).detach()
+    scored = labels != ignore_index
+    two_b = h.shape[0]
+    b = two_b // 2
+
+    # Per token: the four log-probabilities of the label.
+    a = _label_logps(h, labels, scored)
+    r = _label_logps(g, labels, scored)
+    u = _label_logps((1 + epsilon) * h.detach() - epsilon * g, labels, scored)
+    d = _label_logps((1 - epsilon) * h.detach() + epsilon * g, labels, scored)
+
+    # Per sequence: sums over scored tokens (optionally averaged).
+    counts = scored.sum(-1).to(dtype)
+    A, R, U, D = (x.sum(-1) for x in (a, r, u, d))
+    if average_log_prob:
+        denom = counts.clamp(min=1)
+        A, R, U, D = A / denom, R / denom, U / denom, D / denom
+
+    # Per pair.
+    logratios = A[:b] - A[b:]
+    p_epsilon_logratios = U[:b] - U[b:]
+    n_epsilon_logratios = D[:b] - D[b:]
+    ref_logratios = R[:b] - R[b:]
+
+    up = (p_epsilon_logratios > logratios) & (logratios > n_epsilon_logratios)
+    down = (n_epsilon_logratios > logratios) & (logratios > p_epsilon_logratios)
+    steps = up.long() - down.long()
+    if epsilon == 0:
+        steps = torch.zeros_like(steps)
+    beta_used = beta / (1 + epsilon * steps.to(dtype))
+
+    z = logratios - ref_logratios
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta_used * z) - label_smoothing * F.logsigmoid(
+        -beta_used * z
+    )
+
+    # Metrics: mean raw logit over scored tokens and the whole vocabulary.
+    logit_sums = (h.detach().sum(-1) * scored).sum(-1)
+    vocab = h.shape[-1]
+    chosen_tokens = counts[:b].sum().clamp(min=1)
+    rejected_tokens = counts[b:].sum().clamp(min=1)
+
+    return {
+        "loss": losses.mean(),
+        "losses": losses,
+        "steps": steps,
+        "beta_used": beta_used,
+        "chosen_logps": A[:b],
+        "rejected_logps": A[b:],
+        "ref_chosen_logps": R[:b],
+        "ref_rejected_logps": R[b:],
+        "chosen_rewards": (beta_used * (A[:b] - R[:b])).detach(),
+        "rejected_rewards": (beta_used * (A[b:] - R[b:])).detach(),
+        "logratios": logratios.detach(),
+        "ref_logratios": ref_logratios,
+        "p_epsilon_logratios": p_epsilon_logratios,
+        "n_epsilon_logratios": n_epsilon_logratios,
+        "mean_chosen_logits": logit_sums[:b].sum() / (chosen_tokens * vocab),
+        "mean_rejected_logits": logit_sums[b:].sum() / (rejected_tokens * vocab),
+    }
