@@ -1,0 +1,42 @@
+"""Test setup: run the Triton path through the CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, hence at the top of conftest.
+With a GPU, tests run on CUDA tensors and compiled kernels instead (``EPSDPO_TEST_DEVICE=cpu``
+forces the interpreter even there).
+"""
+
+import os
+
+import torch
+
+if os.environ.get("EPSDPO_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+    DEVICE = torch.device("cpu")
+else:
+    DEVICE = torch.device("cuda")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=int(os.environ.get("EPSDPO_HYPOTHESIS_EXAMPLES", "20")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+settings.load_profile("default")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_empty():
+    """Fill torch.empty allocations with NaN, so an output a kernel forgets to write shows up."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous)
