@@ -20,7 +20,7 @@ class AdaptiveBeta:
         >>> controller = AdaptiveBeta(beta=0.1, epsilon=0.01)
         >>> controller.observe(torch.tensor([1, 1, 0, -1]))
         >>> round(controller.update(), 6)  # mean step 0.25: 0.1 / (1 + 0.01 * 0.25)
-        0.09975
+        0.099751
     """
 
     def __init__(self, beta: float, epsilon: float = 0.01):
@@ -37,8 +37,15 @@ class AdaptiveBeta:
         if not isinstance(steps, torch.Tensor):
             raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
         steps = steps.detach()
-        total = torch.stack([steps.sum().double(), torch.tensor(steps.numel(), dtype=torch.float64, device=steps.device)])
-        self._pending = total if self._pending is None else self._pending + total.to(self._pending.device)
+        total = torch.stack(
+            [
+                steps.sum().double(),
+                torch.tensor(steps.numel(), dtype=torch.float64, device=steps.device),
+            ]
+        )
+        self._pending = (
+            total if self._pending is None else self._pending + total.to(self._pending.device)
+        )
 
     def update(self, group=None) -> float:
         """Apply the step's mean to β, reset the accumulator and return the new β."""
@@ -63,13 +70,20 @@ class AdaptiveBeta:
 
     def state_dict(self) -> dict:
         pending = [0.0, 0.0] if self._pending is None else self._pending.tolist()
-        return {"beta": self.beta, "epsilon": self.epsilon, "pending_sum": pending[0], "pending_count": pending[1]}
+        return {
+            "beta": self.beta,
+            "epsilon": self.epsilon,
+            "pending_sum": pending[0],
+            "pending_count": pending[1],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.beta = float(state["beta"])
         self.epsilon = float(state["epsilon"])
         if state.get("pending_count", 0.0) > 0:
-            self._pending = torch.tensor([state["pending_sum"], state["pending_count"]], dtype=torch.float64)
+            self._pending = torch.tensor(
+                [state["pending_sum"], state["pending_count"]], dtype=torch.float64
+            )
         else:
             self._pending = None
 

@@ -78,9 +78,12 @@ def epsilon_dpo_loss(
     rows, tokens, vocab = policy_logits.shape
     V.check_pair_rows("policy_logits", rows)
     if tokens == 0 or vocab == 0:
-        raise ValueError(f"policy_logits must have T > 0 and V > 0, got shape {(rows, tokens, vocab)}")
+        raise ValueError(
+            f"policy_logits must have T > 0 and V > 0, got shape {(rows, tokens, vocab)}"
+        )
+    V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
-    V.check_labels(labels, rows=rows, tokens=tokens, vocab=vocab, ignore_index=ignore_index)
+    V.check_label_range(labels, vocab=vocab, ignore_index=ignore_index)
 
     params = V.LossParams(
         beta=float(beta), epsilon=float(epsilon), label_smoothing=float(label_smoothing),

@@ -50,7 +50,9 @@ def pair_head_torch(
     beta_used = beta / (1.0 + epsilon * step)
     z = beta_used * (logratio - ref_logratio)
     loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    dloss = -beta_used * ((1 - label_smoothing) * torch.sigmoid(-z) - label_smoothing * torch.sigmoid(z))
+    dloss = -beta_used * (
+        (1 - label_smoothing) * torch.sigmoid(-z) - label_smoothing * torch.sigmoid(z)
+    )
 
     out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
     out[L.PAIR_LOSS] = loss

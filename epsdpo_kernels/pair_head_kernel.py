@@ -27,7 +27,9 @@ def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignor
         t = start + tl.arange(0, BLOCK_T)
         valid = t < T
         idx = base + t
-        labels = tl.load(labels_ptr + seq * stride_ln + t * stride_lt, mask=valid, other=ignore_index)
+        labels = tl.load(
+            labels_ptr + seq * stride_ln + t * stride_lt, mask=valid, other=ignore_index
+        )
         count += tl.where(labels != ignore_index, 1.0, 0.0)
         # Ignored token rows hold zeros in stats, so no further masking is needed.
         a += tl.load(stats_ptr + 0 * n_rows + idx, mask=valid, other=0.0)

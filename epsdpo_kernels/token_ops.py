@@ -22,6 +22,4 @@ def token_backward(
         from .token_kernels import token_backward as impl
     else:
         from .token_torch import token_backward_torch as impl
-    return impl(
-        policy_logits, labels, stats, row_coef, ignore_index=ignore_index, inplace=inplace
-    )
+    return impl(policy_logits, labels, stats, row_coef, ignore_index=ignore_index, inplace=inplace)

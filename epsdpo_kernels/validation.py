@@ -60,8 +60,8 @@ def check_tensor(name: str, x, *, ndim: int, float_dtype: bool) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def check_labels(labels, *, rows: int, tokens: int, vocab: int, ignore_index: int) -> None:
-    """Shape, dtype and range of ``labels``; the range check costs one device sync."""
+def check_labels(labels, *, rows: int, tokens: int) -> None:
+    """Type, dtype and shape of ``labels``."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -71,6 +71,11 @@ def check_labels(labels, *, rows: int, tokens: int, vocab: int, ignore_index: in
             f"labels must have shape (2B, T) = {(rows, tokens)} to match the logits/hidden states, "
             f"got {tuple(labels.shape)}"
         )
+
+
+def check_label_range(labels: torch.Tensor, *, vocab: int, ignore_index: int) -> None:
+    """Every label is in [0, V) or ignore_index: a wrong one would read out of bounds in the
+    kernels. Costs one device sync per call."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile(
     "default",
     deadline=None,
-    max_examples=int(os.environ.get("EPSDPO_HYPOTHESIS_EXAMPLES", "20")),
+    max_examples=int(os.environ.get("EPSDPO_HYPOTHESIS_EXAMPLES", "60")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,
 )

@@ -33,9 +33,10 @@ def assert_close(actual, expected, *, rtol, atol, name="tensor", mask=None):
         mask = torch.as_tensor(mask).to("cpu").expand(actual.shape)
         actual, expected, atol = actual[mask], expected[mask], atol[mask]
     nonfinite = ~torch.isfinite(actual) | ~torch.isfinite(expected)
-    assert torch.equal(actual[nonfinite].nan_to_num(), expected[nonfinite].nan_to_num()) and (
-        torch.isnan(actual) == torch.isnan(expected)
-    ).all(), f"{name}: NaN/inf positions differ"
+    assert (
+        torch.equal(actual[nonfinite].nan_to_num(), expected[nonfinite].nan_to_num())
+        and (torch.isnan(actual) == torch.isnan(expected)).all()
+    ), f"{name}: NaN/inf positions differ"
     err = (actual - expected).abs().nan_to_num()
     bound = atol + rtol * expected.abs().nan_to_num()
     if actual.numel() and (err > bound).any():

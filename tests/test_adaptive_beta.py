@@ -1,0 +1,75 @@
+"""AdaptiveBeta: β ← β / (1 + ε·mean(s)) per optimizer step, across micro-batches and ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from epsdpo_kernels import AdaptiveBeta
+
+
+def test_update_uses_mean_over_micro_batches():
+    controller = AdaptiveBeta(beta=0.1, epsilon=0.02)
+    controller.observe(torch.tensor([1, 1, 1]))
+    controller.observe(torch.tensor([-1]))  # mean over 4 pairs = 0.5, not the mean of means
+    assert controller.update() == pytest.approx(0.1 / (1 + 0.02 * 0.5))
+    assert controller.beta == pytest.approx(0.1 / 1.01)
+
+
+def test_update_without_observations_keeps_beta_and_resets():
+    controller = AdaptiveBeta(beta=0.3, epsilon=0.1)
+    assert controller.update() == 0.3
+    controller.observe(torch.tensor([-1, -1]))
+    controller.update()
+    assert controller.update() == pytest.approx(0.3 / 0.9)  # second update saw nothing new
+
+
+def test_state_dict_round_trip_including_pending():
+    a = AdaptiveBeta(beta=0.1, epsilon=0.05)
+    a.observe(torch.tensor([1, 0]))
+    a.update()
+    a.observe(torch.tensor([1, 1, -1]))
+    state = a.state_dict()
+    b = AdaptiveBeta(beta=1.0, epsilon=0.5)
+    b.load_state_dict(state)
+    assert b.beta == a.beta and b.epsilon == a.epsilon
+    assert b.update() == a.update()
+
+
+def test_invalid_arguments_are_named():
+    with pytest.raises(ValueError, match="beta"):
+        AdaptiveBeta(beta=0.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        AdaptiveBeta(beta=0.1, epsilon=1.5)
+    with pytest.raises(TypeError, match="steps"):
+        AdaptiveBeta(beta=0.1).observe([1, 0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        controller = AdaptiveBeta(beta=0.1, epsilon=0.1)
+        # Rank 0 sees 3 pairs with s = +1, rank 1 one pair with s = -1: global mean = 0.5.
+        controller.observe(torch.tensor([1, 1, 1]) if rank == 0 else torch.tensor([-1]))
+        results[rank] = controller.update()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_update_all_reduces_across_ranks():
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    expected = 0.1 / (1 + 0.1 * 0.5)
+    assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
