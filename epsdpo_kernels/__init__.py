@@ -1,9 +1,19 @@
 """Fused Triton kernels for ε-DPO preference training."""
 
 from .adaptive_beta import AdaptiveBeta
+from .hf import causal_lm_hidden_and_head
+from .linear_loss import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from .loss import epsilon_dpo_loss
 from .output import EpsilonDPOOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptiveBeta", "EpsilonDPOOutput", "epsilon_dpo_loss", "__version__"]
+__all__ = [
+    "AdaptiveBeta",
+    "EpsilonDPOOutput",
+    "LinearEpsilonDPOHead",
+    "causal_lm_hidden_and_head",
+    "epsilon_dpo_loss",
+    "linear_epsilon_dpo_loss",
+    "__version__",
+]

@@ -11,120 +11,33 @@ from hypothesis import strategies as st
 
 from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
+from tests.parity import check_outputs, grad_coef_atol, objective, on_device, upstream_weights
 from tests.utils import VALUE_TOL, assert_close, grad_rtol, make_batch
 
 BACKENDS = ["torch", "triton"]
-STEP_FREE_FIELDS = [
-    "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "logratios",
-    "ref_logratios", "p_epsilon_logratios", "n_epsilon_logratios",
-]  # fmt: skip
-STEP_DEPENDENT_FIELDS = ["losses", "beta_used", "chosen_rewards", "rejected_rewards"]
 
 
-def _objective(out, weights):
-    """A scalar whose gradient exercises every differentiable output with upstream ≠ 1."""
-    w_loss, w_losses, w_chosen, w_rejected = weights
-    get = (lambda k: out[k]) if isinstance(out, dict) else (lambda k: getattr(out, k))
-    return (
-        w_loss * get("loss")
-        + (w_losses * get("losses")).sum()
-        + (w_chosen * get("chosen_logps")).sum()
-        + (w_rejected * get("rejected_logps")).sum()
-    )
-
-
-def _grad_atol(e, weights, labels, kw):
-    """Per-row absolute tolerance of the gradient from the fp32 error of c_n (SPEC.md:
-    ∂L/∂h = c_n·(onehot − p), |onehot − p| ≤ 1).
-
-    c_n = w_i·∂L_i/∂ℓ_i ± (direct weight on the row's logps). Its terms can cancel, so its error
-    scales with their magnitudes; and ∂L/∂ℓ inherits the error of ℓ through
-    |∂²L/∂ℓ²| ≤ β̃²/4, where ℓ's error scales with the log-prob sums it is a difference of.
-    """
-    w_loss, w_losses, w_chosen, w_rejected = weights
-    b = len(e["losses"])
-    ls = kw.get("label_smoothing", 0.0)
-    beta_used = e["beta_used"]
-    z = beta_used * (e["logratios"] - e["ref_logratios"])
-    dloss = -beta_used * ((1 - ls) * torch.sigmoid(-z) - ls * torch.sigmoid(z))
-    w_total = (w_loss / b + w_losses).abs()
-    mags = sum(e[k].abs() for k in ("chosen_logps", "rejected_logps", "ref_chosen_logps",
-                                    "ref_rejected_logps"))  # fmt: skip
-    through_loss = w_total * (dloss.abs() + 0.25 * beta_used**2 * VALUE_TOL["rtol"] * mags)
-    coef_scale = torch.cat([through_loss + w_chosen.abs(), through_loss + w_rejected.abs()])
-    if kw.get("average_log_prob", False):
-        coef_scale = coef_scale / (labels != kw.get("ignore_index", -100)).sum(-1).clamp(min=1)
-    return VALUE_TOL["rtol"] * coef_scale + 1e-30
-
-
-def compare_to_reference(policy, ref, labels, *, backend, inplace=False, grad_check=True, **kw):
+def compare_to_reference(policy, ref, labels, *, backend, inplace=False, **kw):
     b = policy.shape[0] // 2
-    gen = torch.Generator().manual_seed(1234)
-    weights = (
-        float(torch.rand((), generator=gen)) + 0.5,
-        torch.rand(b, generator=gen, dtype=torch.float64),
-        0.1 * torch.randn(b, generator=gen, dtype=torch.float64),
-        0.1 * torch.randn(b, generator=gen, dtype=torch.float64),
-    )
+    weights = upstream_weights(b)
     leaf64 = policy.detach().cpu().double().requires_grad_()
     expected = reference_epsilon_dpo(leaf64, ref.cpu(), labels.cpu(), **kw)
-    _objective(expected, weights).backward()
+    objective(expected, weights).backward()
 
     leaf = policy.detach().clone().requires_grad_()
     logits = leaf * 1 if inplace else leaf  # in place needs a non-leaf to overwrite
     out = epsilon_dpo_loss(logits, ref, labels, backend=backend, inplace_backward=inplace, **kw)
-    dev_weights = tuple(w.to(policy.device).float() if torch.is_tensor(w) else w for w in weights)
-    _objective(out, dev_weights).backward()
+    objective(out, on_device(weights, policy.device)).backward()
+    agree = check_outputs(out, expected)
 
-    # Steps must agree except within rounding of a tie between the three log-ratios.
-    lr = expected["logratios"]
-    gap = torch.minimum(
-        (expected["p_epsilon_logratios"] - lr).abs(), (lr - expected["n_epsilon_logratios"]).abs()
-    )
-    scale = 1 + expected["chosen_logps"].abs() + expected["rejected_logps"].abs()
-    near_tie = gap <= 1e-5 * scale.detach()
-    agree = out.steps.cpu() == expected["steps"]
-    assert (agree | near_tie).all(), f"steps {out.steps.tolist()} != {expected['steps'].tolist()}"
-    assert out.steps.dtype == torch.int64 and set(out.steps.unique().tolist()) <= {-1, 0, 1}
-
-    # Differences of per-sequence sums cancel: their fp32 error scales with the operands, not
-    # with the (possibly tiny) result. Each field's tolerance is rtol × the magnitude it came from.
+    grad = leaf.grad
+    assert grad is not None and grad.dtype == policy.dtype
     e = {k: v.detach() for k, v in expected.items()}
-    b = len(e["losses"])
-    mag_a = e["chosen_logps"].abs() + e["rejected_logps"].abs()
-    mag_r = e["ref_chosen_logps"].abs() + e["ref_rejected_logps"].abs()
-    operand_scale = {
-        "logratios": mag_a,
-        "p_epsilon_logratios": mag_a,
-        "n_epsilon_logratios": mag_a,
-        "ref_logratios": mag_r,
-        "chosen_rewards": e["beta_used"] * (e["chosen_logps"].abs() + e["ref_chosen_logps"].abs()),
-        "rejected_rewards": e["beta_used"]
-        * (e["rejected_logps"].abs() + e["ref_rejected_logps"].abs()),
-        "losses": e["beta_used"] * (mag_a + mag_r),
-    }
-    for name in STEP_FREE_FIELDS + STEP_DEPENDENT_FIELDS:
-        atol = VALUE_TOL["atol"] + VALUE_TOL["rtol"] * operand_scale.get(name, torch.zeros(b))
-        mask = agree if name in STEP_DEPENDENT_FIELDS else None
-        assert_close(getattr(out, name), e[name], name=name, mask=mask,
-                     rtol=VALUE_TOL["rtol"], atol=atol)  # fmt: skip
-    for name in ("mean_chosen_logits", "mean_rejected_logits"):
-        assert_close(getattr(out, name), e[name], name=name, **VALUE_TOL)
-    if agree.all():
-        atol = VALUE_TOL["atol"] + VALUE_TOL["rtol"] * operand_scale["losses"].mean()
-        assert_close(out.loss, e["loss"], name="loss", rtol=VALUE_TOL["rtol"], atol=atol)
-    for name in ["loss", "losses", "chosen_logps", "rejected_logps"]:
-        assert torch.isfinite(getattr(out, name)).all(), name
-
-    if grad_check:
-        grad = leaf.grad
-        assert grad is not None and grad.dtype == policy.dtype
-        expected_grad = leaf64.grad
-        row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
-        atol = _grad_atol(e, weights, labels.cpu(), kw).view(-1, 1, 1)
-        rtol = grad_rtol(policy.dtype, backend, policy.device)
-        assert_close(grad, expected_grad, rtol=rtol, atol=atol, name="grad", mask=row_mask)
-        assert ref.grad is None
+    row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
+    atol = grad_coef_atol(e, weights, labels.cpu(), kw).view(-1, 1, 1)
+    rtol = grad_rtol(policy.dtype, backend, policy.device)
+    assert_close(grad, leaf64.grad, rtol=rtol, atol=atol, name="grad", mask=row_mask)
+    assert ref.grad is None
     return out, expected
 
 

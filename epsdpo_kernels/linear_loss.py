@@ -1,0 +1,197 @@
+"""Public entry point: ε-DPO from hidden states and lm_head weights, without the logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import validation as V
+from .linear_function import LinearEpsilonDPOFunction, default_chunk_rows, linear_forward
+from .logits_function import split_pair
+from .output import EpsilonDPOOutput, build_output
+
+
+def linear_epsilon_dpo_loss(
+    policy_hidden: torch.Tensor,
+    policy_weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    epsilon: float = 0.01,
+    policy_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    average_log_prob: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> EpsilonDPOOutput:
+    """ε-DPO from the last hidden states and the lm_head weights, never materialising the
+    ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
+    policy_bias, ref_hidden @ ref_weight.T + ref_bias, labels, ...)``.
+
+    Only scored positions (label ≠ ``ignore_index``) are computed, ``chunk_size`` rows at a time;
+    the extra memory is bounded by the chunk, not by the number of tokens. Backward recomputes the
+    policy logits of each chunk (5 matmuls instead of the minimal 4) and accumulates the weight
+    and bias gradients in fp32.
+
+    Args:
+        policy_hidden: ``(2B, T, H)`` last hidden states of the policy (rows ``[0, B)`` chosen,
+            ``[B, 2B)`` rejected); ``policy_hidden[:, t]`` scores ``labels[:, t]``.
+        policy_weight: ``(V, H)`` policy lm_head weight (tied embeddings are fine).
+        ref_hidden: ``(2B, T, H_ref)`` reference hidden states; no gradient.
+        ref_weight: ``(V, H_ref)`` reference lm_head weight; no gradient.
+        labels: ``(2B, T)`` integer labels, ``ignore_index`` on prompt and padding.
+        policy_bias, ref_bias: optional ``(V,)`` lm_head biases.
+        chunk_size: scored rows per chunk; default: as many as keep the chunk's policy and
+            reference logits within 256 MiB.
+        beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend: as for
+            ``epsilon_dpo_loss``.
+
+    Gradients reach ``policy_hidden``, ``policy_weight`` and ``policy_bias``, in their dtypes.
+
+    Example:
+        >>> B, T, H, V = 2, 6, 16, 301
+        >>> hidden = torch.randn(2 * B, T, H, requires_grad=True)
+        >>> lm_head = torch.nn.Linear(H, V, bias=False)
+        >>> ref_hidden, ref_weight = hidden.detach() + 0.1, lm_head.weight.detach().clone()
+        >>> labels = torch.randint(0, V, (2 * B, T))
+        >>> labels[:, :2] = -100
+        >>> out = linear_epsilon_dpo_loss(hidden, lm_head.weight, ref_hidden, ref_weight, labels,
+        ...                               beta=0.1, chunk_size=5)
+        >>> out.loss.backward()
+        >>> hidden.grad.shape, lm_head.weight.grad.shape
+        (torch.Size([4, 6, 16]), torch.Size([301, 16]))
+    """
+    V.check_scalars(
+        beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        average_log_prob=average_log_prob, backend=backend,
+    )  # fmt: skip
+    V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
+    V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
+    V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
+    V.check_tensor("ref_weight", ref_weight, ndim=2, float_dtype=True)
+    rows, tokens, hidden_size = policy_hidden.shape
+    vocab = policy_weight.shape[0]
+    V.check_pair_rows("policy_hidden", rows)
+    if tokens == 0 or vocab == 0 or hidden_size == 0:
+        raise ValueError(
+            f"policy_hidden must have T > 0 and H > 0 and policy_weight V > 0, got hidden "
+            f"{tuple(policy_hidden.shape)} and weight {tuple(policy_weight.shape)}"
+        )
+    _check_pair("policy", policy_hidden, policy_weight, policy_bias, rows, tokens, vocab)
+    _check_pair("ref", ref_hidden, ref_weight, ref_bias, rows, tokens, vocab)
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    V.check_labels(labels, rows=rows, tokens=tokens)
+    device = V.check_same_device(
+        policy_hidden=policy_hidden, policy_weight=policy_weight, policy_bias=policy_bias,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, labels=labels,
+    )  # fmt: skip
+    V.check_label_range(labels, vocab=vocab, ignore_index=ignore_index)
+
+    params = V.LossParams(
+        beta=float(beta), epsilon=float(epsilon), label_smoothing=float(label_smoothing),
+        ignore_index=ignore_index, average_log_prob=average_log_prob,
+        backend=V.resolve_backend(backend, device),
+    )  # fmt: skip
+    element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
+    chunk_rows = chunk_size or default_chunk_rows(vocab, element_size)
+    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    ref_bias = ref_bias.detach() if ref_bias is not None else None
+    policy_inputs = [policy_hidden, policy_weight] + (
+        [policy_bias] if policy_bias is not None else []
+    )
+    if torch.is_grad_enabled() and any(x.requires_grad for x in policy_inputs):
+        losses, chosen, rejected, pair = LinearEpsilonDPOFunction.apply(
+            policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
+            params, chunk_rows,
+        )  # fmt: skip
+    else:
+        _, pair, _ = linear_forward(
+            policy_hidden.detach(), policy_weight.detach(),
+            policy_bias.detach() if policy_bias is not None else None,
+            ref_hidden, ref_weight, ref_bias, labels, params, chunk_rows,
+        )  # fmt: skip
+        losses, chosen, rejected = split_pair(pair)
+    return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)
+
+
+def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab) -> None:
+    """Shapes and dtypes of one (hidden, weight, bias) triple against the policy's."""
+    if tuple(hidden.shape[:2]) != (rows, tokens):
+        raise ValueError(
+            f"{prefix}_hidden must have shape (2B, T, H) with (2B, T) = {(rows, tokens)}, "
+            f"got {tuple(hidden.shape)}"
+        )
+    if weight.shape != (vocab, hidden.shape[2]):
+        raise ValueError(
+            f"{prefix}_weight must have shape (V, H) = {(vocab, hidden.shape[2])} to match "
+            f"{prefix}_hidden and the policy vocabulary, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a "
+            "dtype: the matmul runs in the input dtype"
+        )
+    if bias is not None:
+        V.check_tensor(f"{prefix}_bias", bias, ndim=1, float_dtype=True)
+        if bias.shape != (vocab,) or bias.dtype != weight.dtype:
+            raise ValueError(
+                f"{prefix}_bias must be a ({vocab},) tensor of {weight.dtype}, "
+                f"got {tuple(bias.shape)} {bias.dtype}"
+            )
+
+
+class LinearEpsilonDPOHead(nn.Module):
+    """The policy's lm_head as a module whose forward computes the ε-DPO loss.
+
+    Give it the model's own output-embedding module (``model.get_output_embeddings()``), so
+    the parameters are shared, tied embeddings included. Under FSDP2 the lm_head weight is
+    sharded: either ``fully_shard`` this module (untied head), so its forward all-gathers the
+    weight and its backward reduce-scatters the gradient, or call it inside the forward of a
+    module that owns both the model and the head and is itself ``fully_shard``-ed (tied
+    embeddings live in that root group). ``train/run.py`` does the latter.
+
+    Example:
+        >>> head = LinearEpsilonDPOHead(torch.nn.Linear(16, 301, bias=False))
+        >>> hidden = torch.randn(4, 6, 16, requires_grad=True)
+        >>> labels = torch.randint(0, 301, (4, 6))
+        >>> out = head(hidden, hidden.detach(), head.weight.detach(), labels, beta=0.1)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, lm_head: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+            raise TypeError(
+                "lm_head must be a module with a .weight of shape (V, H), e.g. nn.Linear"
+            )
+        self.lm_head = lm_head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.lm_head, "bias", None)
+
+    def forward(
+        self,
+        policy_hidden: torch.Tensor,
+        ref_hidden: torch.Tensor,
+        ref_weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ref_bias: torch.Tensor | None = None,
+        **loss_kwargs,
+    ) -> EpsilonDPOOutput:
+        return linear_epsilon_dpo_loss(
+            policy_hidden, self.weight, ref_hidden, ref_weight, labels,
+            policy_bias=self.bias, ref_bias=ref_bias, **loss_kwargs,
+        )  # fmt: skip

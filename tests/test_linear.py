@@ -1,0 +1,285 @@
+"""linear_epsilon_dpo_loss against the float64 reference on the materialised logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from epsdpo_kernels import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
+from epsdpo_kernels.reference import reference_epsilon_dpo
+from tests.parity import check_outputs, grad_coef_atol, objective, on_device, upstream_weights
+from tests.utils import assert_close, grad_rtol
+
+BACKENDS = ["torch", "triton"]
+
+
+def make_linear_batch(b, t, h, v, *, dtype, device, bias, prompt_frac=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * b, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    ref_hidden = hidden + 0.3 * torch.randn(2 * b, t, h, generator=gen)
+    ref_weight = weight + 0.3 * torch.randn(v, h, generator=gen) / h**0.5
+    policy_bias = 0.1 * torch.randn(v, generator=gen) if bias else None
+    ref_bias = 0.1 * torch.randn(v, generator=gen) if bias else None
+    labels = torch.randint(0, v, (2 * b, t), generator=gen)
+    scored = torch.rand(2 * b, t, generator=gen) >= prompt_frac
+    labels[~scored] = -100
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    return dict(
+        policy_hidden=cast(hidden), policy_weight=cast(weight), policy_bias=cast(policy_bias),
+        ref_hidden=cast(ref_hidden), ref_weight=cast(ref_weight), ref_bias=cast(ref_bias),
+        labels=labels.to(device),
+    )  # fmt: skip
+
+
+def _logits(hidden, weight, bias):
+    # What nn.Linear (an HF lm_head) computes: with a bias, one fused addmm, one rounding.
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def compare_linear(inputs, *, backend, chunk_size, **kw):
+    policy_hidden, policy_weight, policy_bias = (
+        inputs["policy_hidden"], inputs["policy_weight"], inputs["policy_bias"],
+    )  # fmt: skip
+    dtype, device, labels = policy_hidden.dtype, policy_hidden.device, inputs["labels"]
+    b = labels.shape[0] // 2
+
+    # Reference: what a user would pass to epsilon_dpo_loss, the full matmul in the input dtype,
+    # then SPEC.md in float64; its gradient pulled back through the matmul in float64.
+    policy_logits = _logits(policy_hidden, policy_weight, policy_bias).detach()
+    ref_logits = _logits(inputs["ref_hidden"], inputs["ref_weight"], inputs["ref_bias"]).detach()
+    leaf64 = policy_logits.cpu().double().requires_grad_()
+    weights = upstream_weights(b)
+    expected = reference_epsilon_dpo(leaf64, ref_logits.cpu(), labels.cpu(), **kw)
+    objective(expected, weights).backward()
+    g = leaf64.grad  # (2B, T, V) float64
+    x64, w64 = policy_hidden.detach().cpu().double(), policy_weight.detach().cpu().double()
+    expected_grad_hidden = g @ w64
+    expected_grad_weight = g.flatten(0, 1).t() @ x64.flatten(0, 1)
+    expected_grad_bias = g.sum((0, 1))
+
+    leaves = {
+        k: inputs[k].detach().clone().requires_grad_()
+        for k in ("policy_hidden", "policy_weight", "policy_bias")
+        if inputs[k] is not None
+    }
+    out = linear_epsilon_dpo_loss(
+        leaves["policy_hidden"], leaves["policy_weight"], inputs["ref_hidden"],
+        inputs["ref_weight"], labels, policy_bias=leaves.get("policy_bias"),
+        ref_bias=inputs["ref_bias"], backend=backend, chunk_size=chunk_size, **kw,
+    )  # fmt: skip
+    objective(out, on_device(weights, device)).backward()
+
+    # Chunked and full matmuls may round differently: fp32 by reduction order (a few ulps);
+    # bf16 chunks are bitwise equal to the full matmul on CPU (checked here), while cuBLAS may
+    # pick another kernel for a chunk and differ by one bf16 ulp.
+    if dtype == torch.float32:
+        logit_rel_err = 2.0**-20
+    elif device.type == "cpu":
+        chunk = _logits(policy_hidden[:1], policy_weight, policy_bias)
+        assert torch.equal(chunk, policy_logits[:1]), "premise: bf16 CPU matmul rows are exact"
+        logit_rel_err = 0.0
+    else:
+        logit_rel_err = 2.0**-8
+    scored = (labels != kw.get("ignore_index", -100)).cpu()
+    max_logit = torch.maximum(policy_logits.abs().amax(-1), ref_logits.abs().amax(-1)).cpu()
+    token_err = 2 * logit_rel_err * max_logit.double() * scored
+    row_err = token_err.sum(-1)
+    if kw.get("average_log_prob", False):
+        row_err = row_err / scored.sum(-1).clamp(min=1)
+    agree = check_outputs(out, expected, row_logp_atol=row_err)
+
+    # Gradients: rounding of the logits' gradient (grad_rtol) and of the matmul output, each
+    # relative to Σ|terms| since the sums over V and over tokens cancel; plus the error of c_n.
+    rtol = grad_rtol(dtype, backend, device) + (0 if dtype == torch.float32 else 2.0**-8)
+    rtol = rtol + 2 * logit_rel_err * float(max_logit.max())
+    e = {k: v.detach() for k, v in expected.items()}
+    coef_err = grad_coef_atol(e, weights, labels.cpu(), kw)  # (2B,) per sequence row
+    token_coef_err = (2 * coef_err.view(-1, 1) * scored).unsqueeze(-1)  # |onehot − p| ≤ 2 in L1
+    row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
+    atol_hidden = rtol * (g.abs() @ w64.abs()) + token_coef_err * w64.abs().amax()
+    assert_close(leaves["policy_hidden"].grad, expected_grad_hidden, rtol=rtol, atol=atol_hidden,
+                 name="grad_hidden", mask=row_mask)  # fmt: skip
+    if agree.all():
+        xs = x64.abs().flatten(0, 1)
+        atol_weight = rtol * (g.abs().flatten(0, 1).t() @ xs) + (
+            token_coef_err.flatten(0, 1).t() @ xs
+        )
+        assert_close(leaves["policy_weight"].grad, expected_grad_weight, rtol=rtol,
+                     atol=atol_weight, name="grad_weight")  # fmt: skip
+        if policy_bias is not None:
+            atol_bias = rtol * g.abs().sum((0, 1)) + token_coef_err.sum()
+            assert_close(leaves["policy_bias"].grad, expected_grad_bias, rtol=rtol,
+                         atol=atol_bias, name="grad_bias")  # fmt: skip
+    for k, leaf in leaves.items():
+        assert leaf.grad.dtype == dtype, k
+    for k in ("ref_hidden", "ref_weight", "ref_bias"):
+        assert inputs[k] is None or inputs[k].grad is None
+    # Log-probabilities of single tokens are ≤ 0, so every row sum is too.
+    assert (out.chosen_logps <= 0).all() and (out.rejected_logps <= 0).all()
+    assert (out.ref_chosen_logps <= 0).all() and (out.ref_rejected_logps <= 0).all()
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(1, 8),
+    h=st.sampled_from([1, 8, 24]),
+    v=st.sampled_from([3, 64, 257, 1000]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bias=st.booleans(),
+    chunk_size=st.sampled_from([None, 1, 3, 7, 64]),
+    epsilon=st.sampled_from([0.0, 0.05, 0.5]),
+    average_log_prob=st.booleans(),
+    prompt_frac=st.sampled_from([0.0, 0.5, 0.9]),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_reference(backend, device, b, t, h, v, dtype, bias, chunk_size, epsilon,
+                                  average_log_prob, prompt_frac, seed):  # fmt: skip
+    inputs = make_linear_batch(b, t, h, v, dtype=dtype, device=device, bias=bias,
+                               prompt_frac=prompt_frac, seed=seed)  # fmt: skip
+    compare_linear(inputs, backend=backend, chunk_size=chunk_size, beta=0.1, epsilon=epsilon,
+                   average_log_prob=average_log_prob)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("chunk_size", [4, 5, None], ids=["chunk-divides", "chunk-ragged", "auto"])
+def test_named_cases(backend, device, dtype, bias, chunk_size):
+    inputs = make_linear_batch(2, 10, 16, 507, dtype=dtype, device=device, bias=bias, seed=3)
+    # 20 scored rows (5 per sequence) so chunk 4 divides them and chunk 5 ... does as well per
+    # sequence but not the 20 total after a row drops: make the count 19.
+    labels = inputs["labels"]
+    labels[:] = -100
+    labels[:, 5:] = 1 + torch.arange(5, device=device)
+    labels[3, -1] = -100
+    compare_linear(inputs, backend=backend, chunk_size=chunk_size, beta=0.1, epsilon=0.1,
+                   label_smoothing=0.1)  # fmt: skip
+
+
+def test_head_module_and_tied_weights(device):
+    """The head shares its lm_head's parameters; with tied embeddings the gradient reaches the
+    one shared weight from both uses."""
+    vocab, hidden_size = 97, 12
+    embed = torch.nn.Embedding(vocab, hidden_size).to(device)
+    lm_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(device)
+    lm_head.weight = embed.weight  # tied
+    head = LinearEpsilonDPOHead(lm_head)
+    assert head.weight is embed.weight
+    ids = torch.randint(0, vocab, (4, 6), device=device)
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    hidden = embed(ids) * 2
+    ref_weight = embed.weight.detach().clone()
+    out = head(hidden, hidden.detach(), ref_weight, labels, beta=0.1, epsilon=0.1)
+    out.loss.backward()
+
+    expected_weight = embed.weight.detach().clone().requires_grad_()
+    hidden_ref = torch.nn.functional.embedding(ids, expected_weight) * 2
+    logits = hidden_ref @ expected_weight.t()
+    ref = reference_epsilon_dpo(logits, (hidden_ref.detach() @ ref_weight.t()), labels,
+                                beta=0.1, epsilon=0.1, dtype=torch.float32)  # fmt: skip
+    ref["loss"].backward()
+    assert_close(embed.weight.grad, expected_weight.grad, rtol=1e-4, atol=1e-6, name="tied grad")
+
+
+_PEAK_RSS_SCRIPT = r"""
+import resource, sys, torch
+from epsdpo_kernels import linear_epsilon_dpo_loss
+tokens, vocab, hidden_size, chunk = map(int, sys.argv[1:5])
+gen = torch.Generator().manual_seed(0)
+hidden = torch.randn(tokens // 64, 64, hidden_size, generator=gen, requires_grad=True)
+weight = torch.randn(vocab, hidden_size, generator=gen, requires_grad=True)
+ref_hidden, ref_weight = hidden.detach() + 0.1, weight.detach() + 0.1
+labels = torch.randint(0, vocab, (tokens // 64, 64), generator=gen)
+def step(h, w, r, rw, y):
+    out = linear_epsilon_dpo_loss(h, w, r, rw, y, beta=0.1, chunk_size=chunk, backend="torch")
+    out.loss.backward()
+warm_labels = torch.full_like(labels[:2], -100)
+warm_labels[0, 0] = 1  # one scored token: loads libraries without touching a chunk's memory
+step(hidden[:2], weight, ref_hidden[:2], ref_weight, warm_labels)
+hidden.grad = weight.grad = None
+weight.grad = torch.zeros_like(weight)  # the gradient itself is not a temporary
+hidden.grad = torch.zeros_like(hidden)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step(hidden, weight, ref_hidden, ref_weight, labels)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+
+
+def _peak_extra_rss(tokens, vocab, hidden_size, chunk) -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(tokens), str(vocab), str(hidden_size),
+         str(chunk)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split()[-1])
+
+
+def test_chunked_peak_memory_is_bounded_on_cpu():
+    """Peak extra RSS of forward + backward (each size in a fresh process) stays near the
+    chunk's budget and does not grow with the number of tokens, while one materialised
+    (tokens × V) fp32 logits tensor would be 4× larger than the budget at the large size."""
+    vocab, hidden_size, chunk = 8192, 16, 128
+    small = _peak_extra_rss(2048, vocab, hidden_size, chunk)
+    large = _peak_extra_rss(8192, vocab, hidden_size, chunk)
+    one_logits_tensor = 8192 * vocab * 4  # 256 MiB
+    # The torch backend's per-token pass may hold up to TORCH_CHUNK_BYTES (64 MiB) of fp32
+    # temporaries; the chunk's two logits tensors add 2·128·8192·4 = 8 MiB.
+    budget = 64 * 2**20 + 2 * chunk * vocab * 4
+    assert large < 1.5 * budget, f"peak extra RSS {large / 2**20:.0f} MiB at 8192 tokens"
+    assert large < one_logits_tensor / 2
+    assert large - small < 16 * 2**20, f"{small / 2**20:.0f} → {large / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_and_frozen(backend, device):
+    inputs = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device=device, bias=True)
+    args = [inputs[k] for k in ("policy_hidden", "policy_weight", "ref_hidden", "ref_weight",
+                                "labels")]  # fmt: skip
+    args[0].requires_grad_()
+    with torch.no_grad():
+        out = linear_epsilon_dpo_loss(*args, beta=0.1, policy_bias=inputs["policy_bias"],
+                                      ref_bias=inputs["ref_bias"], backend=backend)  # fmt: skip
+    assert not out.loss.requires_grad
+    train = linear_epsilon_dpo_loss(*args, beta=0.1, policy_bias=inputs["policy_bias"],
+                                    ref_bias=inputs["ref_bias"], backend=backend)  # fmt: skip
+    assert train.loss.requires_grad and torch.equal(out.losses, train.losses.detach())
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(policy_weight=torch.randn(100, 7)), ValueError, "policy_weight must have shape"),
+        (dict(ref_weight=torch.randn(99, 8)), ValueError, "ref_weight must have shape"),
+        (dict(ref_hidden=torch.randn(4, 4, 8)), ValueError, "ref_hidden must have shape"),
+        (dict(policy_bias=torch.randn(99)), ValueError, "policy_bias must be"),
+        (dict(policy_weight=torch.randn(100, 8).double()), TypeError, "policy_weight must be"),
+        (dict(ref_weight=torch.randn(100, 8).bfloat16()), TypeError, "must share a dtype"),
+        (dict(policy_hidden=torch.randn(3, 5, 8)), ValueError, "2B"),
+    ],
+    ids=["weight-H", "ref-V", "ref-T", "bias-V", "weight-f64", "dtype-mix", "odd-rows"],
+)
+def test_bad_input_is_named(change, error, match):
+    inputs = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device="cpu", bias=False)
+    inputs.update(change)
+    with pytest.raises(error, match=match):
+        linear_epsilon_dpo_loss(
+            inputs["policy_hidden"], inputs["policy_weight"], inputs["ref_hidden"],
+            inputs["ref_weight"], inputs["labels"], policy_bias=inputs["policy_bias"], beta=0.1,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="chunk_size"):
+        base = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device="cpu", bias=False)
+        linear_epsilon_dpo_loss(
+            base["policy_hidden"], base["policy_weight"], base["ref_hidden"], base["ref_weight"],
+            base["labels"], beta=0.1, chunk_size=0,
+        )  # fmt: skip
