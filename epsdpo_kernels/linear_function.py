@@ -23,13 +23,20 @@ from .pair_head import pair_head, row_coefficients
 from .token_ops import token_backward, token_forward
 from .validation import LossParams
 
-# Default memory budget for one chunk's logits (policy + reference, input dtype).
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# Default budget for one chunk's temporaries. On CUDA, 256 MiB holds ~512 rows of bf16 logits
+# at V = 128k, enough for the GEMMs to run near peak. On CPU a smaller chunk costs no matmul
+# efficiency and keeps the working set closer to the caches.
+DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
+# fp32 temporaries per logit of the torch backend's token pass (see token_torch.py).
+_TORCH_TEMPORARY_BYTES = 3 * 4
 
 
-def default_chunk_rows(vocab: int, element_size: int, budget: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that the two logits chunks fit ``budget`` bytes (≥ 1 row)."""
-    return max(1, budget // (2 * vocab * element_size))
+def default_chunk_rows(vocab: int, element_size: int, device_type: str, backend: str) -> int:
+    """Rows per chunk so that the chunk's policy and reference logits, plus the torch backend's
+    temporaries, fit the device's budget (at least 1 row)."""
+    budget = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
+    per_row = vocab * (2 * element_size + (_TORCH_TEMPORARY_BYTES if backend == "torch" else 0))
+    return max(1, budget // per_row)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -46,7 +46,8 @@ def linear_epsilon_dpo_loss(
         labels: ``(2B, T)`` integer labels, ``ignore_index`` on prompt and padding.
         policy_bias, ref_bias: optional ``(V,)`` lm_head biases.
         chunk_size: scored rows per chunk; default: as many as keep the chunk's policy and
-            reference logits within 256 MiB.
+            reference logits (and the torch backend's temporaries) within 256 MiB on CUDA,
+            32 MiB on CPU.
         beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend: as for
             ``epsilon_dpo_loss``.
 
@@ -100,7 +101,7 @@ def linear_epsilon_dpo_loss(
         backend=V.resolve_backend(backend, device),
     )  # fmt: skip
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
-    chunk_rows = chunk_size or default_chunk_rows(vocab, element_size)
+    chunk_rows = chunk_size or default_chunk_rows(vocab, element_size, device.type, params.backend)
     ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     ref_bias = ref_bias.detach() if ref_bias is not None else None
     policy_inputs = [policy_hidden, policy_weight] + (

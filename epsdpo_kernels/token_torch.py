@@ -1,8 +1,10 @@
 """Per-token forward and backward in plain torch: the backend CPU users get.
 
-Same contract as token_kernels.py. Only scored rows are touched, in chunks of rows sized so that
-the fp32 temporaries of one chunk stay under ``TORCH_CHUNK_BYTES``; nothing here builds an
-autograd graph over V-sized tensors (the autograd Functions call it under no_grad).
+Same contract as token_kernels.py. Only scored rows are touched, a sub-chunk of rows at a time,
+sized so that the fp32 temporaries of one sub-chunk stay under ``TORCH_CHUNK_BYTES``; nothing
+here builds an autograd graph over V-sized tensors (the autograd Functions call it under
+no_grad). Where every row is scored (the linear path's chunks) rows are sliced as views instead
+of gathered, so no copy of the logits is made.
 """
 
 from __future__ import annotations
@@ -11,19 +13,51 @@ import torch
 
 from . import layout as L
 
-# Budget for the fp32 temporaries of one chunk (about 8 live V-sized rows per token row).
-TORCH_CHUNK_BYTES = 64 * 2**20
-_LIVE_ROWS_PER_TOKEN = 8
+# Budget for the fp32 temporaries of one sub-chunk: the forward keeps about three V-sized fp32
+# rows alive per token row (upcast policy row, h − g, the mix), the backward about two.
+TORCH_CHUNK_BYTES = 16 * 2**20
+_LIVE_ROWS_PER_TOKEN = 3
 
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, TORCH_CHUNK_BYTES // (_LIVE_ROWS_PER_TOKEN * 4 * vocab))
 
 
-def _scored_positions(labels: torch.Tensor, ignore_index: int):
-    flat = (labels != ignore_index).flatten().nonzero().squeeze(1)
-    t = labels.shape[1]
-    return flat, flat // t, flat % t
+class _ScoredRows:
+    """Sub-chunks of the scored rows of an ``(N, T, V)`` tensor, as views where possible."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int, vocab: int, *tensors):
+        n, t = labels.shape
+        scored = labels != ignore_index
+        self.t = t
+        self.all_scored = bool(scored.all())
+        # Views need contiguous tensors (reshape of a strided slice would copy, and a write
+        # through the copy would be lost); otherwise every row is gathered by index.
+        self.views = self.all_scored and all(x.is_contiguous() for x in (labels, *tensors))
+        self.flat = None if self.views else scored.flatten().nonzero().squeeze(1)
+        self.count = n * t if self.views else self.flat.numel()
+        self.step = _chunk_rows(vocab)
+
+    def chunks(self):
+        """Yield (flat row indices or a slice, rows of dim 0, rows of dim 1)."""
+        for start in range(0, self.count, self.step):
+            stop = min(self.count, start + self.step)
+            if self.views:
+                yield slice(start, stop), None, None
+            else:
+                idx = self.flat[start:stop]
+                yield idx, idx // self.t, idx % self.t
+
+    @staticmethod
+    def take(x: torch.Tensor, sel, rows, cols) -> torch.Tensor:
+        if rows is None:
+            return x.reshape(-1, x.shape[-1])[sel]  # a view when x is contiguous
+        return x[rows, cols]
+
+
+def _label_logp(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # clamp: a log-probability is ≤ 0; rounding must not make it positive.
+    return (x.gather(1, labels).squeeze(1) - lse).clamp(max=0.0)
 
 
 @torch.no_grad()
@@ -37,22 +71,26 @@ def token_forward_torch(
 ) -> torch.Tensor:
     n, t, v = policy_logits.shape
     stats = torch.zeros((L.TOKEN_FIELDS, n * t), dtype=torch.float32, device=policy_logits.device)
-    flat, rows, cols = _scored_positions(labels, ignore_index)
-    step = _chunk_rows(v)
-    for start in range(0, flat.numel(), step):
-        sl = slice(start, start + step)
-        r, c = rows[sl], cols[sl]
-        h = policy_logits[r, c].float()
-        g = ref_logits[r, c].float()
-        y = labels[r, c].long().unsqueeze(1)
-        streams = (h, g, (1 + epsilon) * h - epsilon * g, (1 - epsilon) * h + epsilon * g)
-        fields = (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_LOGP, L.TOK_N_EPS_LOGP)
-        for field, x in zip(fields, streams):
-            lse = torch.logsumexp(x, dim=-1)
-            stats[field, flat[sl]] = (x.gather(1, y).squeeze(1) - lse).clamp(max=0.0)
-            if field == L.TOK_LOGP:
-                stats[L.TOK_LSE, flat[sl]] = lse
-        stats[L.TOK_LOGIT_SUM, flat[sl]] = h.sum(-1)
+    rows = _ScoredRows(labels, ignore_index, v, policy_logits, ref_logits)
+    for sel, r, c in rows.chunks():
+        h = rows.take(policy_logits, sel, r, c).float()
+        g = rows.take(ref_logits, sel, r, c).float()
+        y = rows.take(labels.unsqueeze(-1), sel, r, c).long()
+        out = stats[:, sel]
+        lse_h = torch.logsumexp(h, dim=-1)
+        out[L.TOK_LOGP] = _label_logp(h, y, lse_h)
+        out[L.TOK_LSE] = lse_h
+        out[L.TOK_LOGIT_SUM] = h.sum(-1)
+        out[L.TOK_REF_LOGP] = _label_logp(g, y, torch.logsumexp(g, dim=-1))
+        # (1 ± ε)·h ∓ ε·g = h ± ε·(h − g): two temporaries serve both mixes.
+        diff = torch.sub(h, g)
+        del g
+        mix = torch.add(h, diff, alpha=epsilon)
+        out[L.TOK_P_EPS_LOGP] = _label_logp(mix, y, torch.logsumexp(mix, dim=-1))
+        torch.add(h, diff, alpha=-epsilon, out=mix)
+        out[L.TOK_N_EPS_LOGP] = _label_logp(mix, y, torch.logsumexp(mix, dim=-1))
+        if r is not None:
+            stats[:, sel] = out  # advanced indexing returned a copy
     return stats
 
 
@@ -67,23 +105,25 @@ def token_backward_torch(
     inplace: bool,
 ) -> torch.Tensor:
     n, t, v = policy_logits.shape
-    flat, rows, cols = _scored_positions(labels, ignore_index)
-    if inplace:
-        grad = policy_logits
-    else:
-        grad = torch.zeros_like(policy_logits)
-    step = _chunk_rows(v)
-    # Scored rows first: in place, each chunk reads its own logits before overwriting them.
-    for start in range(0, flat.numel(), step):
-        sl = slice(start, start + step)
-        r, c = rows[sl], cols[sl]
-        h = policy_logits[r, c].float()
-        probs = torch.exp(h - stats[L.TOK_LSE, flat[sl]].unsqueeze(1))
-        probs.scatter_add_(1, labels[r, c].long().unsqueeze(1), torch.full_like(probs[:, :1], -1.0))
-        grad[r, c] = (probs * -row_coef[r].float().unsqueeze(1)).to(grad.dtype)
-    if inplace:
+    grad = policy_logits if inplace else torch.zeros_like(policy_logits)
+    rows = _ScoredRows(labels, ignore_index, v, policy_logits, grad)
+    coef = row_coef.float()
+    # Scored rows first: in place, each sub-chunk reads its own logits before overwriting them.
+    for sel, r, c in rows.chunks():
+        h = rows.take(policy_logits, sel, r, c)
+        y = rows.take(labels.unsqueeze(-1), sel, r, c).long()
+        seq = (torch.arange(sel.start, sel.stop, device=h.device) // t) if r is None else r
+        # c·(onehot − p), with p = exp(h − lse) from the forward's lse: one exp per element.
+        g = torch.sub(h.float(), stats[L.TOK_LSE, sel].unsqueeze(1)).exp_()
+        g.scatter_add_(1, y, torch.full_like(g[:, :1], -1.0))
+        g.mul_(-coef[seq].unsqueeze(1))
+        if r is None:
+            grad.reshape(-1, v)[sel] = g
+        else:
+            grad[r, c] = g.to(grad.dtype)
+    if inplace and not rows.all_scored:
         ignored = (labels == ignore_index).flatten().nonzero().squeeze(1)
-        for start in range(0, ignored.numel(), step):
-            idx = ignored[start : start + step]
+        for start in range(0, ignored.numel(), rows.step):
+            idx = ignored[start : start + rows.step]
             grad[idx // t, idx % t] = 0
     return grad

@@ -17,20 +17,30 @@ from tests.utils import VALUE_TOL, assert_close, grad_rtol, make_batch
 BACKENDS = ["torch", "triton"]
 
 
-def compare_to_reference(policy, ref, labels, *, backend, inplace=False, **kw):
+def compare_to_reference(policy, ref, labels, *, backend, inplace=False, strided=False, **kw):
+    """``strided``: pass the logits as ``x[:, :-1]`` of a longer tensor (the usual shift), a
+    view with a T-stride of (T+1)·V, so the kernels' stride handling is exercised."""
     b = policy.shape[0] // 2
     weights = upstream_weights(b)
     leaf64 = policy.detach().cpu().double().requires_grad_()
     expected = reference_epsilon_dpo(leaf64, ref.cpu(), labels.cpu(), **kw)
     objective(expected, weights).backward()
 
-    leaf = policy.detach().clone().requires_grad_()
-    logits = leaf * 1 if inplace else leaf  # in place needs a non-leaf to overwrite
+    data = policy.detach()
+    if strided:
+        data = torch.cat([data, torch.randn_like(data[:, :1])], dim=1)
+    leaf = data.clone().requires_grad_()
+    source = leaf * 1 if inplace else leaf  # in place needs a non-leaf to overwrite
+    logits = source[:, :-1] if strided else source
+    assert logits.is_contiguous() != strided
     out = epsilon_dpo_loss(logits, ref, labels, backend=backend, inplace_backward=inplace, **kw)
     objective(out, on_device(weights, policy.device)).backward()
     agree = check_outputs(out, expected)
 
     grad = leaf.grad
+    if strided:
+        assert (grad[:, -1] == 0).all(), "gradient leaked into the column outside the view"
+        grad = grad[:, :-1]
     assert grad is not None and grad.dtype == policy.dtype
     e = {k: v.detach() for k, v in expected.items()}
     row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
@@ -52,13 +62,14 @@ def compare_to_reference(policy, ref, labels, *, backend, inplace=False, **kw):
     label_smoothing=st.sampled_from([0.0, 0.1, 0.3]),
     average_log_prob=st.booleans(),
     beta=st.sampled_from([0.01, 0.1, 1.0]),
+    strided=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference(backend, device, b, t, v, dtype, scale, epsilon, label_smoothing,
-                           average_log_prob, beta, seed):  # fmt: skip
+                           average_log_prob, beta, strided, seed):  # fmt: skip
     policy, ref, labels = make_batch(b, t, v, dtype=dtype, device=device, scale=scale, seed=seed)
     compare_to_reference(
-        policy, ref, labels, backend=backend, beta=beta, epsilon=epsilon,
+        policy, ref, labels, backend=backend, strided=strided, beta=beta, epsilon=epsilon,
         label_smoothing=label_smoothing, average_log_prob=average_log_prob,
     )  # fmt: skip
 
@@ -190,13 +201,21 @@ def test_ref_requiring_grad_gets_none(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_logits_slice(backend, device):
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+def test_strided_logits_slice(backend, device, inplace):
     """logits[:, :-1] (the usual shift) is strided over T; no copy is needed, results match."""
     policy, ref, labels = make_batch(2, 8, 200, device=device, seed=13)
-    full = torch.cat([policy, policy[:, :1]], dim=1)
-    sliced = full[:, :-1]
-    assert not sliced.is_contiguous()
-    compare_to_reference(sliced, ref, labels, backend=backend, beta=0.1, epsilon=0.2)
+    compare_to_reference(policy, ref, labels, backend=backend, strided=True, inplace=inplace,
+                         beta=0.1, epsilon=0.2)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
+def test_strided_logits_every_token_scored(backend, device, inplace):
+    policy, ref, labels = make_batch(2, 6, 150, device=device, seed=23, prompt_frac=0.0,
+                                     ragged=False)  # fmt: skip
+    compare_to_reference(policy, ref, labels, backend=backend, inplace=inplace, strided=True,
+                         beta=0.1, epsilon=0.2)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,378 @@
+"""Speed and memory of ε-DPO implementations on the same inputs, one subprocess per row.
+
+    python benchmarks/bench_loss.py [--device cuda|cpu] [--quick] [--impl ...] [--json PATH]
+                                    [--plot PATH]
+
+Every row starts from hidden states and lm_head weights (the logits-based rows run the matmul
+inside the timed region), is checked against ``eager``'s loss before it is timed, and runs in its
+own process so that peak memory is its own: CUDA max-allocated beyond the inputs, or on CPU the
+process's peak RSS beyond the inputs (VmHWM, reset after warm-up through /proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BETA, EPSILON = 0.1, 0.01
+QUICK_CPU_SHAPES = [dict(B=2, T=256, H=64, V=8000), dict(B=2, T=512, H=64, V=16000)]
+CPU_SHAPES = [dict(B=2, T=1024, H=64, V=32000), dict(B=8, T=1024, H=64, V=32000)]
+CUDA_SHAPES = [
+    dict(B=b, T=t, H=4096, V=v) for v in (32000, 128256, 256000) for b, t in ((2, 1024), (4, 2048))
+]
+# Peak HBM bandwidth (bytes/s) and dense bf16 tensor-core FLOP/s, by device-name substring.
+ROOFLINES = {
+    "H200": (4.8e12, 989e12),
+    "H100 PCIe": (2.0e12, 756e12),
+    "H100": (3.35e12, 989e12),
+    "A100": (2.0e12, 312e12),
+}
+ROW_TIMEOUT_S = 1800
+
+
+# ----------------------------------------------------------------------------- worker side
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # "reset the peak resident set size to the current one" (proc(5))
+
+
+def _clear_grads(inputs):
+    for k in ("hidden", "weight"):
+        inputs[k].grad = None
+
+
+def worker(cfg: dict) -> dict:
+    import torch
+
+    from benchmarks.impls import build, make_inputs
+
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    inputs = make_inputs(cfg["B"], cfg["T"], cfg["H"], cfg["V"], dtype, device)
+    step = build(cfg["impl"], inputs, BETA, EPSILON, device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    # Warm-up: compilation, autotuning, library initialisation.
+    step().backward()
+    _clear_grads(inputs)
+    sync()
+
+    # Peak memory of one forward + backward beyond the inputs (grads count: a step makes them).
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = step()
+        loss.backward()
+        sync()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        _reset_peak_rss()
+        base_kb = _rss_kb("VmRSS")
+        loss = step()
+        loss.backward()
+        peak_mb = (_rss_kb("VmHWM") - base_kb) / 1024
+    loss_value = float(loss.detach())
+    del loss
+    _clear_grads(inputs)
+
+    row = dict(loss=loss_value, peak_mb=round(peak_mb, 1))
+    expected = cfg.get("expected_loss")
+    if expected is not None:
+        rel = abs(loss_value - expected) / max(abs(expected), 1e-12)
+        tol = 1e-3 if dtype == torch.float32 else 2e-2
+        row["check"] = (
+            f"ok (rel diff {rel:.1e})" if rel <= tol else f"MISMATCH (rel diff {rel:.1e})"
+        )
+        if rel > tol:
+            return row  # not timed: a wrong result has no speed
+    else:
+        row["check"] = cfg.get("unchecked_reason", "reference")
+
+    def fwd():
+        step()
+
+    def fwd_bwd():
+        step().backward()
+
+    if cuda:
+        import triton
+
+        ms = lambda fn: triton.testing.do_bench(  # noqa: E731
+            fn, warmup=50, rep=400, quantiles=[0.5, 0.2, 0.8],
+            grad_to_none=[inputs["hidden"], inputs["weight"]],
+        )  # fmt: skip
+        row["fwd_ms"], row["fwd_ms_p20"], row["fwd_ms_p80"] = ms(fwd)
+        row["fwd_bwd_ms"], row["fwd_bwd_ms_p20"], row["fwd_bwd_ms_p80"] = ms(fwd_bwd)
+        row.update(_roofline(cfg, inputs, device))
+    else:
+        for name, fn in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
+            times = []
+            for _ in range(cfg["repeats"]):
+                _clear_grads(inputs)
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            row[name] = statistics.median(times)
+    if cfg["impl"] == "eager":
+        # The plain-DPO value that liger-dpo's row is checked against (after measuring).
+        import torch
+
+        from benchmarks.impls import eager_loss
+
+        with torch.no_grad():
+            row["loss_eps0"] = float(eager_loss(inputs["hidden"], inputs["weight"],
+                                                inputs["ref_hidden"], inputs["ref_weight"],
+                                                inputs["labels"], BETA, 0.0))  # fmt: skip
+    return row
+
+
+def _roofline(cfg, inputs, device) -> dict:
+    """Achieved fraction of HBM bandwidth (logits kernels alone) or of bf16 tensor FLOP/s."""
+    import torch
+    import triton
+
+    from epsdpo_kernels import epsilon_dpo_loss
+
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in ROOFLINES.items() if k in name), None)
+    if peak is None:
+        return {}
+    bandwidth, flops = peak
+    labels = inputs["labels"]
+    scored = int((labels != -100).sum())
+    rows, v = labels.numel(), cfg["V"]
+    elt = inputs["hidden"].element_size()
+    if cfg["impl"] == "epsdpo-logits":
+        with torch.no_grad():
+            logits = (inputs["hidden"] @ inputs["weight"].t()).requires_grad_()
+            ref_logits = inputs["ref_hidden"] @ inputs["ref_weight"].t()
+
+        def loss_only():
+            epsilon_dpo_loss(logits, ref_logits, labels, beta=BETA, epsilon=EPSILON).loss.backward()
+
+        ms = triton.testing.do_bench(loss_only, warmup=50, rep=400, grad_to_none=[logits])
+        # Forward reads policy + reference of scored rows; backward reads the policy of scored
+        # rows and writes every gradient row (zeros for ignored ones).
+        moved = (2 * scored * v + scored * v + rows * v) * elt
+        return dict(kernel_fwd_bwd_ms=ms, hbm_fraction=round(moved / (ms * 1e-3) / bandwidth, 3))
+    if cfg["impl"] in ("epsdpo-linear", "liger-dpo"):
+        h = cfg["H"]
+        # Ours: 5 GEMMs (policy, reference, recompute, ∂hidden, ∂weight); the floor is 4.
+        useful = 4 * 2 * scored * h * v
+        return dict(tflops_floor=round(useful / 1e12, 2))
+    return {}
+
+
+# ----------------------------------------------------------------------------- parent side
+def _run_row(cfg: dict) -> dict:
+    env = dict(os.environ)
+    # Return freed memory to the OS at once, so RSS follows live memory (glibc's defaults keep
+    # up to 32 MiB blocks in the heap, hiding reuse from the peak).
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))  # fmt: skip
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=ROW_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return dict(skipped=f"timed out after {ROW_TIMEOUT_S} s")
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    err = proc.stderr.strip().splitlines()
+    last = err[-1] if err else f"exit code {proc.returncode}"
+    if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower():
+        return dict(skipped=f"out of memory ({last[:200]})")
+    if "ModuleNotFoundError" in proc.stderr:
+        return dict(skipped=f"missing package: {last[:200]}")
+    return dict(skipped=f"failed: {last[:300]}")
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=10)  # fmt: skip
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fmt(x, spec=".1f"):
+    return "—" if x is None else format(x, spec)
+
+
+def markdown_table(result: dict) -> str:
+    lines = [
+        f"Device: {result['device']} · torch {result['torch']} · triton {result['triton']} · "
+        f"commit {result['commit']} · {result['date']}",
+        "",
+        "| impl | B | T | H | V | dtype | fwd ms | fwd+bwd ms | peak MB | time vs eager "
+        "| memory vs eager | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "skipped" in r:
+            head = f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['dtype']} |"
+            lines.append(f"{head} — | — | — | — | — | skipped: {r['skipped']} |")
+            continue
+        lines.append(
+            f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['dtype']} | "
+            f"{_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('peak_mb'))} | "
+            f"{_fmt(r.get('time_vs_eager'), '.2f')}× | {_fmt(r.get('memory_vs_eager'), '.3f')}× | "
+            f"{r.get('check', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "skipped" not in r and "fwd_bwd_ms" in r]
+    shapes = []
+    for r in result["rows"]:
+        key = (r["B"], r["T"], r["V"])
+        if key not in shapes:
+            shapes.append(key)
+    impls = list(dict.fromkeys(r["impl"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        for ax, field in zip(axes, ("fwd_bwd_ms", "peak_mb")):
+            xs, ys = [], []
+            for i, key in enumerate(shapes):
+                match = [r for r in rows if r["impl"] == impl and (r["B"], r["T"], r["V"]) == key]
+                if match:
+                    xs.append(i + k * width)
+                    ys.append(max(match[0][field], 1e-3))
+            ax.bar(xs, ys, width=width, label=impl)
+    labels = [f"{2 * b * t} tok\nV={v}" for b, t, v in shapes]
+    for ax, title in zip(axes, ("forward + backward (ms)", "peak extra memory (MB)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], labels)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"ε-DPO loss, {result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument("--quick", action="store_true", help="small shapes, about a minute on CPU")
+    parser.add_argument("--impl", nargs="+", default=None, help="subset of implementations")
+    parser.add_argument("--json", default=None, help="write results as JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    import torch
+    import triton
+
+    from benchmarks.impls import IMPLS
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    impls = args.impl or IMPLS
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        parser.error(f"unknown --impl {sorted(unknown)}; choose from {IMPLS}")
+    if device == "cuda":
+        shapes, dtype, repeats = (CUDA_SHAPES[:2] if args.quick else CUDA_SHAPES), "bfloat16", 0
+    else:
+        shapes, dtype = (QUICK_CPU_SHAPES if args.quick else CPU_SHAPES), "float32"
+        repeats = 3
+    ordered = ["eager"] + [
+        i for i in impls if i != "eager"
+    ]  # eager first: the others check against it
+
+    result = dict(
+        device=_device_name(device), torch=torch.__version__, triton=triton.__version__,
+        commit=_commit(), date=datetime.date.today().isoformat(),
+        mode="quick" if args.quick else "full",
+        rows=[],
+    )  # fmt: skip
+    for shape in shapes:
+        eager_row = None
+        for impl in ordered:
+            cfg = dict(shape, impl=impl, device=device, dtype=dtype, repeats=repeats)
+            if impl != "eager":
+                if eager_row is None or "skipped" in eager_row:
+                    cfg["unchecked_reason"] = "unchecked: eager could not run this shape"
+                else:
+                    key = "loss_eps0" if impl == "liger-dpo" else "loss"
+                    cfg["expected_loss"] = eager_row[key]
+            print(f"[bench] {impl:14s} B={shape['B']} T={shape['T']} H={shape['H']} "
+                  f"V={shape['V']} {dtype} ...", file=sys.stderr, flush=True)  # fmt: skip
+            t0 = time.perf_counter()
+            row = _run_row(cfg)
+            row = dict(impl=impl, **shape, dtype=dtype, **row)
+            if impl == "eager":
+                eager_row = row
+            status = row.get("skipped") or (
+                f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):.1f} ms, peak "
+                f"{row['peak_mb']:.0f} MB, {row.get('check')}"
+            )
+            print(f"[bench]   {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            if impl in impls:
+                result["rows"].append(row)
+        for row in result["rows"]:
+            same = (row["B"], row["T"], row["V"]) == (shape["B"], shape["T"], shape["V"])
+            if same and eager_row and "skipped" not in eager_row and "fwd_bwd_ms" in row:
+                row["time_vs_eager"] = row["fwd_bwd_ms"] / eager_row["fwd_bwd_ms"]
+                row["memory_vs_eager"] = row["peak_mb"] / max(eager_row["peak_mb"], 1e-6)
+
+    print(markdown_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

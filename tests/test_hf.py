@@ -1,0 +1,68 @@
+"""causal_lm_hidden_and_head on tiny Hugging Face models built from configs (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from epsdpo_kernels import causal_lm_hidden_and_head, epsilon_dpo_loss, linear_epsilon_dpo_loss  # noqa: E402
+from tests.utils import assert_close  # noqa: E402
+
+
+def tiny_llama(tie: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_linear_loss_from_hf_model_equals_loss_on_its_logits(tie):
+    policy, ref = tiny_llama(tie, seed=0), tiny_llama(tie, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 211, (4, 12), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0
+    labels = input_ids.roll(-1, dims=1)  # position t scores token t + 1
+    labels[:, -1] = -100
+    labels[:, :4] = -100  # prompt
+    labels[attention_mask.roll(-1, dims=1) == 0] = -100
+
+    hidden, weight, bias = causal_lm_hidden_and_head(policy, input_ids, attention_mask)
+    with torch.no_grad():
+        ref_hidden, ref_weight, ref_bias = causal_lm_hidden_and_head(ref, input_ids, attention_mask)
+    assert hidden.shape == (4, 12, 32) and weight.shape == (211, 32) and bias is None
+    if tie:
+        assert weight is policy.get_input_embeddings().weight
+    out = linear_epsilon_dpo_loss(hidden, weight, ref_hidden, ref_weight, labels, beta=0.1,
+                                  epsilon=0.1, chunk_size=7)  # fmt: skip
+    out.loss.backward()
+    linear_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+
+    logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+    with torch.no_grad():
+        ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = epsilon_dpo_loss(logits, ref_logits, labels, beta=0.1, epsilon=0.1)
+    expected.loss.backward()
+    assert_close(out.losses, expected.losses, rtol=1e-5, atol=1e-6, name="losses")
+    assert torch.equal(out.steps, expected.steps)
+    for got, param in zip(linear_grads, policy.parameters()):
+        assert_close(got, param.grad, rtol=1e-4, atol=1e-7, name="param grad")
+
+
+def test_refuses_softcapped_logits():
+    model = tiny_llama(False)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        causal_lm_hidden_and_head(model, torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_refuses_non_causal_lm():
+    with pytest.raises(TypeError, match="get_decoder"):
+        causal_lm_hidden_and_head(torch.nn.Linear(2, 2), torch.zeros(1, 3, dtype=torch.long))
