@@ -52,7 +52,7 @@ class EpsilonDPOOutput:
             "kl/p_epsilon_steps": (steps > 0).float().mean(),
             "kl/n_epsilon_steps": (steps < 0).float().mean(),
             "kl/avg_steps": steps.mean(),
-            "kl/beta": torch.tensor(self.beta),
+            "kl/beta": torch.tensor(self.beta, device=self.losses.device),
         }
         return {prefix + k: v for k, v in values.items()}
 

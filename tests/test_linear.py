@@ -283,3 +283,74 @@ def test_bad_input_is_named(change, error, match):
             base["policy_hidden"], base["policy_weight"], base["ref_hidden"], base["ref_weight"],
             base["labels"], beta=0.1, chunk_size=0,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["normal", "logits-1e4"])
+def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
+    """Each of the four per-token log-probabilities is ≤ 0, even where rounding of the
+    log-sum-exp could push the label's term above it (a shipped kernel elsewhere got this
+    wrong and its training collapsed)."""
+    from epsdpo_kernels import layout
+    from epsdpo_kernels.token_ops import token_forward
+
+    gen = torch.Generator().manual_seed(0)
+    policy = torch.randn(8, 16, 333, generator=gen) * scale
+    policy[:, :, 7] += 40 * scale  # one dominant logit: its log-prob is within rounding of 0
+    ref = policy + torch.randn(8, 16, 333, generator=gen) * scale * 0.01
+    labels = torch.full((8, 16), 7)
+    labels[:, ::2] = torch.randint(0, 333, (8, 8), generator=gen)
+    stats = token_forward(policy.to(device), ref.to(device), labels.to(device), epsilon=0.3,
+                          ignore_index=-100, backend=backend)  # fmt: skip
+    logps = stats[[layout.TOK_LOGP, layout.TOK_REF_LOGP, layout.TOK_P_EPS_LOGP,
+                   layout.TOK_N_EPS_LOGP]]  # fmt: skip
+    assert torch.isfinite(logps).all() and (logps <= 0).all()
+
+
+def _ddp_worker(rank, world, port, results):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
+        model = DistributedDataParallel(head)
+        data = make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
+        b = 4 // world  # each rank takes its own pairs, chosen rows then rejected rows
+        rows = torch.cat(
+            [torch.arange(rank * b, rank * b + b), 4 + torch.arange(rank * b, rank * b + b)]
+        )
+        out = model(data["ref_hidden"][rows] * 1.1, data["ref_hidden"][rows],
+                    data["ref_weight"], data["labels"][rows], ref_bias=data["ref_bias"], beta=0.1,
+                    epsilon=0.2, backend="torch")  # fmt: skip
+        out.loss.backward()
+        results[rank] = head.weight.grad.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_works_under_ddp():
+    """Under DDP (gloo, 2 ranks) the averaged gradient equals the single-process gradient of the
+    mean loss over all pairs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+
+    torch.manual_seed(0)
+    head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
+    data = make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
+    out = head(data["ref_hidden"] * 1.1, data["ref_hidden"], data["ref_weight"], data["labels"],
+               ref_bias=data["ref_bias"], beta=0.1, epsilon=0.2, backend="torch")  # fmt: skip
+    out.loss.backward()
+    for rank in (0, 1):
+        assert_close(results[rank], head.weight.grad, rtol=1e-5, atol=1e-7, name=f"rank {rank}")

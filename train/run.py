@@ -375,6 +375,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             first = step * cfg.global_batch_size + (micro * world + rank) * cfg.micro_batch_size
             ids = [_pair_index(first + i, len(train_pairs), cfg.seed, order)
                    for i in range(cfg.micro_batch_size)]  # fmt: skip
+            # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+            policy.set_requires_gradient_sync(micro == accumulation - 1)
             out, tokens = run_batch([train_pairs[i] for i in ids], train_mode=True)
             (out["loss"] / accumulation).backward()
             beta_ctl.observe(out["steps"])

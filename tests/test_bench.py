@@ -1,0 +1,37 @@
+"""benchmarks/bench_loss.py --quick runs, checks every row against eager and writes its outputs.
+
+A smoke test of the harness, not a performance claim: timings come from benchmark runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_loss.py"), "--quick", "--device", "cpu",
+         "--impl", "eager", "epsdpo-logits", "epsdpo-linear", "--json", str(tmp_path / "r.json"),
+         "--plot", str(tmp_path / "r.png")],
+        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["device"].startswith("CPU")
+    rows = result["rows"]
+    assert {r["impl"] for r in rows} == {"eager", "epsdpo-logits", "epsdpo-linear"}
+    for row in rows:
+        assert {"impl", "B", "T", "H", "V", "dtype", "fwd_ms", "fwd_bwd_ms", "peak_mb"} <= set(row)
+        assert row["fwd_bwd_ms"] > 0
+        if row["impl"] != "eager":
+            assert row["check"].startswith("ok"), row
+    assert "| epsdpo-linear |" in proc.stdout
+    assert proc.stderr.count("[bench]") >= 2 * len(rows)  # a progress line per row, and a result
+    assert (tmp_path / "r.png").stat().st_size > 10_000
