@@ -101,12 +101,7 @@ def linear_forward(
             epsilon=params.epsilon, ignore_index=params.ignore_index, backend=params.backend,
         )  # fmt: skip
         del policy_logits, ref_logits
-    pair = pair_head(
-        stats, labels,
-        beta=params.beta, epsilon=params.epsilon, label_smoothing=params.label_smoothing,
-        ignore_index=params.ignore_index, average_log_prob=params.average_log_prob,
-        backend=params.backend,
-    )  # fmt: skip
+    pair = pair_head(stats, labels, params)
     return stats, pair, scored
 
 

@@ -76,26 +76,17 @@ def pair_head_torch(
     return out
 
 
-def pair_head(
-    stats: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    beta: float,
-    epsilon: float,
-    label_smoothing: float,
-    ignore_index: int,
-    average_log_prob: bool,
-    backend: str,
-) -> torch.Tensor:
-    """Dispatch to the Triton or the torch head; both return the same ``(PAIR_FIELDS, B)``."""
+def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
+    """Dispatch on ``params.backend`` (a ``LossParams``) to the Triton or the torch head; both
+    return the same ``(PAIR_FIELDS, B)`` buffer."""
     kwargs = dict(
-        beta=beta,
-        epsilon=epsilon,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        average_log_prob=average_log_prob,
+        beta=params.beta,
+        epsilon=params.epsilon,
+        label_smoothing=params.label_smoothing,
+        ignore_index=params.ignore_index,
+        average_log_prob=params.average_log_prob,
     )
-    if backend == "triton":
+    if params.backend == "triton":
         from .pair_head_kernel import pair_head_triton
 
         return pair_head_triton(stats, labels, **kwargs)
