@@ -253,11 +253,17 @@ def markdown_table(result: dict) -> str:
             head = f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['dtype']} |"
             lines.append(f"{head} — | — | — | — | — | skipped: {r['skipped']} |")
             continue
+        check = r.get("check", "")
+        if "hbm_fraction" in r:  # CUDA only: the logits kernels alone, against HBM bandwidth
+            check += f"; kernels {r['hbm_fraction']:.0%} of HBM bandwidth"
+        if "tensor_core_fraction" in r:
+            check += (f"; {r['useful_tflops_per_s']} useful TFLOP/s "
+                      f"({r['tensor_core_fraction']:.0%} of bf16 peak)")  # fmt: skip
         lines.append(
             f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['dtype']} | "
             f"{_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('peak_mb'))} | "
             f"{_fmt(r.get('time_vs_eager'), '.2f')}× | {_fmt(r.get('memory_vs_eager'), '.3f')}× | "
-            f"{r.get('check', '')} |"
+            f"{check} |"
         )
     return "\n".join(lines)
 
