@@ -239,6 +239,10 @@ def _fmt(x, spec=".1f"):
     return "—" if x is None else format(x, spec)
 
 
+def _ratio(x, spec):
+    return "—" if x is None else format(x, spec) + "×"
+
+
 def markdown_table(result: dict) -> str:
     lines = [
         f"Device: {result['device']} · torch {result['torch']} · triton {result['triton']} · "
@@ -262,8 +266,8 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['dtype']} | "
             f"{_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('peak_mb'))} | "
-            f"{_fmt(r.get('time_vs_eager'), '.2f')}× | {_fmt(r.get('memory_vs_eager'), '.3f')}× | "
-            f"{check} |"
+            f"{_ratio(r.get('time_vs_eager'), '.2f')} | "
+            f"{_ratio(r.get('memory_vs_eager'), '.3f')} | {check} |"
         )
     return "\n".join(lines)
 
