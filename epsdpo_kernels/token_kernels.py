@@ -73,6 +73,8 @@ def token_forward_kernel(
 
     # Running (max, sum) per stream. All arithmetic in fp32 whatever the load dtype: the sums
     # run over 1e5+ terms and bf16 would lose the label's probability entirely.
+    # Loop-carried values must enter the loop as fp32 tensors: a Python float would be a
+    # constexpr whose type changes on the first iteration.
     zero = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
     m_h = zero - float("inf")
     m_g = zero - float("inf")
