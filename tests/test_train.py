@@ -27,6 +27,8 @@ FAST = ["--eval-every", "0", "--save-every", "0", "--micro-batch-size", "4",
 def _env():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the torch backend serves CPU training
+    # CPU and gloo even on a GPU machine: two ranks on one GPU would trip NCCL.
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
