@@ -36,24 +36,31 @@ class EpsilonDPOOutput:
     mean_rejected_logits: torch.Tensor  # scalar
     beta: float  # the β this call was given
 
+    def pair_metrics(self) -> dict[str, torch.Tensor]:
+        """Per-pair values, shape (B,), of the metrics TRL logs as batch means (detached).
+        Training loops that average over micro-batches and ranks sum these."""
+        steps = self.steps.float()
+        return {
+            "loss": self.losses.detach(),
+            "rewards/chosen": self.chosen_rewards,
+            "rewards/rejected": self.rejected_rewards,
+            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float(),
+            "rewards/margins": self.chosen_rewards - self.rejected_rewards,
+            "logps/chosen": self.chosen_logps.detach(),
+            "logps/rejected": self.rejected_logps.detach(),
+            "kl/p_epsilon_steps": (steps > 0).float(),
+            "kl/n_epsilon_steps": (steps < 0).float(),
+            "kl/avg_steps": steps,
+        }
+
     def metrics(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The batch means TRL logs, under TRL's names (detached 0-dim tensors, no sync)."""
-        steps = self.steps.float()
-        accuracies = (self.chosen_rewards > self.rejected_rewards).float()
-        values = {
-            "rewards/chosen": self.chosen_rewards.mean(),
-            "rewards/rejected": self.rejected_rewards.mean(),
-            "rewards/accuracies": accuracies.mean(),
-            "rewards/margins": (self.chosen_rewards - self.rejected_rewards).mean(),
-            "logps/chosen": self.chosen_logps.detach().mean(),
-            "logps/rejected": self.rejected_logps.detach().mean(),
+        values = {k: v.mean() for k, v in self.pair_metrics().items()}
+        values.update({
             "logits/chosen": self.mean_chosen_logits,
             "logits/rejected": self.mean_rejected_logits,
-            "kl/p_epsilon_steps": (steps > 0).float().mean(),
-            "kl/n_epsilon_steps": (steps < 0).float().mean(),
-            "kl/avg_steps": steps.mean(),
             "kl/beta": torch.tensor(self.beta, device=self.losses.device),
-        }
+        })  # fmt: skip
         return {prefix + k: v for k, v in values.items()}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from epsdpo_kernels import AdaptiveBeta
+from tests.utils import free_port
 
 
 def test_update_uses_mean_over_micro_batches():
@@ -50,12 +50,6 @@ def test_invalid_arguments_are_named():
         AdaptiveBeta(beta=0.1).observe([1, 0])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -70,6 +64,6 @@ def _worker(rank, world, port, results):
 
 def test_update_all_reduces_across_ranks():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
     expected = 0.1 / (1 + 0.1 * 0.5)
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)

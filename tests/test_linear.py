@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from epsdpo_kernels import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
 from tests.parity import check_outputs, grad_coef_atol, objective, on_device, upstream_weights
-from tests.utils import assert_close, grad_rtol
+from tests.utils import assert_close, free_port, grad_rtol
 
 BACKENDS = ["torch", "triton"]
 
@@ -336,15 +336,10 @@ def _ddp_worker(rank, world, port, results):
 def test_works_under_ddp():
     """Under DDP (gloo, 2 ranks) the averaged gradient equals the single-process gradient of the
     mean loss over all pairs."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), results), nprocs=2, join=True)
 
     torch.manual_seed(0)
     head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))

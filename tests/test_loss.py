@@ -236,7 +236,7 @@ def test_metrics_names_and_values(device):
     out = epsilon_dpo_loss(policy, ref, labels, beta=0.1, epsilon=0.3)
     metrics = out.metrics(prefix="eval/")
     expected_names = {
-        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
         "kl/p_epsilon_steps", "kl/n_epsilon_steps", "kl/avg_steps", "kl/beta",
     }  # fmt: skip
@@ -249,6 +249,8 @@ def test_metrics_names_and_values(device):
     acc = (out.chosen_rewards > out.rejected_rewards).float().mean()
     assert metrics["eval/rewards/accuracies"].item() == pytest.approx(acc.item())
     assert metrics["eval/kl/beta"].item() == pytest.approx(0.1)
+    assert metrics["eval/loss"].item() == pytest.approx(out.loss.item())
+    assert all(v.shape == (4,) for v in out.pair_metrics().values())
 
 
 def test_auto_backend_on_cpu_is_torch(device):

@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT / "train"))
 from data import collate, load_rows, split_row, tokenize_rows  # noqa: E402
 from tokenizer import byte_tokenizer  # noqa: E402
 
+from tests.utils import free_port  # noqa: E402
+
 FAST = ["--eval-every", "0", "--save-every", "0", "--micro-batch-size", "4",
         "--global-batch-size", "8", "--max-length", "96"]  # fmt: skip
 
@@ -33,20 +35,12 @@ def _env():
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args, nproc=1, timeout=600):
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train" / "run.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", str(ROOT / "train" / "run.py"), *args]  # fmt: skip
+               f"--master_port={free_port()}", str(ROOT / "train" / "run.py"), *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

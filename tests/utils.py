@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 # Values (loss, logps, rewards...) are computed in fp32 from the same inputs the float64
@@ -77,3 +79,10 @@ def make_batch(
         ref.to(device=device, dtype=dtype),
         labels.to(device),
     )
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

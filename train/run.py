@@ -44,6 +44,7 @@ from data import collate, load_rows, tokenize_rows  # noqa: E402
 
 from epsdpo_kernels import (  # noqa: E402
     AdaptiveBeta,
+    EpsilonDPOOutput,
     LinearEpsilonDPOHead,
     causal_lm_hidden_and_head,
     epsilon_dpo_loss,
@@ -224,41 +225,33 @@ def load_checkpoint(path, policy, optimizer, scheduler, beta_ctl) -> int:
 
 
 # ----------------------------------------------------------------------------- metrics
-PAIR_METRICS = {
-    "loss": lambda o: o["losses"],
-    "rewards/chosen": lambda o: o["chosen_rewards"],
-    "rewards/rejected": lambda o: o["rejected_rewards"],
-    "rewards/accuracies": lambda o: (o["chosen_rewards"] > o["rejected_rewards"]).float(),
-    "rewards/margins": lambda o: o["chosen_rewards"] - o["rejected_rewards"],
-    "logps/chosen": lambda o: o["chosen_logps"].detach(),
-    "logps/rejected": lambda o: o["rejected_logps"].detach(),
-    "kl/p_epsilon_steps": lambda o: (o["steps"] > 0).float(),
-    "kl/n_epsilon_steps": lambda o: (o["steps"] < 0).float(),
-    "kl/avg_steps": lambda o: o["steps"].float(),
-}
-
-
 class MetricSums:
-    """Per-pair metric sums over a global batch, all-reduced so every key is a mean over all
-    pairs of all ranks (what TRL logs per step)."""
+    """Sums of ``EpsilonDPOOutput.pair_metrics()`` over a global batch, all-reduced so every key
+    is a mean over all pairs of all ranks (what TRL logs per step)."""
 
     def __init__(self, device):
-        self.sums = torch.zeros(len(PAIR_METRICS) + 2, dtype=torch.float64, device=device)
+        self.names: list[str] | None = None
+        self.sums = None
+        self.device = device
+        self.pairs = torch.zeros(2, dtype=torch.float64, device=device)  # [pairs, tokens]
 
-    def add(self, out, weight):
-        values = [(f(out).detach().double() * weight).sum() for f in PAIR_METRICS.values()]
-        self.sums[: len(values)] += torch.stack(values)
-        self.sums[-2] += weight.sum()
+    def add(self, out: EpsilonDPOOutput, weight: torch.Tensor):
+        per_pair = out.pair_metrics()
+        values = torch.stack([(v.double() * weight).sum() for v in per_pair.values()])
+        if self.sums is None:
+            self.names, self.sums = list(per_pair), torch.zeros_like(values)
+        self.sums += values
+        self.pairs[0] += weight.sum()
 
     def add_tokens(self, n):
-        self.sums[-1] += n
+        self.pairs[1] += n
 
     def reduce(self, prefix=""):
         dist.all_reduce(self.sums)
-        sums = self.sums.tolist()
-        pairs = max(sums[-2], 1.0)
-        metrics = {prefix + k: v / pairs for k, v in zip(PAIR_METRICS, sums)}
-        return metrics, sums[-1]
+        dist.all_reduce(self.pairs)
+        pairs, tokens = self.pairs.tolist()
+        means = (self.sums / max(pairs, 1.0)).tolist()
+        return {prefix + k: v for k, v in zip(self.names, means)}, tokens
 
 
 # ----------------------------------------------------------------------------- the run
@@ -342,8 +335,11 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         with torch.no_grad():
             ref_hidden = reference(batch["input_ids"], batch["attention_mask"])
         with torch.set_grad_enabled(train_mode):
-            out = policy(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                         ref_hidden, ref_weight, ref_bias, beta_ctl.beta, cfg.epsilon)  # fmt: skip
+            fields = policy(
+                batch["input_ids"], batch["attention_mask"], batch["labels"],
+                ref_hidden, ref_weight, ref_bias, beta_ctl.beta, cfg.epsilon,
+            )  # fmt: skip
+        out = EpsilonDPOOutput(**fields, beta=beta_ctl.beta)
         return out, int(batch["attention_mask"].sum())
 
     def evaluate():
@@ -378,9 +374,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
             policy.set_requires_gradient_sync(micro == accumulation - 1)
             out, tokens = run_batch([train_pairs[i] for i in ids], train_mode=True)
-            (out["loss"] / accumulation).backward()
-            beta_ctl.observe(out["steps"])
-            sums.add(out, torch.ones_like(out["losses"]))
+            (out.loss / accumulation).backward()
+            beta_ctl.observe(out.steps)
+            sums.add(out, torch.ones_like(out.losses))
             sums.add_tokens(tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
