@@ -1,6 +1,6 @@
 """The per-pair head: from per-token log-probabilities to the ε-DPO step, loss and gradient scale.
 
-Two implementations of the same few lines of SPEC.md (Per sequence, Per pair): a Triton kernel
+Two implementations of the same few lines of docs/SPEC.md (Per sequence, Per pair): a Triton kernel
 with one program per pair, so a step launches one kernel whatever B is, and plain torch for the
 torch backend. Both read the ``(TOKEN_FIELDS, 2B·T)`` token stats and write ``(PAIR_FIELDS, B)``;
 the sums run in a fixed order (no atomics), so results are bitwise reproducible.

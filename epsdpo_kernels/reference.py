@@ -1,4 +1,4 @@
-"""Readable eager ε-DPO, line by line as ``SPEC.md`` states it.
+"""Readable eager ε-DPO, line by line as ``docs/SPEC.md`` states it.
 
 This is the ground truth the kernels are tested against (in float64) and the shape of the
 computation the benchmarks call ``eager`` (the authors' TRL trainer does the same: four full
@@ -6,7 +6,7 @@ log-softmaxes). It materialises several ``(2B, T, V)`` tensors and is not meant 
 
 Gradients flow only through the policy log-probabilities ``a``: the mixed streams use a
 detached copy of the policy logits, and the step ``s`` comes from comparisons, so autograd on
-``reference_epsilon_dpo`` gives exactly the gradient SPEC.md derives.
+``reference_epsilon_dpo`` gives exactly the gradient docs/SPEC.md derives.
 """
 
 from __future__ import annotations

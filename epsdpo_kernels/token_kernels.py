@@ -117,7 +117,7 @@ def token_forward_kernel(
 
 
 # Backward. With p = softmax(h) and A_n = Σ_t log p[y_t], ∂A_n/∂h_t = onehot(y_t) − p_t, and the
-# loss reaches A_n only through one scalar per sequence row, c_n = ∂L/∂A_n (SPEC.md, Gradients).
+# loss reaches A_n only through one scalar per sequence row, c_n = ∂L/∂A_n (docs/SPEC.md, Gradients).
 # So each token row needs h, its saved lse and c_n: p = exp(h − lse) costs one exp per element
 # and no second reduction.
 @triton.jit

@@ -30,7 +30,7 @@ def objective(out, weights):
 
 
 def grad_coef_atol(e, weights, labels, kw):
-    """Per-row absolute tolerance of the gradient from the fp32 error of c_n (SPEC.md:
+    """Per-row absolute tolerance of the gradient from the fp32 error of c_n (docs/SPEC.md:
     ∂L/∂h = c_n·(onehot − p), |onehot − p| ≤ 1).
 
     c_n = w_i·∂L_i/∂ℓ_i ± (direct weight on the row's logps). Its terms can cancel, so its error

@@ -47,7 +47,7 @@ def compare_linear(inputs, *, backend, chunk_size, **kw):
     b = labels.shape[0] // 2
 
     # Reference: what a user would pass to epsilon_dpo_loss, the full matmul in the input dtype,
-    # then SPEC.md in float64; its gradient pulled back through the matmul in float64.
+    # then docs/SPEC.md in float64; its gradient pulled back through the matmul in float64.
     policy_logits = _logits(policy_hidden, policy_weight, policy_bias).detach()
     ref_logits = _logits(inputs["ref_hidden"], inputs["ref_weight"], inputs["ref_bias"]).detach()
     leaf64 = policy_logits.cpu().double().requires_grad_()
