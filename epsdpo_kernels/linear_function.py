@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from . import layout as L
-from .logits_function import split_pair
-from .pair_head import pair_head, row_coefficients
-from .token_ops import token_backward, token_forward
+from .dispatch import pair_head, token_backward, token_forward
+from .output import split_pair
+from .pair_head import row_coefficients
 from .validation import LossParams
 
 # Default budget for one chunk's temporaries. On CUDA, 256 MiB holds ~512 rows of bf16 logits
@@ -81,7 +81,7 @@ def _chunks(n: int, size: int):
 @torch.no_grad()
 def linear_forward(
     policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params: LossParams, chunk_rows: int,
+    params: LossParams,
 ):  # fmt: skip
     """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, 2B·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
@@ -91,15 +91,17 @@ def linear_forward(
     flat_policy = policy_hidden.reshape(two_b * t, -1)
     flat_ref = ref_hidden.reshape(two_b * t, -1)
     flat_labels = labels.reshape(two_b * t)
-    for sl in _chunks(scored.numel(), chunk_rows):
+    for sl in _chunks(scored.numel(), params.chunk_rows):
         idx = scored[sl]
         policy_logits = _logits(flat_policy[idx], policy_weight, policy_bias)
         ref_logits = _logits(flat_ref[idx], ref_weight, ref_bias)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
         stats[:, idx] = token_forward(
-            policy_logits.unsqueeze(1), ref_logits.unsqueeze(1), flat_labels[idx].unsqueeze(1),
-            epsilon=params.epsilon, ignore_index=params.ignore_index, backend=params.backend,
-        )  # fmt: skip
+            policy_logits.unsqueeze(1),
+            ref_logits.unsqueeze(1),
+            flat_labels[idx].unsqueeze(1),
+            params,
+        )
         del policy_logits, ref_logits
     pair = pair_head(stats, labels, params)
     return stats, pair, scored
@@ -108,7 +110,7 @@ def linear_forward(
 @torch.no_grad()
 def linear_backward(
     policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
-    params: LossParams, chunk_rows: int, needs: tuple[bool, bool, bool],
+    params: LossParams, needs: tuple[bool, bool, bool],
 ):  # fmt: skip
     """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed."""
     two_b, t, h = policy_hidden.shape
@@ -130,15 +132,14 @@ def linear_backward(
         else None
     )
     seq_of_row = scored // t
-    for sl in _chunks(scored.numel(), chunk_rows):
+    for sl in _chunks(scored.numel(), params.chunk_rows):
         idx = scored[sl]
         hidden = flat_policy[idx]
         logits = _logits(hidden, policy_weight, policy_bias).unsqueeze(1)
         # In place: the recomputed logits chunk becomes its own gradient.
         grad_logits = token_backward(
             logits, flat_labels[idx].unsqueeze(1), stats[:, idx].contiguous(),
-            row_coef[seq_of_row[sl]], ignore_index=params.ignore_index, inplace=True,
-            backend=params.backend,
+            row_coef[seq_of_row[sl]], params, inplace=True,
         ).squeeze(1)  # fmt: skip
         if need_hidden:
             grad_hidden[idx] = grad_logits @ policy_weight
@@ -158,21 +159,27 @@ def linear_backward(
 
 class LinearEpsilonDPOFunction(torch.autograd.Function):
     """(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params, chunk_rows) → (losses, chosen_logps, rejected_logps, pair).
+    params) → (losses, chosen_logps, rejected_logps, pair).
 
     Saves the policy hidden states, weight and bias (references, no copies), the labels, the
     scored indices, the token stats (6 floats per token) and the pair buffer; nothing V-sized.
     """
 
     @staticmethod
+    def evaluate(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
+                 labels, params: LossParams):  # fmt: skip
+        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
+        return linear_forward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
+                              ref_bias, labels, params)[1]  # fmt: skip
+
+    @staticmethod
     def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
-                labels, params: LossParams, chunk_rows: int):  # fmt: skip
+                labels, params: LossParams):  # fmt: skip
         stats, pair, scored = linear_forward(
             policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-            params, chunk_rows,
+            params,
         )  # fmt: skip
         ctx.params = params
-        ctx.chunk_rows = chunk_rows
         ctx.has_bias = policy_bias is not None
         ctx.save_for_backward(
             policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair
@@ -193,6 +200,6 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
                  ctx.has_bias and ctx.needs_input_grad[2])  # fmt: skip
         grads = linear_backward(
             policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
-            params, ctx.chunk_rows, needs,
+            params, needs,
         )  # fmt: skip
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from . import validation as V
-from .linear_function import LinearEpsilonDPOFunction, default_chunk_rows, linear_forward
-from .logits_function import split_pair
-from .output import EpsilonDPOOutput, build_output
+from .entry import compute_loss
+from .linear_function import LinearEpsilonDPOFunction, default_chunk_rows
+from .output import EpsilonDPOOutput
 
 
 def linear_epsilon_dpo_loss(
@@ -66,10 +68,11 @@ def linear_epsilon_dpo_loss(
         >>> hidden.grad.shape, lm_head.weight.grad.shape
         (torch.Size([4, 6, 16]), torch.Size([301, 16]))
     """
-    V.check_scalars(
+    options = dict(
         beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
         average_log_prob=average_log_prob, backend=backend,
     )  # fmt: skip
+    V.check_scalars(**options)
     V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
@@ -93,33 +96,15 @@ def linear_epsilon_dpo_loss(
         policy_hidden=policy_hidden, policy_weight=policy_weight, policy_bias=policy_bias,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, labels=labels,
     )  # fmt: skip
-    V.check_label_range(labels, vocab=vocab, ignore_index=ignore_index)
-
-    params = V.LossParams(
-        beta=float(beta), epsilon=float(epsilon), label_smoothing=float(label_smoothing),
-        ignore_index=ignore_index, average_log_prob=average_log_prob,
-        backend=V.resolve_backend(backend, device),
-    )  # fmt: skip
+    params = V.loss_params(options, device)
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
     chunk_rows = chunk_size or default_chunk_rows(vocab, element_size, device.type, params.backend)
-    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
-    ref_bias = ref_bias.detach() if ref_bias is not None else None
-    policy_inputs = [policy_hidden, policy_weight] + (
-        [policy_bias] if policy_bias is not None else []
-    )
-    if torch.is_grad_enabled() and any(x.requires_grad for x in policy_inputs):
-        losses, chosen, rejected, pair = LinearEpsilonDPOFunction.apply(
-            policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-            params, chunk_rows,
-        )  # fmt: skip
-    else:
-        _, pair, _ = linear_forward(
-            policy_hidden.detach(), policy_weight.detach(),
-            policy_bias.detach() if policy_bias is not None else None,
-            ref_hidden, ref_weight, ref_bias, labels, params, chunk_rows,
-        )  # fmt: skip
-        losses, chosen, rejected = split_pair(pair)
-    return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)
+    params = dataclasses.replace(params, chunk_rows=chunk_rows)
+    return compute_loss(
+        LinearEpsilonDPOFunction,
+        (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
+        n_policy=3, labels=labels, vocab=vocab, params=params,
+    )  # fmt: skip
 
 
 def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab) -> None:

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from . import layout as L
-from .pair_head import pair_head, row_coefficients
-from .token_ops import token_backward, token_forward
+from .dispatch import pair_head, token_backward, token_forward
+from .output import split_pair
+from .pair_head import row_coefficients
 from .validation import LossParams
 
 
 def logits_forward(policy_logits, ref_logits, labels, params: LossParams):
-    """Token pass + pair head; returns (token stats, pair buffer). No autograd involved."""
-    stats = token_forward(
-        policy_logits, ref_logits, labels,
-        epsilon=params.epsilon, ignore_index=params.ignore_index, backend=params.backend,
-    )  # fmt: skip
-    pair = pair_head(stats, labels, params)
-    return stats, pair
-
-
-def split_pair(pair: torch.Tensor):
-    """The differentiable outputs, as tensors of their own (not views of the pair buffer)."""
-    return (
-        pair[L.PAIR_LOSS].clone(),
-        pair[L.PAIR_CHOSEN_LOGPS].clone(),
-        pair[L.PAIR_REJECTED_LOGPS].clone(),
-    )
+    """Token pass + pair head: (token stats, pair buffer). No autograd involved."""
+    stats = token_forward(policy_logits, ref_logits, labels, params)
+    return stats, pair_head(stats, labels, params)
 
 
 class EpsilonDPOLogitsFunction(torch.autograd.Function):
@@ -35,6 +22,11 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
     Saves the policy logits (by reference, no copy), the labels, the token stats (6 floats per
     token) and the pair buffer. Only ``policy_logits`` gets a gradient.
     """
+
+    @staticmethod
+    def evaluate(policy_logits, ref_logits, labels, params: LossParams):
+        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
+        return logits_forward(policy_logits, ref_logits, labels, params)[1]
 
     @staticmethod
     def forward(ctx, policy_logits, ref_logits, labels, params: LossParams):
@@ -54,8 +46,6 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
             average_log_prob=params.average_log_prob,
         )  # fmt: skip
         grad = token_backward(
-            policy_logits, labels, stats, row_coef,
-            ignore_index=params.ignore_index, inplace=params.inplace_backward,
-            backend=params.backend,
-        )  # fmt: skip
+            policy_logits, labels, stats, row_coef, params, inplace=params.inplace_backward
+        )
         return grad, None, None, None

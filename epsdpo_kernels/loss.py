@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import validation as V
-from .logits_function import EpsilonDPOLogitsFunction, logits_forward, split_pair
-from .output import EpsilonDPOOutput, build_output
+from .entry import compute_loss
+from .logits_function import EpsilonDPOLogitsFunction
+from .output import EpsilonDPOOutput
 
 
 def epsilon_dpo_loss(
@@ -62,10 +63,11 @@ def epsilon_dpo_loss(
         >>> out.steps.shape, policy_logits.grad.shape
         (torch.Size([2]), torch.Size([4, 8, 507]))
     """
-    V.check_scalars(
+    options = dict(
         beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
         average_log_prob=average_log_prob, backend=backend,
     )  # fmt: skip
+    V.check_scalars(**options)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
@@ -83,20 +85,8 @@ def epsilon_dpo_loss(
         )
     V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
-    V.check_label_range(labels, vocab=vocab, ignore_index=ignore_index)
-
-    params = V.LossParams(
-        beta=float(beta), epsilon=float(epsilon), label_smoothing=float(label_smoothing),
-        ignore_index=ignore_index, average_log_prob=average_log_prob,
-        backend=V.resolve_backend(backend, device), inplace_backward=inplace_backward,
+    params = V.loss_params(options, device, inplace_backward=inplace_backward)
+    return compute_loss(
+        EpsilonDPOLogitsFunction, (policy_logits, ref_logits, labels), n_policy=1,
+        labels=labels, vocab=vocab, params=params,
     )  # fmt: skip
-    ref_logits = ref_logits.detach()
-    if torch.is_grad_enabled() and policy_logits.requires_grad:
-        losses, chosen, rejected, pair = EpsilonDPOLogitsFunction.apply(
-            policy_logits, ref_logits, labels, params
-        )
-    else:
-        # Evaluation: nothing is saved for a backward that will not come.
-        _, pair = logits_forward(policy_logits.detach(), ref_logits, labels, params)
-        losses, chosen, rejected = split_pair(pair)
-    return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)

@@ -64,6 +64,16 @@ class EpsilonDPOOutput:
         return {prefix + k: v for k, v in values.items()}
 
 
+def split_pair(pair: torch.Tensor):
+    """The differentiable outputs (losses, chosen_logps, rejected_logps), as tensors of their
+    own rather than views of the pair buffer."""
+    return (
+        pair[L.PAIR_LOSS].clone(),
+        pair[L.PAIR_CHOSEN_LOGPS].clone(),
+        pair[L.PAIR_REJECTED_LOGPS].clone(),
+    )
+
+
 def build_output(
     losses: torch.Tensor,
     chosen_logps: torch.Tensor,

@@ -25,18 +25,10 @@ def _sequence_sums(stats: torch.Tensor, scored: torch.Tensor, average: bool):
     return sums, counts
 
 
-def pair_head_torch(
-    stats: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    beta: float,
-    epsilon: float,
-    label_smoothing: float,
-    ignore_index: int,
-    average_log_prob: bool,
-) -> torch.Tensor:
-    scored = labels != ignore_index
-    sums, counts = _sequence_sums(stats, scored, average_log_prob)
+def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
+    beta, epsilon, label_smoothing = params.beta, params.epsilon, params.label_smoothing
+    scored = labels != params.ignore_index
+    sums, counts = _sequence_sums(stats, scored, params.average_log_prob)
     b = scored.shape[0] // 2
     A, R, U, D = (sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_LOGP, L.TOK_N_EPS_LOGP))
 
@@ -74,23 +66,6 @@ def pair_head_torch(
     out[L.PAIR_P_EPS_LOGRATIO] = p_eps
     out[L.PAIR_N_EPS_LOGRATIO] = n_eps
     return out
-
-
-def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
-    """Dispatch on ``params.backend`` (a ``LossParams``) to the Triton or the torch head; both
-    return the same ``(PAIR_FIELDS, B)`` buffer."""
-    kwargs = dict(
-        beta=params.beta,
-        epsilon=params.epsilon,
-        label_smoothing=params.label_smoothing,
-        ignore_index=params.ignore_index,
-        average_log_prob=params.average_log_prob,
-    )
-    if params.backend == "triton":
-        from .pair_head_kernel import pair_head_triton
-
-        return pair_head_triton(stats, labels, **kwargs)
-    return pair_head_torch(stats, labels, **kwargs)
 
 
 def row_coefficients(

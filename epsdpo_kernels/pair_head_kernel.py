@@ -10,6 +10,31 @@ from . import layout as L
 
 MAX_BLOCK_T = 1024
 
+# Field indices (layout.py) as compile-time constants the kernels can use.
+TOK_LOGP = tl.constexpr(L.TOK_LOGP)
+TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
+TOK_P_EPS_LOGP = tl.constexpr(L.TOK_P_EPS_LOGP)
+TOK_N_EPS_LOGP = tl.constexpr(L.TOK_N_EPS_LOGP)
+TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
+PAIR_LOSS = tl.constexpr(L.PAIR_LOSS)
+PAIR_STEP = tl.constexpr(L.PAIR_STEP)
+PAIR_BETA_USED = tl.constexpr(L.PAIR_BETA_USED)
+PAIR_CHOSEN_LOGPS = tl.constexpr(L.PAIR_CHOSEN_LOGPS)
+PAIR_REJECTED_LOGPS = tl.constexpr(L.PAIR_REJECTED_LOGPS)
+PAIR_REF_CHOSEN_LOGPS = tl.constexpr(L.PAIR_REF_CHOSEN_LOGPS)
+PAIR_REF_REJECTED_LOGPS = tl.constexpr(L.PAIR_REF_REJECTED_LOGPS)
+PAIR_CHOSEN_REWARD = tl.constexpr(L.PAIR_CHOSEN_REWARD)
+PAIR_REJECTED_REWARD = tl.constexpr(L.PAIR_REJECTED_REWARD)
+PAIR_DLOSS_DLOGRATIO = tl.constexpr(L.PAIR_DLOSS_DLOGRATIO)
+PAIR_CHOSEN_COUNT = tl.constexpr(L.PAIR_CHOSEN_COUNT)
+PAIR_REJECTED_COUNT = tl.constexpr(L.PAIR_REJECTED_COUNT)
+PAIR_CHOSEN_LOGIT_SUM = tl.constexpr(L.PAIR_CHOSEN_LOGIT_SUM)
+PAIR_REJECTED_LOGIT_SUM = tl.constexpr(L.PAIR_REJECTED_LOGIT_SUM)
+PAIR_LOGRATIO = tl.constexpr(L.PAIR_LOGRATIO)
+PAIR_REF_LOGRATIO = tl.constexpr(L.PAIR_REF_LOGRATIO)
+PAIR_P_EPS_LOGRATIO = tl.constexpr(L.PAIR_P_EPS_LOGRATIO)
+PAIR_N_EPS_LOGRATIO = tl.constexpr(L.PAIR_N_EPS_LOGRATIO)
+
 
 @triton.jit
 def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignore_index,
@@ -32,11 +57,11 @@ def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignor
         )
         count += tl.where(labels != ignore_index, 1.0, 0.0)
         # Ignored token rows hold zeros in stats, so no further masking is needed.
-        a += tl.load(stats_ptr + 0 * n_rows + idx, mask=valid, other=0.0)
-        r += tl.load(stats_ptr + 1 * n_rows + idx, mask=valid, other=0.0)
-        u += tl.load(stats_ptr + 2 * n_rows + idx, mask=valid, other=0.0)
-        d += tl.load(stats_ptr + 3 * n_rows + idx, mask=valid, other=0.0)
-        logit_sum += tl.load(stats_ptr + 5 * n_rows + idx, mask=valid, other=0.0)
+        a += tl.load(stats_ptr + TOK_LOGP * n_rows + idx, mask=valid, other=0.0)
+        r += tl.load(stats_ptr + TOK_REF_LOGP * n_rows + idx, mask=valid, other=0.0)
+        u += tl.load(stats_ptr + TOK_P_EPS_LOGP * n_rows + idx, mask=valid, other=0.0)
+        d += tl.load(stats_ptr + TOK_N_EPS_LOGP * n_rows + idx, mask=valid, other=0.0)
+        logit_sum += tl.load(stats_ptr + TOK_LOGIT_SUM * n_rows + idx, mask=valid, other=0.0)
     return (tl.sum(a, 0), tl.sum(r, 0), tl.sum(u, 0), tl.sum(d, 0), tl.sum(logit_sum, 0),
             tl.sum(count, 0))  # fmt: skip
 
@@ -106,38 +131,27 @@ def pair_head_kernel(
     sig_neg_z = _sigmoid(-z)
     dloss = -beta_used * ((1.0 - label_smoothing) * sig_neg_z - label_smoothing * sig_z)
 
-    tl.store(out_ptr + 0 * B + i, loss)
-    tl.store(out_ptr + 1 * B + i, step)
-    tl.store(out_ptr + 2 * B + i, beta_used)
-    tl.store(out_ptr + 3 * B + i, a_c)
-    tl.store(out_ptr + 4 * B + i, a_j)
-    tl.store(out_ptr + 5 * B + i, r_c)
-    tl.store(out_ptr + 6 * B + i, r_j)
-    tl.store(out_ptr + 7 * B + i, beta_used * (a_c - r_c))
-    tl.store(out_ptr + 8 * B + i, beta_used * (a_j - r_j))
-    tl.store(out_ptr + 9 * B + i, dloss)
-    tl.store(out_ptr + 10 * B + i, n_c)
-    tl.store(out_ptr + 11 * B + i, n_j)
-    tl.store(out_ptr + 12 * B + i, lsum_c)
-    tl.store(out_ptr + 13 * B + i, lsum_j)
-    tl.store(out_ptr + 14 * B + i, logratio)
-    tl.store(out_ptr + 15 * B + i, ref_logratio)
-    tl.store(out_ptr + 16 * B + i, p_eps)
-    tl.store(out_ptr + 17 * B + i, n_eps)
+    tl.store(out_ptr + PAIR_LOSS * B + i, loss)
+    tl.store(out_ptr + PAIR_STEP * B + i, step)
+    tl.store(out_ptr + PAIR_BETA_USED * B + i, beta_used)
+    tl.store(out_ptr + PAIR_CHOSEN_LOGPS * B + i, a_c)
+    tl.store(out_ptr + PAIR_REJECTED_LOGPS * B + i, a_j)
+    tl.store(out_ptr + PAIR_REF_CHOSEN_LOGPS * B + i, r_c)
+    tl.store(out_ptr + PAIR_REF_REJECTED_LOGPS * B + i, r_j)
+    tl.store(out_ptr + PAIR_CHOSEN_REWARD * B + i, beta_used * (a_c - r_c))
+    tl.store(out_ptr + PAIR_REJECTED_REWARD * B + i, beta_used * (a_j - r_j))
+    tl.store(out_ptr + PAIR_DLOSS_DLOGRATIO * B + i, dloss)
+    tl.store(out_ptr + PAIR_CHOSEN_COUNT * B + i, n_c)
+    tl.store(out_ptr + PAIR_REJECTED_COUNT * B + i, n_j)
+    tl.store(out_ptr + PAIR_CHOSEN_LOGIT_SUM * B + i, lsum_c)
+    tl.store(out_ptr + PAIR_REJECTED_LOGIT_SUM * B + i, lsum_j)
+    tl.store(out_ptr + PAIR_LOGRATIO * B + i, logratio)
+    tl.store(out_ptr + PAIR_REF_LOGRATIO * B + i, ref_logratio)
+    tl.store(out_ptr + PAIR_P_EPS_LOGRATIO * B + i, p_eps)
+    tl.store(out_ptr + PAIR_N_EPS_LOGRATIO * B + i, n_eps)
 
 
-def pair_head_triton(
-    stats: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    beta: float,
-    epsilon: float,
-    label_smoothing: float,
-    ignore_index: int,
-    average_log_prob: bool,
-) -> torch.Tensor:
-    # The kernel hard-codes the layout's indices; fail loudly if layout.py is ever reordered.
-    assert (L.PAIR_FIELDS, L.PAIR_DLOSS_DLOGRATIO, L.PAIR_N_EPS_LOGRATIO) == (18, 9, 17)
+def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
     two_b, t = labels.shape
     b = two_b // 2
     out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
@@ -145,8 +159,8 @@ def pair_head_triton(
         stats, labels, out,
         b, t, two_b * t,
         labels.stride(0), labels.stride(1),
-        float(beta), float(epsilon), float(label_smoothing), int(ignore_index),
-        AVERAGE_LOG_PROB=average_log_prob,
+        params.beta, params.epsilon, params.label_smoothing, params.ignore_index,
+        AVERAGE_LOG_PROB=params.average_log_prob,
         BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t)),
     )  # fmt: skip
     return out

@@ -12,7 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import TOK_LOGIT_SUM, TOK_LSE, TOKEN_FIELDS
+from . import layout as L
+
+# Field indices (layout.py) as compile-time constants the kernels can use.
+TOK_LOGP = tl.constexpr(L.TOK_LOGP)
+TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
+TOK_P_EPS_LOGP = tl.constexpr(L.TOK_P_EPS_LOGP)
+TOK_N_EPS_LOGP = tl.constexpr(L.TOK_N_EPS_LOGP)
+TOK_LSE = tl.constexpr(L.TOK_LSE)
+TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
+TOKEN_FIELDS = tl.constexpr(L.TOKEN_FIELDS)
 
 # Blocks large enough to amortise the per-block reductions (8 per block in the forward), with
 # 256 elements per warp so the four fp32 streams stay in registers. Not tuned on a GPU yet; chosen
@@ -62,7 +71,7 @@ def token_forward_kernel(
     t = row % T
     label = tl.load(labels_ptr + n * stride_ln + t * stride_lt).to(tl.int64)
     if label == ignore_index:
-        for field in tl.static_range(6):
+        for field in tl.static_range(TOKEN_FIELDS):
             tl.store(stats_ptr + field * n_rows + row, 0.0)
         return
 
@@ -108,16 +117,19 @@ def token_forward_kernel(
     lse_p = m_p + tl.log(s_p)
     lse_n = m_n + tl.log(s_n)
     # min(·, 0): a log-probability is ≤ 0; rounding in the last ulp must not make it positive.
-    tl.store(stats_ptr + 0 * n_rows + row, tl.minimum(h_y - lse_h, 0.0))
-    tl.store(stats_ptr + 1 * n_rows + row, tl.minimum(g_y - lse_g, 0.0))
-    tl.store(stats_ptr + 2 * n_rows + row, tl.minimum(w_plus * h_y - epsilon * g_y - lse_p, 0.0))
-    tl.store(stats_ptr + 3 * n_rows + row, tl.minimum(w_minus * h_y + epsilon * g_y - lse_n, 0.0))
-    tl.store(stats_ptr + 4 * n_rows + row, lse_h)
-    tl.store(stats_ptr + 5 * n_rows + row, logit_sum)
+    tl.store(stats_ptr + TOK_LOGP * n_rows + row, tl.minimum(h_y - lse_h, 0.0))
+    tl.store(stats_ptr + TOK_REF_LOGP * n_rows + row, tl.minimum(g_y - lse_g, 0.0))
+    u = tl.minimum(w_plus * h_y - epsilon * g_y - lse_p, 0.0)
+    d = tl.minimum(w_minus * h_y + epsilon * g_y - lse_n, 0.0)
+    tl.store(stats_ptr + TOK_P_EPS_LOGP * n_rows + row, u)
+    tl.store(stats_ptr + TOK_N_EPS_LOGP * n_rows + row, d)
+    tl.store(stats_ptr + TOK_LSE * n_rows + row, lse_h)
+    tl.store(stats_ptr + TOK_LOGIT_SUM * n_rows + row, logit_sum)
 
 
 # Backward. With p = softmax(h) and A_n = Σ_t log p[y_t], ∂A_n/∂h_t = onehot(y_t) − p_t, and the
-# loss reaches A_n only through one scalar per sequence row, c_n = ∂L/∂A_n (docs/SPEC.md, Gradients).
+# loss reaches A_n only through one scalar per sequence row, c_n = ∂L/∂A_n (docs/SPEC.md,
+# Gradients).
 # So each token row needs h, its saved lse and c_n: p = exp(h − lse) costs one exp per element
 # and no second reduction.
 @triton.jit
@@ -158,7 +170,7 @@ def token_backward_kernel(
         return
 
     policy_row = policy_ptr + n * stride_pn + t * stride_pt
-    lse = tl.load(stats_ptr + 4 * n_rows + row)
+    lse = tl.load(stats_ptr + TOK_LSE * n_rows + row)
     coef = tl.load(row_coef_ptr + n)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -176,19 +188,13 @@ def launch_config(vocab: int, max_block: int) -> tuple[int, int]:
 
 
 def token_forward(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epsilon: float,
-    ignore_index: int,
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, params
 ) -> torch.Tensor:
     """Launch the forward over all N·T token rows; returns the ``(TOKEN_FIELDS, N·T)`` stats."""
-    assert TOK_LSE == 4 and TOK_LOGIT_SUM == 5 and TOKEN_FIELDS == 6  # the kernel hard-codes them
     policy_logits = _unit_stride_v(policy_logits)
     ref_logits = _unit_stride_v(ref_logits)
     n, t, v = policy_logits.shape
-    stats = torch.empty((TOKEN_FIELDS, n * t), dtype=torch.float32, device=policy_logits.device)
+    stats = torch.empty((L.TOKEN_FIELDS, n * t), dtype=torch.float32, device=policy_logits.device)
     block_v, num_warps = launch_config(v, MAX_BLOCK_V_FWD)
     token_forward_kernel[(n * t,)](
         policy_logits, ref_logits, labels, stats,
@@ -196,7 +202,7 @@ def token_forward(
         policy_logits.stride(0), policy_logits.stride(1),
         ref_logits.stride(0), ref_logits.stride(1),
         labels.stride(0), labels.stride(1),
-        float(epsilon), int(ignore_index),
+        params.epsilon, params.ignore_index,
         BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return stats
@@ -207,8 +213,8 @@ def token_backward(
     labels: torch.Tensor,
     stats: torch.Tensor,
     row_coef: torch.Tensor,
+    params,
     *,
-    ignore_index: int,
     inplace: bool,
 ) -> torch.Tensor:
     """Gradient of the loss w.r.t. the ``(N, T, V)`` policy logits, in their dtype."""
@@ -222,7 +228,7 @@ def token_backward(
         policy_logits.stride(0), policy_logits.stride(1),
         labels.stride(0), labels.stride(1),
         grad.stride(0), grad.stride(1),
-        int(ignore_index),
+        params.ignore_index,
         BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return grad

@@ -61,14 +61,10 @@ def _label_logp(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def token_forward_torch(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epsilon: float,
-    ignore_index: int,
+def token_forward(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, params
 ) -> torch.Tensor:
+    epsilon, ignore_index = params.epsilon, params.ignore_index
     n, t, v = policy_logits.shape
     stats = torch.zeros((L.TOKEN_FIELDS, n * t), dtype=torch.float32, device=policy_logits.device)
     rows = _ScoredRows(labels, ignore_index, v, policy_logits, ref_logits)
@@ -95,15 +91,16 @@ def token_forward_torch(
 
 
 @torch.no_grad()
-def token_backward_torch(
+def token_backward(
     policy_logits: torch.Tensor,
     labels: torch.Tensor,
     stats: torch.Tensor,
     row_coef: torch.Tensor,
+    params,
     *,
-    ignore_index: int,
     inplace: bool,
 ) -> torch.Tensor:
+    ignore_index = params.ignore_index
     n, t, v = policy_logits.shape
     grad = policy_logits if inplace else torch.zeros_like(policy_logits)
     rows = _ScoredRows(labels, ignore_index, v, policy_logits, grad)

@@ -17,7 +17,8 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True)
 class LossParams:
-    """Non-tensor options of one loss call, passed to the autograd Functions as one object."""
+    """Non-tensor options of one loss call: what the dispatch functions and the autograd
+    Functions receive, as one object."""
 
     beta: float
     epsilon: float
@@ -25,7 +26,17 @@ class LossParams:
     ignore_index: int
     average_log_prob: bool
     backend: str  # resolved: "triton" or "torch"
-    inplace_backward: bool = False
+    inplace_backward: bool = False  # logits path: write the gradient over the logits
+    chunk_rows: int = 0  # linear path: scored rows per chunk
+
+
+def loss_params(options: dict, device: torch.device, **extra) -> LossParams:
+    """``LossParams`` from checked options (see ``check_scalars``), the backend resolved for
+    ``device``; ``extra`` sets the entry point's own fields."""
+    options = dict(options, backend=resolve_backend(options["backend"], device))
+    for name in ("beta", "epsilon", "label_smoothing"):
+        options[name] = float(options[name])
+    return LossParams(**options, **extra)
 
 
 def _is_real_number(x) -> bool:

@@ -292,7 +292,8 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     log-sum-exp could push the label's term above it (a shipped kernel elsewhere got this
     wrong and its training collapsed)."""
     from epsdpo_kernels import layout
-    from epsdpo_kernels.token_ops import token_forward
+    from epsdpo_kernels.dispatch import token_forward
+    from epsdpo_kernels.validation import LossParams
 
     gen = torch.Generator().manual_seed(0)
     policy = torch.randn(8, 16, 333, generator=gen) * scale
@@ -300,8 +301,9 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     ref = policy + torch.randn(8, 16, 333, generator=gen) * scale * 0.01
     labels = torch.full((8, 16), 7)
     labels[:, ::2] = torch.randint(0, 333, (8, 8), generator=gen)
-    stats = token_forward(policy.to(device), ref.to(device), labels.to(device), epsilon=0.3,
-                          ignore_index=-100, backend=backend)  # fmt: skip
+    params = LossParams(beta=0.1, epsilon=0.3, label_smoothing=0.0, ignore_index=-100,
+                        average_log_prob=False, backend=backend)  # fmt: skip
+    stats = token_forward(policy.to(device), ref.to(device), labels.to(device), params)
     logps = stats[[layout.TOK_LOGP, layout.TOK_REF_LOGP, layout.TOK_P_EPS_LOGP,
                    layout.TOK_N_EPS_LOGP]]  # fmt: skip
     assert torch.isfinite(logps).all() and (logps <= 0).all()

@@ -1,0 +1,42 @@
+"""The one dispatch point: every per-token and per-pair step, Triton or torch by ``params.backend``.
+
+Both implementations of each step take the same arguments and return the same buffers (see
+layout.py), so the autograd Functions and the chunked linear driver never look at the backend.
+The Triton modules are imported only when used: CPU users need no working Triton install.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import LossParams
+
+
+def token_forward(policy_logits, ref_logits, labels, params: LossParams) -> torch.Tensor:
+    """``(TOKEN_FIELDS, N·T)`` fp32 stats of ``(N, T, V)`` logits (docs/SPEC.md, Per scored
+    token)."""
+    if params.backend == "triton":
+        from .token_kernels import token_forward as impl
+    else:
+        from .token_torch import token_forward as impl
+    return impl(policy_logits, ref_logits, labels, params)
+
+
+def token_backward(
+    policy_logits, labels, stats, row_coef, params: LossParams, *, inplace: bool
+) -> torch.Tensor:
+    """∂L/∂policy_logits from c_n per sequence row; ``inplace`` writes over the logits."""
+    if params.backend == "triton":
+        from .token_kernels import token_backward as impl
+    else:
+        from .token_torch import token_backward as impl
+    return impl(policy_logits, labels, stats, row_coef, params, inplace=inplace)
+
+
+def pair_head(stats: torch.Tensor, labels: torch.Tensor, params: LossParams) -> torch.Tensor:
+    """``(PAIR_FIELDS, B)`` per-pair buffer from the token stats (docs/SPEC.md, Per pair)."""
+    if params.backend == "triton":
+        from .pair_head_kernel import pair_head as impl
+    else:
+        from .pair_head import pair_head as impl
+    return impl(stats, labels, params)

@@ -1,0 +1,36 @@
+"""The path both public entry points share once they have checked their own arguments.
+
+``epsilon_dpo_loss`` (logits) and ``linear_epsilon_dpo_loss`` (hidden states) differ only in their
+inputs and their autograd Function; from checked inputs to ``EpsilonDPOOutput`` they go through
+``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import validation as V
+from .output import EpsilonDPOOutput, build_output, split_pair
+
+
+def compute_loss(
+    function, inputs: tuple, *, n_policy: int, labels: torch.Tensor, vocab: int,
+    params: V.LossParams,
+) -> EpsilonDPOOutput:  # fmt: skip
+    """Run ``function`` (an autograd Function with an ``evaluate`` twin) on ``inputs``.
+
+    The first ``n_policy`` inputs are the policy's (they may receive gradients); the rest are
+    detached. With no policy input requiring a gradient (evaluation, ``torch.no_grad()``), the
+    forward runs without building a Function, so nothing is saved for a backward that will not
+    come.
+    """
+    V.check_label_range(labels, vocab=vocab, ignore_index=params.ignore_index)
+    policy = inputs[:n_policy]
+    rest = tuple(None if x is None else x.detach() for x in inputs[n_policy:])
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in policy):
+        losses, chosen, rejected, pair = function.apply(*policy, *rest, params)
+    else:
+        detached = tuple(None if x is None else x.detach() for x in policy)
+        pair = function.evaluate(*detached, *rest, params)
+        losses, chosen, rejected = split_pair(pair)
+    return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)
