@@ -206,7 +206,8 @@ def _run_row(cfg: dict) -> dict:
     if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower():
         return dict(skipped=f"out of memory ({last[:200]})")
     if "ModuleNotFoundError" in proc.stderr:
-        return dict(skipped=f"missing package: {last[:200]}")
+        hint = " (pip install -e '.[bench]')" if "liger" in last else ""
+        return dict(skipped=f"missing package: {last[:200]}{hint}")
     return dict(skipped=f"failed: {last[:300]}")
 
 
@@ -272,40 +273,51 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# One colour per implementation, the same in every plot.
+COLORS = {"eager": "tab:gray", "compiled": "tab:purple", "epsdpo-logits": "tab:blue",
+          "epsdpo-linear": "tab:green", "liger-dpo": "tab:orange"}  # fmt: skip
+
+
 def plot(result: dict, path: str) -> None:
+    """Two panels (time, memory), one group of bars per shape centred on its label, one bar per
+    implementation that ran (skipped rows are left out, not drawn empty), values written on the
+    bars since log axes are hard to read off."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "skipped" not in r and "fwd_bwd_ms" in r]
-    shapes = []
-    for r in result["rows"]:
-        key = (r["B"], r["T"], r["V"])
-        if key not in shapes:
-            shapes.append(key)
-    impls = list(dict.fromkeys(r["impl"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    shapes = list(dict.fromkeys((r["B"], r["T"], r["V"]) for r in result["rows"]))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
     width = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        for ax, field in zip(axes, ("fwd_bwd_ms", "peak_mb")):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, field, unit in zip(axes, ("fwd_bwd_ms", "peak_mb"), ("ms", "MB")):
+        for k, impl in enumerate(impls):
             xs, ys = [], []
             for i, key in enumerate(shapes):
                 match = [r for r in rows if r["impl"] == impl and (r["B"], r["T"], r["V"]) == key]
                 if match:
-                    xs.append(i + k * width)
+                    xs.append(i - 0.4 + width / 2 + k * width)
                     ys.append(max(match[0][field], 1e-3))
-            ax.bar(xs, ys, width=width, label=impl)
-    labels = [f"{2 * b * t} tok\nV={v}" for b, t, v in shapes]
-    for ax, title in zip(axes, ("forward + backward (ms)", "peak extra memory (MB)")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], labels)
+            bars = ax.bar(xs, ys, width=width, label=impl, color=COLORS.get(impl))
+            ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=7, rotation=90,
+                         padding=2)  # fmt: skip
+        ax.set_xticks(range(len(shapes)),
+                      [f"{2 * b * t} tokens\nV = {v}" for b, t, v in shapes])  # fmt: skip
         ax.set_yscale("log")
-        ax.set_title(title)
+        ax.margins(y=0.25)
+        ax.set_ylabel(unit)
         ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title("forward + backward time")
+    axes[1].set_title("peak memory beyond the inputs")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"ε-DPO loss, {result['device']}", fontsize=10)
+    skipped = sorted({r["impl"] for r in result["rows"] if "skipped" in r} - set(impls))
+    note = f" · not run: {', '.join(skipped)}" if skipped else ""
+    fig.suptitle(f"ε-DPO loss, {result['device']}{note}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 
-from data import collate, load_rows, split_row, tokenize_rows  # noqa: E402
 from tokenizer import byte_tokenizer  # noqa: E402
 
 from tests.utils import free_port  # noqa: E402
@@ -35,14 +34,15 @@ def _env():
     return env
 
 
-def run(args, nproc=1, timeout=600):
+def run(args, nproc=1, timeout=600, check=True):
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train" / "run.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", str(ROOT / "train" / "run.py"), *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -112,100 +112,3 @@ def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
     linear, logits = metrics(tmp_path / "linear"), metrics(tmp_path / "logits")
     for a, b in zip(linear, logits):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-
-
-# ----------------------------------------------------------------------------- data formats
-MESSAGES_PROMPT = [{"role": "user", "content": "Name a red animal."}]
-FORMATS = {
-    "explicit-string": {
-        "prompt": "Name a red animal.",
-        "chosen": " a fox.",
-        "rejected": " a FOX!!",
-    },
-    "implicit-string": {
-        "chosen": "Name a red animal. a fox.",
-        "rejected": "Name a red animal. 4 f0x",
-    },
-    "explicit-conversational": {
-        "prompt": MESSAGES_PROMPT,
-        "chosen": [{"role": "assistant", "content": "a fox."}],
-        "rejected": [{"role": "assistant", "content": "a FOX!!"}],
-    },
-    "implicit-conversational": {
-        "chosen": MESSAGES_PROMPT + [{"role": "assistant", "content": "a fox."}],
-        "rejected": MESSAGES_PROMPT + [{"role": "assistant", "content": "a FOX!!"}],
-    },
-}
-
-
-@pytest.mark.parametrize("name", list(FORMATS))
-def test_each_row_format_tokenizes_with_prompt_masked(name):
-    tokenizer = byte_tokenizer()
-    (pair,) = tokenize_rows([FORMATS[name]], tokenizer, max_length=64, max_prompt_length=40,
-                            source="rows")  # fmt: skip
-    prompt = tokenizer.decode(pair.prompt_ids)
-    chosen = tokenizer.decode(pair.chosen_ids)
-    assert "Name a red animal." in prompt and "fox" not in prompt
-    assert "a fox." in chosen and chosen.endswith("<eos>")
-    if "conversational" in name:
-        assert "<|user|>" in prompt and prompt.endswith("<|assistant|>")  # the chat template
-    batch = collate([pair], tokenizer.pad_token_id)
-    labels = batch["labels"]
-    scored = labels[0][labels[0] != -100].tolist()
-    assert scored == pair.chosen_ids  # exactly the completion is scored, shifted by one
-    assert (labels[:, : len(pair.prompt_ids) - 1] == -100).all()
-
-
-def test_truncation_left_for_prompt_right_for_completion():
-    tokenizer = byte_tokenizer()
-    row = {"prompt": "x" * 50 + "END", "chosen": " " + "c" * 50, "rejected": " " + "r" * 50}
-    (pair,) = tokenize_rows([row], tokenizer, max_length=40, max_prompt_length=10, source="rows")
-    assert tokenizer.decode(pair.prompt_ids).endswith("END") and len(pair.prompt_ids) == 10
-    assert len(pair.prompt_ids) + len(pair.chosen_ids) == 40
-    assert tokenizer.decode(pair.chosen_ids).startswith(" ccc")
-
-
-@pytest.mark.parametrize(
-    "row, match",
-    [
-        ({"prompt": "p", "chosen": "a"}, r"row 1: missing field 'rejected'"),
-        ({"prompt": "p", "chosen": 3, "rejected": "b"}, r"row 1: field 'chosen' must be a string"),
-        ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, r"row 1: field 'prompt'"),
-        ({"chosen": "same", "rejected": "same"}, r"row 1: implicit prompt"),
-        ("not an object", r"row 1: expected a JSON object"),
-    ],
-    ids=["missing-field", "wrong-type", "bad-message", "identical", "not-object"],
-)
-def test_malformed_row_names_row_and_field(row, match):
-    good = FORMATS["explicit-string"]
-    with pytest.raises(ValueError, match=match):
-        tokenize_rows([good, row], byte_tokenizer(), max_length=64, max_prompt_length=32,
-                      source="data.jsonl")  # fmt: skip
-
-
-def test_malformed_row_in_a_file_stops_the_run(tmp_path):
-    data = tmp_path / "prefs.jsonl"
-    rows = [FORMATS["explicit-string"]] * 20 + [{"prompt": "p", "chosen": "a"}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train" / "run.py"), "--dataset", str(data), "--max-steps",
-         "1", "--output-dir", str(tmp_path / "out"), *FAST],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "missing field 'rejected'" in proc.stderr
-
-
-def test_load_rows_from_json_jsonl_and_directory(tmp_path):
-    rows = [FORMATS["explicit-string"]] * 40
-    (tmp_path / "a.json").write_text(json.dumps(rows))
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name in ("a.json", "b.jsonl"):
-        train, held_out = load_rows(str(tmp_path / name), seed=0)
-        assert len(train) + len(held_out) == 40 and len(held_out) == 2
-    split_dir = tmp_path / "split"
-    split_dir.mkdir()
-    (split_dir / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    (split_dir / "test.jsonl").write_text(json.dumps(rows[1]) + "\n")
-    assert [len(x) for x in load_rows(str(split_dir))] == [1, 1]
-    assert split_row(FORMATS["implicit-string"], "row")[0] == "Name a red animal."

@@ -1,19 +1,43 @@
-"""Preference data for train/run.py: loading, TRL's row formats, tokenisation, batching.
+"""Preference data for the scripts in train/: loading, TRL's row formats, tokenisation, batching.
 
 Rows follow TRL's preference formats: explicit prompt (``prompt``, ``chosen``, ``rejected``) or
-implicit prompt (``chosen``, ``rejected`` sharing a prefix), each as strings or as
-conversational message lists (``[{"role": ..., "content": ...}, ...]``).
+implicit prompt (``chosen``, ``rejected`` sharing a prefix, split as TRL's ``extract_prompt``
+splits it), each as strings or as conversational message lists
+(``[{"role": ..., "content": ...}, ...]``). Files may be ``.json``/``.jsonl``, gzipped or not
+(Anthropic's HH-RLHF ships ``.jsonl.gz``).
+
+Every row keeps where it came from (file and line), so that a message about it names the line a
+user can open, whatever shuffling happened since. A malformed row (a missing field, a value of
+the wrong type) stops the run; a well-formed row that cannot form a pair (chosen and rejected
+identical) is skipped, counted and reported once.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from cli import UsageError, looks_like_path
 
 EVAL_SPLITS = ("eval", "test", "validation")
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+# A prompt or completion that loses more than this share of its tokens to truncation counts as
+# "mostly dropped" in the truncation report.
+MOSTLY_DROPPED = 0.5
+
+
+class DataError(UsageError):
+    """A dataset that cannot be read as preference data; the message names file, line, field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    data: object  # one parsed JSON value
+    where: str  # "train.jsonl.gz line 12", "prefs.json item 3", "org/name train[5]"
 
 
 @dataclass(frozen=True)
@@ -21,61 +45,110 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    where: str = ""
 
 
 # ----------------------------------------------------------------------------- loading
+def _data_suffix(path: Path) -> str | None:
+    name = path.name
+    return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)),
+                None)  # fmt: skip
+
+
+def check_dataset_arg(source: str | None) -> None:
+    """Fail before anything loads when --dataset names a local path that does not exist."""
+    if (
+        source is not None
+        and not Path(source).expanduser().exists()
+        and looks_like_path(source, DATA_SUFFIXES)
+    ):
+        raise DataError(f"--dataset {source}: no such file or directory")
+
+
 def load_rows(source: str, *, seed: int = 0, eval_fraction: float = 0.05):
-    """(train_rows, eval_rows) from a directory with train/eval JSONL files, one JSON/JSONL file
-    (eval held out at random), or a Hugging Face dataset id (needs the ``datasets`` extra)."""
-    path = Path(source)
+    """(train_rows, eval_rows) from a directory with train and eval/test/validation files, one
+    JSON/JSONL file (``eval_fraction`` held out at random), or a Hugging Face dataset id (needs
+    the ``datasets`` extra)."""
+    path = Path(source).expanduser()
     if path.is_dir():
-        files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in (".json", ".jsonl")}
+        files = {}
+        for p in sorted(path.iterdir()):
+            suffix = _data_suffix(p)
+            if suffix is not None:
+                files.setdefault(p.name[: -len(suffix)], p)
         if "train" not in files:
-            raise ValueError(f"--dataset {source}: a directory needs train.jsonl or train.json")
-        eval_name = next((s for s in EVAL_SPLITS if s in files), None)
+            raise DataError(f"--dataset {source}: a directory needs a train file "
+                            f"(train{{{','.join(DATA_SUFFIXES)}}})")  # fmt: skip
         train = _read_file(files["train"])
+        eval_name = next((s for s in EVAL_SPLITS if s in files), None)
         if eval_name is None:
             return _hold_out(train, seed, eval_fraction)
         return train, _read_file(files[eval_name])
-    if path.suffix in (".json", ".jsonl") or path.exists():
-        if not path.exists():
-            raise ValueError(f"--dataset {source}: no such file")
+    if path.is_file():
+        if _data_suffix(path) is None:
+            raise DataError(f"--dataset {source}: expected a file ending in "
+                            f"{', '.join(DATA_SUFFIXES)}")  # fmt: skip
         return _hold_out(_read_file(path), seed, eval_fraction)
+    if looks_like_path(source, DATA_SUFFIXES):
+        raise DataError(f"--dataset {source}: no such file or directory")
+    return _load_hub(source, seed, eval_fraction)
+
+
+def _load_hub(source: str, seed: int, eval_fraction: float):
     try:
         import datasets
-    except ImportError as e:
-        raise ValueError(
-            f"--dataset {source} is not a local file or directory; loading a Hugging Face dataset "
-            "needs the 'datasets' package: pip install -e '.[datasets]'"
-        ) from e
-    ds = datasets.load_dataset(source)
-    train = [dict(r) for r in ds["train"]]
+    except ImportError:
+        raise DataError(
+            f"--dataset {source}: no such file or directory here; to load it as a Hugging Face "
+            "dataset id, install the datasets extra: pip install -e '.[datasets]'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(source)
+    except Exception as e:  # offline, unknown id, no access: all the user's to fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"--dataset {source}: could not load it as a Hugging Face dataset "
+                        f"({first})") from None  # fmt: skip
+    if "train" not in ds:
+        raise DataError(f"--dataset {source}: the dataset has no 'train' split ({list(ds)})")
+    rows = lambda split: [Row(dict(r), f"{source} {split}[{i}]")  # noqa: E731
+                          for i, r in enumerate(ds[split])]  # fmt: skip
     eval_name = next((s for s in EVAL_SPLITS if s in ds), None)
     if eval_name is None:
-        return _hold_out(train, seed, eval_fraction)
-    return train, [dict(r) for r in ds[eval_name]]
+        return _hold_out(rows("train"), seed, eval_fraction)
+    return rows("train"), rows(eval_name)
 
 
-def _read_file(path: Path) -> list[dict]:
-    text = path.read_text()
-    if path.suffix == ".jsonl":
+def _read_file(path: Path) -> list[Row]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
         rows = []
         for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(Row(json.loads(line), f"{path} line {i + 1}"))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
-        return rows
-    data = json.loads(text)
-    if isinstance(data, dict) and "train" in data:
-        data = data["train"]
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of rows (or {{'train': [...]}})")
-    return data
+                    raise DataError(f"{path} line {i + 1}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(data, dict) and "train" in data:
+            data = data["train"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows (or {{'train': [...]}})")
+        rows = [Row(r, f"{path} item {i + 1}") for i, r in enumerate(data)]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
 
 
-def _hold_out(rows, seed, fraction):
+def _hold_out(rows: list[Row], seed: int, fraction: float):
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
     n_eval = max(1, int(len(rows) * fraction)) if len(rows) > 1 else 0
@@ -83,6 +156,30 @@ def _hold_out(rows, seed, fraction):
 
 
 # ----------------------------------------------------------------------------- formats
+class Unpairable(Exception):
+    """A well-formed row that cannot form a preference pair; the message is the reason."""
+
+
+def extract_prompt(chosen, rejected):
+    """Split an implicit prompt the way TRL's ``extract_prompt`` (trl/data_utils.py) does.
+
+    The prompt is everything before the first position where ``chosen`` and ``rejected``
+    differ (characters of strings, or messages of conversations), moved back by one when the
+    character before it is a space, so that the completion keeps its leading space. When one
+    response is a prefix of the other, TRL's loop ends without finding a difference and keeps
+    the last shared element in the completions; so does this. One deliberate difference: where
+    the responses differ at their very first character, TRL compares ``chosen[-1]`` (the last
+    character) with a space; this keeps the prompt empty instead.
+    """
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
 def _is_messages(x) -> bool:
     return isinstance(x, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -90,45 +187,43 @@ def _is_messages(x) -> bool:
     )
 
 
-def _field(row, name: str, where: str):
-    if name not in row:
-        raise ValueError(f"{where}: missing field '{name}' (fields: {sorted(row)})")
-    value = row[name]
+def _field(row: Row, name: str):
+    data = row.data
+    if name not in data:
+        raise DataError(f"{row.where}: missing field '{name}' (fields: {sorted(data)})")
+    value = data[name]
     if isinstance(value, str) or (_is_messages(value) and value):
         return value
-    raise ValueError(
-        f"{where}: field '{name}' must be a string or a non-empty list of "
+    raise DataError(
+        f"{row.where}: field '{name}' must be a string or a non-empty list of "
         f"{{'role': str, 'content': str}} messages, got {type(value).__name__}"
     )
 
 
-def split_row(row, where: str):
-    """(prompt, chosen, rejected), all strings or all message lists, explicit prompt made."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    chosen, rejected = _field(row, "chosen", where), _field(row, "rejected", where)
-    if "prompt" in row:
-        prompt = _field(row, "prompt", where)
-    elif isinstance(chosen, str) and isinstance(rejected, str):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        if n == len(chosen) or n == len(rejected):
-            raise ValueError(f"{where}: implicit prompt, but 'chosen' and 'rejected' do not differ")
-        n = chosen.rfind(" ", 0, n + 1) if " " in chosen[:n] else n  # cut at a word boundary
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    elif isinstance(chosen, list) and isinstance(rejected, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-        if not prompt:
-            raise ValueError(f"{where}: implicit conversational prompt, but no shared messages")
+def split_row(row: Row):
+    """(prompt, chosen, rejected), all strings or all message lists, the prompt made explicit.
+
+    Raises ``DataError`` for a malformed row and ``Unpairable`` for one that cannot form a pair.
+    """
+    if not isinstance(row.data, dict):
+        raise DataError(f"{row.where}: expected a JSON object, got {type(row.data).__name__}")
+    chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise DataError(f"{row.where}: 'chosen' and 'rejected' must both be strings or both "
+                        "message lists")  # fmt: skip
+    if chosen == rejected:
+        raise Unpairable("chosen and rejected are identical")
+    if "prompt" in row.data:
+        prompt = _field(row, "prompt")
     else:
-        raise ValueError(f"{where}: 'chosen' and 'rejected' must both be strings or both messages")
-    kinds = {isinstance(x, str) for x in (prompt, chosen, rejected)}
-    if len(kinds) != 1:
-        raise ValueError(f"{where}: 'prompt', 'chosen', 'rejected' mix strings and message lists")
+        if not chosen or not rejected:
+            raise Unpairable("one response is empty")
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        if isinstance(prompt, list) and not prompt:
+            raise Unpairable("the two conversations share no prompt messages")
+    if len({isinstance(x, str) for x in (prompt, chosen, rejected)}) != 1:
+        raise DataError(f"{row.where}: 'prompt', 'chosen', 'rejected' mix strings and message "
+                        "lists")  # fmt: skip
     return prompt, chosen, rejected
 
 
@@ -148,29 +243,79 @@ def _render(tokenizer, prompt, completion):
     return render(prompt) + "assistant: ", render(completion)[len("assistant: ") :]
 
 
-def tokenize_rows(rows, tokenizer, *, max_length: int, max_prompt_length: int, source: str):
-    """Rows → Pairs. The prompt is truncated from the left to ``max_prompt_length``, the
+@dataclass
+class Tokenized:
+    """The pairs of one split, and what was skipped or cut on the way."""
+
+    pairs: list[Pair]
+    rows: int
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    prompt_mostly_cut: int = 0
+    completion_mostly_cut: int = 0
+
+    def notes(self, name: str, max_length: int, max_prompt_length: int) -> list[str]:
+        """One line per thing a user should know: skipped rows (with the first locations) and
+        truncation that dropped most of a prompt or completion (with the share affected)."""
+        lines = []
+        for reason, where in self.skipped.items():
+            shown = ", ".join(where[:3]) + (", …" if len(where) > 3 else "")
+            lines.append(f"{name}: skipped {len(where)} of {self.rows} rows that cannot form a "
+                         f"pair ({reason}): {shown}")  # fmt: skip
+        for count, what, flag in (
+            (self.prompt_mostly_cut, "prompt", f"--max-prompt-length {max_prompt_length}"),
+            (self.completion_mostly_cut, "chosen or rejected completion",
+             f"--max-length {max_length}"),
+        ):  # fmt: skip
+            if count:
+                total = len(self.pairs)
+                lines.append(f"{name}: {flag} cut more than half of the {what} of {count} of "
+                             f"{total} pairs ({count / max(1, total):.0%}); raise it to keep "
+                             "them")  # fmt: skip
+        return lines
+
+
+def tokenize_rows(rows: list[Row], tokenizer, *, max_length: int, max_prompt_length: int):
+    """Rows → ``Tokenized``. The prompt is truncated from the left to ``max_prompt_length``, the
     completions from the right to fit ``max_length``; completions end with EOS."""
     if max_prompt_length >= max_length:
-        raise ValueError("--max-prompt-length must be smaller than --max-length")
+        raise UsageError("--max-prompt-length must be smaller than --max-length")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; completions need one")
+        raise UsageError("the tokenizer has no eos_token; completions need one")
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    pairs = []
-    for i, row in enumerate(rows):
-        where = f"{source} row {i}"
-        prompt, chosen, rejected = split_row(row, where)
+    out = Tokenized(pairs=[], rows=len(rows))
+    for row in rows:
+        try:
+            prompt, chosen, rejected = split_row(row)
+        except Unpairable as e:
+            out.skipped[str(e)].append(row.where)
+            continue
         prompt_text, chosen_text = _render(tokenizer, prompt, chosen)
         _, rejected_text = _render(tokenizer, prompt, rejected)
-        prompt_ids = encode(prompt_text)
-        if bos is not None and prompt_ids[:1] != [bos]:
-            prompt_ids = [bos] + prompt_ids
-        prompt_ids = prompt_ids[-max_prompt_length:]
+        full_prompt = encode(prompt_text)
+        if bos is not None and full_prompt[:1] != [bos]:
+            full_prompt = [bos] + full_prompt
+        if not full_prompt:
+            out.skipped["empty prompt, and the tokenizer has no BOS token to start it"].append(
+                row.where
+            )
+            continue
+        prompt_ids = full_prompt[-max_prompt_length:]
         room = max_length - len(prompt_ids)
-        pairs.append(Pair(prompt_ids, (encode(chosen_text) + [eos])[:room],
-                          (encode(rejected_text) + [eos])[:room]))  # fmt: skip
-    return pairs
+        full_chosen, full_rejected = encode(chosen_text) + [eos], encode(rejected_text) + [eos]
+        chosen_ids, rejected_ids = full_chosen[:room], full_rejected[:room]
+        if chosen_ids == rejected_ids:
+            out.skipped[f"identical after truncation to --max-length {max_length}"].append(
+                row.where
+            )
+            continue
+        out.prompt_mostly_cut += len(prompt_ids) < (1 - MOSTLY_DROPPED) * len(full_prompt)
+        out.completion_mostly_cut += any(
+            len(kept) < (1 - MOSTLY_DROPPED) * len(full)
+            for kept, full in ((chosen_ids, full_chosen), (rejected_ids, full_rejected))
+        )
+        out.pairs.append(Pair(prompt_ids, chosen_ids, rejected_ids, row.where))
+    return out
 
 
 # ----------------------------------------------------------------------------- batching

@@ -1,257 +1,130 @@
-"""Thin FSDP2 ε-DPO training: a policy, a frozen reference, the fused loss, adaptive β.
+"""ε-DPO training with FSDP2: a policy, a frozen reference, the fused loss, adaptive β.
 
-    torchrun --nproc_per_node=N train/run.py [--model ID_OR_PATH] [--dataset ID_OR_PATH] ...
     python train/run.py                      # one process; the embedded default
+    torchrun --nproc_per_node=N train/run.py [--model ID_OR_PATH] [--dataset ID_OR_PATH] ...
 
 With no --model/--dataset it trains the embedded default: a tiny Llama built from
 train/configs/tiny-llama.json (random init, reference = copy of the initial policy), a byte
 tokenizer that needs no download, and the preference data in train/data/default. CPU (gloo)
-and CUDA (nccl, bf16 mixed precision) both work. Read top to bottom: config, data, models,
-loop, logging, checkpoints.
+and CUDA (nccl, bf16 mixed precision) both work. Read top to bottom: config, checks, data,
+models, the loop, logging, checkpoints. The FSDP2 wrappers live in fsdp.py, data formats in
+data.py, model loading in models.py, metric sums and the plot in metrics.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import math
 import os
-import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from data import collate, load_rows, tokenize_rows  # noqa: E402
-
-from epsdpo_kernels import (  # noqa: E402
-    AdaptiveBeta,
-    EpsilonDPOOutput,
-    LinearEpsilonDPOHead,
-    causal_lm_hidden_and_head,
-    epsilon_dpo_loss,
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from cli import ArgumentParser, UsageError, add_dataclass_flags, run_main  # noqa: E402
+from data import check_dataset_arg, collate, load_rows, tokenize_rows  # noqa: E402
+from fsdp import (  # noqa: E402
+    EpsilonDPOPolicy,
+    ReferenceHidden,
+    decoder_layers,
+    export_final,
+    init_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    shard,
 )
+from metrics import MetricSums, plot_metrics, truncate_metrics  # noqa: E402
+from models import check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
-DEFAULT_CONFIG = HERE / "configs" / "tiny-llama.json"
+from epsdpo_kernels import AdaptiveBeta, EpsilonDPOOutput  # noqa: E402
+
 DEFAULT_DATASET = HERE / "data" / "default"
 
 
 # ----------------------------------------------------------------------------- config
+def _opt(default, help, **metadata):
+    return field(default=default, metadata=dict(help=help, **metadata))
+
+
 @dataclass
 class Config:
-    model: str | None = None  # HF id or local path; None: the embedded tiny Llama
-    dataset: str = str(DEFAULT_DATASET)
-    output_dir: str = "runs/default"
-    max_steps: int = 60
-    global_batch_size: int = 16  # pairs per optimizer step, all ranks together
-    micro_batch_size: int = 8  # pairs per forward, per rank
-    lr: float = 2e-3
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.1
-    epsilon: float = 0.01
-    loss: str = "linear"  # linear | logits
-    max_length: int = 128
-    max_prompt_length: int = 64
-    eval_every: int = 10
-    save_every: int = 30
-    resume: bool = False
-    seed: int = 0
+    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM; "
+                             "default: the embedded tiny Llama (random init)")  # fmt: skip
+    dataset: str | None = _opt(None, "preference data: a .json/.jsonl file (optionally .gz), a "
+                               "directory with train and eval|test|validation files, or a "
+                               "Hugging Face dataset id; default: the embedded "
+                               "train/data/default")  # fmt: skip
+    output_dir: str = _opt("runs/default", "metrics, plot, checkpoints and the final model")
+    max_steps: int = _opt(60, "optimizer steps")
+    global_batch_size: int = _opt(16, "pairs per optimizer step, all ranks together")
+    micro_batch_size: int = _opt(8, "pairs per forward pass, per rank")
+    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = _opt(5, "linear warm-up steps before the cosine decay")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
+    beta: float = _opt(0.1, "initial KL coefficient β (> 0); adapted every step")
+    epsilon: float = _opt(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
+    loss: str = _opt("linear", "linear: the fused loss from hidden states (no logits tensor); "
+                     "logits: the fused loss on the model's logits",
+                     choices=["linear", "logits"])  # fmt: skip
+    max_length: int = _opt(128, "tokens per sequence, prompt and completion")
+    max_prompt_length: int = _opt(64, "prompt tokens kept (from the right)")
+    eval_every: int = _opt(10, "evaluate every N steps (0: never)")
+    save_every: int = _opt(30, "checkpoint every N steps (0: never)")
+    resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
+    seed: int = _opt(0, "seed of the initial weights, the data order and the eval hold-out")
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        elif f.name == "loss":
-            parser.add_argument(flag, choices=["linear", "logits"], default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default)
+    parser = ArgumentParser(prog="train/run.py", description=__doc__.split("\n\n")[0])
+    add_dataclass_flags(parser, Config)
     return Config(**vars(parser.parse_args(argv)))
 
 
-# ----------------------------------------------------------------------------- distributed
-def init_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train/run.py` becomes a group of one, so
-    that one code path (FSDP2, all-reduces, sharded checkpoints) serves both."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))  # fmt: skip
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+def check_config(cfg: Config, world: int) -> None:
+    """Every check that needs no model or data, before anything is loaded."""
+    if not (math.isfinite(cfg.beta) and cfg.beta > 0):
+        raise UsageError(f"--beta must be a finite number > 0, got {cfg.beta}")
+    if not 0 <= cfg.epsilon < 1:
+        raise UsageError(f"--epsilon must be in [0, 1), got {cfg.epsilon}")
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_prompt_length"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_every", "save_every", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and cfg.max_grad_norm > 0):
+        raise UsageError("--lr and --max-grad-norm must be > 0")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise UsageError(f"--max-prompt-length ({cfg.max_prompt_length}) must be smaller than "
+                         f"--max-length ({cfg.max_length})")  # fmt: skip
+    per_step = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_step:
+        raise UsageError(
+            f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
+            f"--micro-batch-size × world size = {cfg.micro_batch_size} × {world}"
+        )
+    check_model_arg(cfg.model)
+    check_dataset_arg(cfg.dataset)
 
 
-# ----------------------------------------------------------------------------- models
-class EpsilonDPOPolicy(nn.Module):
-    """The policy LM and its lm_head-as-loss in one module, so that FSDP2 on this root gathers
-    the lm_head (tied to the embedding or not) before the loss and reduce-scatters its gradient
-    after. Returns a dict of tensors: FSDP2 hooks backward onto the tensors it finds there."""
-
-    def __init__(self, model: nn.Module, loss: str):
-        super().__init__()
-        self.model = model
-        self.head = LinearEpsilonDPOHead(model.get_output_embeddings())
-        self.loss = loss
-
-    def forward(self, input_ids, attention_mask, labels, ref_hidden, ref_weight, ref_bias,
-                beta, epsilon):  # fmt: skip
-        if self.loss == "linear":
-            hidden, _, _ = causal_lm_hidden_and_head(self.model, input_ids, attention_mask)
-            out = self.head(hidden, ref_hidden, ref_weight.to(hidden.dtype), labels,
-                            ref_bias=ref_bias, beta=beta, epsilon=epsilon)  # fmt: skip
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype),
-                                              ref_bias)  # fmt: skip
-            out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon)
-        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "beta"}
-
-
-class ReferenceHidden(nn.Module):
-    """The frozen reference as a root module returning only its last hidden states (FSDP2
-    gathers a root's parameters when its own forward runs, not the decoder's)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return causal_lm_hidden_and_head(self.model, input_ids, attention_mask)[0]
-
-
-def load_models(cfg: Config, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-    if cfg.model is None:
-        from tokenizer import byte_tokenizer
-
-        tokenizer = byte_tokenizer()
-        config = AutoConfig.from_pretrained(DEFAULT_CONFIG)
-        policy = AutoModelForCausalLM.from_config(config)
-        reference = copy.deepcopy(policy)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32)
-        reference = AutoModelForCausalLM.from_pretrained(cfg.model, torch_dtype=torch.float32)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    reference.eval().requires_grad_(False)
-    return tokenizer, policy.to(device), reference.to(device)
-
-
-def shard(module: nn.Module, layers, mesh, mixed_precision, *, root_reshard: bool):
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mixed_precision)
-    # The root's params (embeddings, final norm, lm_head) stay gathered between forward and
-    # backward: the loss saves the lm_head weight for its backward.
-    fully_shard(module, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=root_reshard)
-
-
-def decoder_layers(model: nn.Module):
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
-    return list(layers)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    done = [p.parent for p in (output_dir / "checkpoints").glob("step_*/COMPLETE")]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
-
-
-def training_state(policy, optimizer, scheduler, beta_ctl, step):
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    return {
-        "model": model_sd,
-        "optim": optim_sd,
-        "scheduler": scheduler.state_dict(),
-        "beta": beta_ctl.state_dict(),
-        "step": step,
-        "rng": torch.get_rng_state(),
-    }
-
-
-def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank):
-    path = output_dir / "checkpoints" / f"step_{step}"
-    dcp.save(training_state(policy, optimizer, scheduler, beta_ctl, step), checkpoint_id=str(path))
-    dist.barrier()
-    if rank == 0:
-        (path / "COMPLETE").touch()  # written last: a checkpoint cut short is never resumed from
-    dist.barrier()
-
-
-def load_checkpoint(path, policy, optimizer, scheduler, beta_ctl) -> int:
-    state = training_state(policy, optimizer, scheduler, beta_ctl, 0)
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])  # fmt: skip
-    scheduler.load_state_dict(state["scheduler"])
-    beta_ctl.load_state_dict(state["beta"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
-
-
-# ----------------------------------------------------------------------------- metrics
-class MetricSums:
-    """Sums of ``EpsilonDPOOutput.pair_metrics()`` over a global batch, all-reduced so every key
-    is a mean over all pairs of all ranks (what TRL logs per step)."""
-
-    def __init__(self, device):
-        self.names: list[str] | None = None
-        self.sums = None
-        self.device = device
-        self.pairs = torch.zeros(2, dtype=torch.float64, device=device)  # [pairs, tokens]
-
-    def add(self, out: EpsilonDPOOutput, weight: torch.Tensor):
-        per_pair = out.pair_metrics()
-        values = torch.stack([(v.double() * weight).sum() for v in per_pair.values()])
-        if self.sums is None:
-            self.names, self.sums = list(per_pair), torch.zeros_like(values)
-        self.sums += values
-        self.pairs[0] += weight.sum()
-
-    def add_tokens(self, n):
-        self.pairs[1] += n
-
-    def reduce(self, prefix=""):
-        dist.all_reduce(self.sums)
-        dist.all_reduce(self.pairs)
-        pairs, tokens = self.pairs.tolist()
-        means = (self.sums / max(pairs, 1.0)).tolist()
-        return {prefix + k: v for k, v in zip(self.names, means)}, tokens
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world, device = init_distributed()
+    try:
+        return train(cfg, rank, world, device)
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -265,39 +138,35 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    rank, world, device = init_distributed()
-    try:
-        return train(cfg, rank, world, device)
-    finally:
-        dist.destroy_process_group()
-
-
 def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
-    per_step = cfg.micro_batch_size * world
-    if cfg.global_batch_size % per_step:
-        raise ValueError(
-            f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
-            f"--micro-batch-size × world size = {cfg.micro_batch_size} × {world}"
-        )
-    accumulation = cfg.global_batch_size // per_step
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log(f"world size {world}, device {device}, gradient accumulation {accumulation}")
 
-    # Data.
-    tokenizer, policy_lm, reference = load_models(cfg, device)
-    train_rows, eval_rows = load_rows(cfg.dataset, seed=cfg.seed)
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    train_pairs = tokenize_rows(train_rows, tokenizer, source=f"{cfg.dataset} (train)", **kw)
-    eval_pairs = tokenize_rows(eval_rows, tokenizer, source=f"{cfg.dataset} (eval)", **kw)
+    # Data: read and tokenised before the models load, so a bad file fails fast.
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows = load_rows(cfg.dataset or str(DEFAULT_DATASET), seed=cfg.seed)
+    lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    train_data = tokenize_rows(train_rows, tokenizer, **lengths)
+    eval_data = tokenize_rows(eval_rows, tokenizer, **lengths)
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        for note in data.notes(name, **lengths):
+            log(f"note: {note}")
+    train_pairs, eval_pairs = train_data.pairs, eval_data.pairs
+    if not train_pairs:
+        raise UsageError(f"--dataset {cfg.dataset}: no training pairs left (see the notes above)")
+    eval_every = cfg.eval_every if eval_pairs else 0
+    if cfg.eval_every and not eval_pairs:
+        log("note: no eval pairs (the dataset is too small to hold any out); evaluation is off")
     log(f"{len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs")
 
     # Models: the reference's lm_head stays replicated (the loss needs all of it on every rank);
     # its decoder is sharded like the policy's.
+    policy_lm, reference = load_policy_and_reference(cfg.model, cfg.seed)
+    policy_lm, reference = policy_lm.to(device), reference.to(device)
     ref_head = reference.get_output_embeddings()
     ref_weight = ref_head.weight.detach().clone()
     ref_bias = None if getattr(ref_head, "bias", None) is None else ref_head.bias.detach().clone()
@@ -328,7 +197,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             step = load_checkpoint(ckpt, policy, optimizer, scheduler, beta_ctl)
             log(f"resumed from {ckpt} at step {step}, beta {beta_ctl.beta:.6g}")
     if rank == 0:
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
 
     def run_batch(pairs, *, train_mode):
         batch = {k: v.to(device) for k, v in collate(pairs, tokenizer.pad_token_id).items()}
@@ -392,7 +261,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                   else grad_norm),
                "tokens_per_s": tokens / elapsed}  # fmt: skip
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if eval_every and (step % eval_every == 0 or step == cfg.max_steps):
             row.update(evaluate())
         if rank == 0:
             with open(metrics_path, "a") as f:
@@ -423,63 +292,11 @@ def _pair_index(i, n, seed, first_order):
     return int(order[j])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only rows up to ``step``: after a resume, rows the interrupted run logged past its
-    last checkpoint are recomputed and must not appear twice."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if json.loads(r)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in keep))
-
-
 def _progress(rank, total, initial):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=rank != 0, desc="ε-DPO", dynamic_ncols=True)
 
 
-def export_final(policy, policy_lm, tokenizer, output_dir, rank):
-    """Gather the full policy on rank 0 and write it with save_pretrained (+ tokenizer)."""
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
-                                                                 cpu_offload=True))  # fmt: skip
-    if rank == 0:
-        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
-        final = output_dir / "final"
-        policy_lm.save_pretrained(final, state_dict=state)
-        tokenizer.save_pretrained(final)
-    dist.barrier()
-
-
-def plot_metrics(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    axes[0].plot(steps, [r["loss"] for r in rows], label="train")
-    ev = [(r["step"], r) for r in rows if "eval/loss" in r]
-    if ev:
-        axes[0].plot([s for s, _ in ev], [r["eval/loss"] for _, r in ev], "o-", label="eval")
-        axes[2].plot([s for s, _ in ev], [r["eval/rewards/accuracies"] for _, r in ev], "o-",
-                     label="eval")  # fmt: skip
-    axes[1].plot(steps, [r["kl/beta"] for r in rows])
-    axes[2].plot(steps, [r["rewards/accuracies"] for r in rows], label="train")
-    axes[3].plot(steps, [r["kl/p_epsilon_steps"] for r in rows], label="s = +1")
-    axes[3].plot(steps, [r["kl/n_epsilon_steps"] for r in rows], label="s = −1")
-    for ax, title in zip(axes, ("loss", "β", "reward accuracy", "step fractions")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in (axes[0], axes[2], axes[3]):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,0 +1,128 @@
+"""train/run.py as a new user meets it: real data files train, mistakes end in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tests.hh_fixture import write_hh_jsonl_gz  # noqa: E402
+from tests.test_train import FAST, ROOT, _env, metrics, run  # noqa: E402
+
+
+def _error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--beta", "0"], "error: --beta must be a finite number > 0"),
+        (["--epsilon", "1.5"], "error: --epsilon must be in [0, 1)"),
+        (["--beta", "abc"], "argument --beta: invalid float value: 'abc'"),
+        (["--loss", "eager"], "argument --loss: invalid choice"),
+        (["--model", "./no-such-model"], "error: --model ./no-such-model: no such directory"),
+        (["--dataset", "./no-such.jsonl"], "error: --dataset ./no-such.jsonl: no such file"),
+        (["--max-prompt-length", "200"], "must be smaller than --max-length (128)"),
+        (["--global-batch-size", "12", "--micro-batch-size", "8"], "must be a multiple of"),
+    ],
+    ids=["beta-0", "epsilon-1.5", "beta-text", "loss-choice", "missing-model", "missing-dataset",
+         "prompt-too-long", "batch-multiple"],
+)  # fmt: skip
+def test_user_errors_are_one_line_before_anything_loads(tmp_path, args, match):
+    proc = run([*args, "--output-dir", str(tmp_path / "out")], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # exactly one line
+    assert match in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists(), "checked before the run started"
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("", "data.jsonl: no rows"),
+        (
+            '{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 29 + '{"prompt": "p"}\n',
+            "data.jsonl line 30: missing field 'chosen'",
+        ),
+        ('{"chosen": "same", "rejected": "same"}\n' * 30, "no training pairs left"),
+    ],
+    ids=["empty", "malformed", "nothing-pairable"],
+)
+def test_bad_data_files_are_one_line(tmp_path, content, match):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    proc = run(["--dataset", str(data), "--output-dir", str(tmp_path / "out"), *FAST],
+               check=False, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert _error_lines(proc) == [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(_error_lines(proc)) == 1 and match in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_under_torchrun_only_rank_zero_prints_the_error(tmp_path):
+    """torchrun adds its own failure report after the workers exit; ours is one line."""
+    proc = run(["--beta", "0", "--output-dir", str(tmp_path / "out")], nproc=2, check=False,
+               timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: --beta")]
+    assert len(ours) == 1, proc.stderr
+
+
+def test_hh_rlhf_file_trains_as_downloaded(tmp_path):
+    """The done-when command of the first-contact issue: a gzipped JSONL in HH-RLHF's format
+    (implicit prompts, multi-turn, prefix rows, one identical row) trains 20 steps."""
+    data = tmp_path / "test.jsonl.gz"
+    write_hh_jsonl_gz(data, n=200)
+    out = tmp_path / "out"
+    proc = run(["--dataset", str(data), "--max-steps", "20", "--output-dir", str(out)],
+               timeout=600)  # fmt: skip
+    assert "done: 20 steps" in proc.stdout
+    assert (f"note: train: skipped 1 of 190 rows that cannot form a pair (chosen and rejected "
+            f"are identical): {data} line 6") in proc.stdout  # fmt: skip
+    # HH prompts are multi-turn: the default --max-prompt-length 64 cuts most of many of them.
+    assert "--max-prompt-length 64 cut more than half of the prompt of" in proc.stdout
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_one_row_dataset_trains_without_evaluation(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    proc = run(["--dataset", str(data), "--max-steps", "2", "--micro-batch-size", "1",
+                "--global-batch-size", "1", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert "evaluation is off" in proc.stdout and "done: 2 steps" in proc.stdout
+
+
+def test_help_documents_every_flag_with_its_default():
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--help"],
+                          capture_output=True, text=True, env=_env(), timeout=120)  # fmt: skip
+    assert proc.returncode == 0
+    sys.path.insert(0, str(ROOT / "train"))
+    import dataclasses
+
+    from run import Config
+
+    text = " ".join(proc.stdout.split())
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f.metadata.get("help"), f"{flag} has no description"
+    assert text.count("(default:") == len(dataclasses.fields(Config))
+
+
+def test_readme_usage_line_lists_every_flag():
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "train"))
+    from run import Config
+
+    readme = (ROOT / "README.md").read_text()
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in readme, f.name

@@ -1,0 +1,69 @@
+"""Command-line plumbing shared by the scripts in train/: user errors as one line, not tracebacks.
+
+A mistake in a flag, a path or a data file raises ``UsageError``; ``run_main`` turns it into
+``error: ...`` on stderr (printed by rank 0 only under torchrun) and exit status 2. Anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (a flag, a path, a data row); reported as one line."""
+
+
+def is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in ``--help`` and one-line errors (no usage block)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        if is_rank_zero():
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--flag-name`` per field of a config dataclass; the field's ``metadata["help"]`` is
+    its description, ``metadata["choices"]`` its allowed values."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
+        parser.add_argument(flag, type=kind, default=f.default, help=help_text,
+                            choices=f.metadata.get("choices"))  # fmt: skip
+
+
+def run_main(main, argv=None) -> int:
+    """Call ``main(argv)``; a ``UsageError`` becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        if is_rank_zero():
+            message = " ".join(str(e).split())
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def looks_like_path(value: str, suffixes=()) -> bool:
+    """Whether a --model/--dataset value that does not exist was meant as a local path rather
+    than a Hugging Face id: it starts with / . ~, ends with a data-file suffix, or its first
+    component is an existing directory ("data/prefs.jsonl" where data/ exists)."""
+    if value.startswith(("/", ".", "~")) or value.endswith(tuple(suffixes)):
+        return True
+    head = value.split("/", 1)[0]
+    return "/" in value and os.path.isdir(head)

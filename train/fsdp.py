@@ -1,0 +1,151 @@
+"""FSDP2 plumbing for train/run.py: the process group, the sharded policy and reference
+modules, and sharded checkpoints.
+
+The loss needs the policy's lm_head weight gathered while it runs and its gradient
+reduce-scattered after, so the policy LM and its lm_head-as-loss live in one root module
+(``EpsilonDPOPolicy``) that is itself ``fully_shard``-ed; the frozen reference is a root module
+that returns only its last hidden states (``ReferenceHidden``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+
+from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsilon_dpo_loss
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train/run.py` becomes a group of one, so
+    that one code path (FSDP2, all-reduces, sharded checkpoints) serves both."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))  # fmt: skip
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ----------------------------------------------------------------------------- modules
+class EpsilonDPOPolicy(nn.Module):
+    """The policy LM and its lm_head-as-loss in one module, so that FSDP2 on this root gathers
+    the lm_head (tied to the embedding or not) before the loss and reduce-scatters its gradient
+    after. Returns a dict of tensors: FSDP2 hooks backward onto the tensors it finds there."""
+
+    def __init__(self, model: nn.Module, loss: str):
+        super().__init__()
+        self.model = model
+        self.head = LinearEpsilonDPOHead(model.get_output_embeddings())
+        self.loss = loss
+
+    def forward(self, input_ids, attention_mask, labels, ref_hidden, ref_weight, ref_bias,
+                beta, epsilon):  # fmt: skip
+        if self.loss == "linear":
+            hidden, _, _ = causal_lm_hidden_and_head(self.model, input_ids, attention_mask)
+            out = self.head(hidden, ref_hidden, ref_weight.to(hidden.dtype), labels,
+                            ref_bias=ref_bias, beta=beta, epsilon=epsilon)  # fmt: skip
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype),
+                                              ref_bias)  # fmt: skip
+            out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon)
+        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "beta"}
+
+
+class ReferenceHidden(nn.Module):
+    """The frozen reference as a root module returning only its last hidden states (FSDP2
+    gathers a root's parameters when its own forward runs, not the decoder's)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return causal_lm_hidden_and_head(self.model, input_ids, attention_mask)[0]
+
+
+def shard(module: nn.Module, layers, mesh, mixed_precision, *, root_reshard: bool):
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mixed_precision)
+    # The root's params (embeddings, final norm, lm_head) stay gathered between forward and
+    # backward: the loss saves the lm_head weight for its backward.
+    fully_shard(module, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=root_reshard)
+
+
+def decoder_layers(model: nn.Module):
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find decoder layers to shard")
+    return list(layers)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = [p.parent for p in (output_dir / "checkpoints").glob("step_*/COMPLETE")]
+    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def training_state(policy, optimizer, scheduler, beta_ctl, step):
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    return {
+        "model": model_sd,
+        "optim": optim_sd,
+        "scheduler": scheduler.state_dict(),
+        "beta": beta_ctl.state_dict(),
+        "step": step,
+        "rng": torch.get_rng_state(),
+    }
+
+
+def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank):
+    path = output_dir / "checkpoints" / f"step_{step}"
+    dcp.save(training_state(policy, optimizer, scheduler, beta_ctl, step), checkpoint_id=str(path))
+    dist.barrier()
+    if rank == 0:
+        (path / "COMPLETE").touch()  # written last: a checkpoint cut short is never resumed from
+    dist.barrier()
+
+
+def load_checkpoint(path, policy, optimizer, scheduler, beta_ctl) -> int:
+    state = training_state(policy, optimizer, scheduler, beta_ctl, 0)
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])  # fmt: skip
+    scheduler.load_state_dict(state["scheduler"])
+    beta_ctl.load_state_dict(state["beta"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def export_final(policy, policy_lm, tokenizer, output_dir, rank):
+    """Gather the full policy on rank 0 and write it with save_pretrained (+ tokenizer)."""
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))  # fmt: skip
+    if rank == 0:
+        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+        final = output_dir / "final"
+        policy_lm.save_pretrained(final, state_dict=state)
+        tokenizer.save_pretrained(final)
+    dist.barrier()

@@ -1,0 +1,90 @@
+"""What train/run.py logs per optimizer step, and the picture it draws of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from epsdpo_kernels import EpsilonDPOOutput
+
+
+class MetricSums:
+    """Sums of ``EpsilonDPOOutput.pair_metrics()`` over a global batch, all-reduced so every key
+    is a mean over all pairs of all ranks (what TRL logs per step)."""
+
+    def __init__(self, device):
+        self.names: list[str] | None = None
+        self.sums = None
+        self.device = device
+        self.pairs = torch.zeros(2, dtype=torch.float64, device=device)  # [pairs, tokens]
+
+    def add(self, out: EpsilonDPOOutput, weight: torch.Tensor):
+        per_pair = out.pair_metrics()
+        values = torch.stack([(v.double() * weight).sum() for v in per_pair.values()])
+        if self.sums is None:
+            self.names, self.sums = list(per_pair), torch.zeros_like(values)
+        self.sums += values
+        self.pairs[0] += weight.sum()
+
+    def add_tokens(self, n):
+        self.pairs[1] += n
+
+    def reduce(self, prefix=""):
+        dist.all_reduce(self.sums)
+        dist.all_reduce(self.pairs)
+        pairs, tokens = self.pairs.tolist()
+        means = (self.sums / max(pairs, 1.0)).tolist()
+        return {prefix + k: v for k, v in zip(self.names, means)}, tokens
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only rows up to ``step``: after a resume, rows the interrupted run logged past its
+    last checkpoint are recomputed and must not appear twice."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in rows if json.loads(r)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in keep))
+
+
+# One colour per series, the same in every panel.
+TRAIN, EVAL = "tab:blue", "tab:orange"
+STEP_UP, STEP_DOWN = "tab:green", "tab:red"
+
+
+def plot_metrics(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    ev = [r for r in rows if "eval/loss" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+
+    def train_and_eval(ax, key):
+        ax.plot(steps, [r[key] for r in rows], color=TRAIN, label="train")
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval/" + key] for r in ev], "o-", color=EVAL,
+                    label="eval")  # fmt: skip
+
+    train_and_eval(axes[0], "loss")
+    axes[1].plot(steps, [r["kl/beta"] for r in rows], color=TRAIN, label="β after the step")
+    train_and_eval(axes[2], "rewards/accuracies")
+    axes[3].plot(steps, [r["kl/p_epsilon_steps"] for r in rows], color=STEP_UP,
+                 label="s = +1 (weaker KL)")  # fmt: skip
+    axes[3].plot(steps, [r["kl/n_epsilon_steps"] for r in rows], color=STEP_DOWN,
+                 label="s = −1 (stronger KL)")  # fmt: skip
+    titles = ("loss", "β", "reward accuracy", "fraction of pairs per step s")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
