@@ -3,16 +3,23 @@
 The per-token pass writes ``(TOKEN_FIELDS, N)`` for N = 2B·T token rows, the per-pair head writes
 ``(PAIR_FIELDS, B)``. Both backends use the same layout, so the head and the autograd code do not
 care which backend produced a buffer.
+
+The two perturbed streams are stored as differences from the policy's log-probability, ``u − a``
+and ``d − a``, not as ``u`` and ``d``: the step compares ℓ⁺, ℓ and ℓ⁻, whose gaps (~1e-3 at
+ε = 0.01) are far below the fp32 rounding of per-sequence sums of ~−2400; summing the small
+per-token differences instead keeps those gaps exact to fp32 precision (docs/SPEC.md, Numerics).
 """
 
 # Per token row (zeros for ignored rows).
 TOK_LOGP = 0  # a = log_softmax(h)[y]
 TOK_REF_LOGP = 1  # r = log_softmax(g)[y]
-TOK_P_EPS_LOGP = 2  # u = log_softmax((1+ε)h − εg)[y]
-TOK_N_EPS_LOGP = 3  # d = log_softmax((1−ε)h + εg)[y]
+TOK_P_EPS_DELTA = 2  # u − a, u = log_softmax(h + ε(h − g))[y]
+TOK_N_EPS_DELTA = 3  # d − a, d = log_softmax(h − ε(h − g))[y]
 TOK_LSE = 4  # logsumexp(h), the only thing backward needs besides h
 TOK_LOGIT_SUM = 5  # Σ_v h[v], for the logits/chosen|rejected metrics
 TOKEN_FIELDS = 6
+# The fields a per-sequence average divides by the token count (the log-probability terms).
+TOK_AVERAGED = (TOK_LOGP, TOK_REF_LOGP, TOK_P_EPS_DELTA, TOK_N_EPS_DELTA)
 
 # Per pair.
 PAIR_LOSS = 0
@@ -29,8 +36,8 @@ PAIR_CHOSEN_COUNT = 10  # scored tokens of the chosen row
 PAIR_REJECTED_COUNT = 11
 PAIR_CHOSEN_LOGIT_SUM = 12
 PAIR_REJECTED_LOGIT_SUM = 13
-PAIR_LOGRATIO = 14
-PAIR_REF_LOGRATIO = 15
-PAIR_P_EPS_LOGRATIO = 16
-PAIR_N_EPS_LOGRATIO = 17
+PAIR_LOGRATIO = 14  # ℓ
+PAIR_REF_LOGRATIO = 15  # ℓ_ref
+PAIR_P_EPS_LOGRATIO = 16  # ℓ⁺ = ℓ + (ℓ⁺ − ℓ), the difference summed from TOK_P_EPS_DELTA
+PAIR_N_EPS_LOGRATIO = 17  # ℓ⁻
 PAIR_FIELDS = 18

@@ -21,7 +21,7 @@ def _sequence_sums(stats: torch.Tensor, scored: torch.Tensor, average: bool):
     counts = scored.sum(-1).to(torch.float32)
     if average:
         # Only the log-probabilities are averaged; the logit sum feeds a token-weighted metric.
-        sums[: L.TOK_N_EPS_LOGP + 1] /= counts.clamp(min=1)
+        sums[list(L.TOK_AVERAGED)] /= counts.clamp(min=1)
     return sums, counts
 
 
@@ -30,14 +30,16 @@ def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor
     scored = labels != params.ignore_index
     sums, counts = _sequence_sums(stats, scored, params.average_log_prob)
     b = scored.shape[0] // 2
-    A, R, U, D = (sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_LOGP, L.TOK_N_EPS_LOGP))
+    A, R, dU, dD = (sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_DELTA,
+                                       L.TOK_N_EPS_DELTA))  # fmt: skip
 
     logratio = A[:b] - A[b:]
-    p_eps = U[:b] - U[b:]
-    n_eps = D[:b] - D[b:]
     ref_logratio = R[:b] - R[b:]
-    up = (p_eps > logratio) & (logratio > n_eps)
-    down = (n_eps > logratio) & (logratio > p_eps)
+    # ℓ⁺ − ℓ and ℓ⁻ − ℓ summed from per-token differences (layout.py); s = +1 iff ℓ⁺ > ℓ > ℓ⁻.
+    p_gap = dU[:b] - dU[b:]
+    n_gap = dD[:b] - dD[b:]
+    up = (p_gap > 0) & (n_gap < 0)
+    down = (n_gap > 0) & (p_gap < 0)
     step = (up.float() - down.float()) * float(epsilon > 0)
     beta_used = beta / (1.0 + epsilon * step)
     z = beta_used * (logratio - ref_logratio)
@@ -63,8 +65,8 @@ def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor
     out[L.PAIR_REJECTED_LOGIT_SUM] = sums[L.TOK_LOGIT_SUM, b:]
     out[L.PAIR_LOGRATIO] = logratio
     out[L.PAIR_REF_LOGRATIO] = ref_logratio
-    out[L.PAIR_P_EPS_LOGRATIO] = p_eps
-    out[L.PAIR_N_EPS_LOGRATIO] = n_eps
+    out[L.PAIR_P_EPS_LOGRATIO] = logratio + p_gap
+    out[L.PAIR_N_EPS_LOGRATIO] = logratio + n_gap
     return out
 
 

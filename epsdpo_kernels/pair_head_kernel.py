@@ -8,13 +8,15 @@ import triton.language as tl
 
 from . import layout as L
 
-MAX_BLOCK_T = 1024
+# Token rows summed per step of the per-row loop: 512 keeps the six fp32 accumulators of a
+# 4-warp program in registers (1024 spills on sm_90; benchmarks/kernel_report.py).
+MAX_BLOCK_T = 512
 
 # Field indices (layout.py) as compile-time constants the kernels can use.
 TOK_LOGP = tl.constexpr(L.TOK_LOGP)
 TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
-TOK_P_EPS_LOGP = tl.constexpr(L.TOK_P_EPS_LOGP)
-TOK_N_EPS_LOGP = tl.constexpr(L.TOK_N_EPS_LOGP)
+TOK_P_EPS_DELTA = tl.constexpr(L.TOK_P_EPS_DELTA)
+TOK_N_EPS_DELTA = tl.constexpr(L.TOK_N_EPS_DELTA)
 TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
 PAIR_LOSS = tl.constexpr(L.PAIR_LOSS)
 PAIR_STEP = tl.constexpr(L.PAIR_STEP)
@@ -39,8 +41,9 @@ PAIR_N_EPS_LOGRATIO = tl.constexpr(L.PAIR_N_EPS_LOGRATIO)
 @triton.jit
 def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignore_index,
               BLOCK_T: tl.constexpr):  # fmt: skip
-    """Σ_t of the four log-probability fields and the logit sum over one sequence row, and its
-    scored-token count; blocks are visited in order, so the sums are deterministic."""
+    """Σ_t of the four log-probability fields (a, r, u − a, d − a) and the logit sum over one
+    sequence row, and its scored-token count; blocks are visited in order, so the sums are
+    deterministic."""
     a = tl.zeros([BLOCK_T], dtype=tl.float32)
     r = tl.zeros([BLOCK_T], dtype=tl.float32)
     u = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -59,8 +62,8 @@ def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignor
         # Ignored token rows hold zeros in stats, so no further masking is needed.
         a += tl.load(stats_ptr + TOK_LOGP * n_rows + idx, mask=valid, other=0.0)
         r += tl.load(stats_ptr + TOK_REF_LOGP * n_rows + idx, mask=valid, other=0.0)
-        u += tl.load(stats_ptr + TOK_P_EPS_LOGP * n_rows + idx, mask=valid, other=0.0)
-        d += tl.load(stats_ptr + TOK_N_EPS_LOGP * n_rows + idx, mask=valid, other=0.0)
+        u += tl.load(stats_ptr + TOK_P_EPS_DELTA * n_rows + idx, mask=valid, other=0.0)
+        d += tl.load(stats_ptr + TOK_N_EPS_DELTA * n_rows + idx, mask=valid, other=0.0)
         logit_sum += tl.load(stats_ptr + TOK_LOGIT_SUM * n_rows + idx, mask=valid, other=0.0)
     return (tl.sum(a, 0), tl.sum(r, 0), tl.sum(u, 0), tl.sum(d, 0), tl.sum(logit_sum, 0),
             tl.sum(count, 0))  # fmt: skip
@@ -117,11 +120,13 @@ def pair_head_kernel(
         a_j, r_j, u_j, d_j = a_j * inv_j, r_j * inv_j, u_j * inv_j, d_j * inv_j
 
     logratio = a_c - a_j
-    p_eps = u_c - u_j
-    n_eps = d_c - d_j
     ref_logratio = r_c - r_j
-    up = (p_eps > logratio) & (logratio > n_eps)
-    down = (n_eps > logratio) & (logratio > p_eps)
+    # ℓ⁺ − ℓ and ℓ⁻ − ℓ as sums of the per-token differences: exact where ℓ⁺ and ℓ, differences
+    # of two ~−2400 sums, would not be (layout.py). s = +1 iff ℓ⁺ > ℓ > ℓ⁻.
+    p_gap = u_c - u_j
+    n_gap = d_c - d_j
+    up = (p_gap > 0.0) & (n_gap < 0.0)
+    down = (n_gap > 0.0) & (p_gap < 0.0)
     step = tl.where(up, 1.0, 0.0) - tl.where(down, 1.0, 0.0)
     step = tl.where(epsilon > 0, step, 0.0)
     beta_used = beta / (1.0 + epsilon * step)
@@ -147,20 +152,28 @@ def pair_head_kernel(
     tl.store(out_ptr + PAIR_REJECTED_LOGIT_SUM * B + i, lsum_j)
     tl.store(out_ptr + PAIR_LOGRATIO * B + i, logratio)
     tl.store(out_ptr + PAIR_REF_LOGRATIO * B + i, ref_logratio)
-    tl.store(out_ptr + PAIR_P_EPS_LOGRATIO * B + i, p_eps)
-    tl.store(out_ptr + PAIR_N_EPS_LOGRATIO * B + i, n_eps)
+    tl.store(out_ptr + PAIR_P_EPS_LOGRATIO * B + i, logratio + p_gap)
+    tl.store(out_ptr + PAIR_N_EPS_LOGRATIO * B + i, logratio + n_gap)
+
+
+def pair_head_launch(stats, labels, out, beta, epsilon, label_smoothing, ignore_index,
+                     average_log_prob):  # fmt: skip
+    """(kernel, grid, args, constexprs, num_warps), shared by the launch and the compile check."""
+    two_b, t = labels.shape
+    b = two_b // 2
+    return (pair_head_kernel, (b,),
+            (stats, labels, out, b, t, two_b * t, labels.stride(0), labels.stride(1), beta,
+             epsilon, label_smoothing, ignore_index),
+            dict(AVERAGE_LOG_PROB=average_log_prob,
+                 BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t))), 4)  # fmt: skip
 
 
 def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
-    two_b, t = labels.shape
-    b = two_b // 2
+    b = labels.shape[0] // 2
     out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
-    pair_head_kernel[(b,)](
-        stats, labels, out,
-        b, t, two_b * t,
-        labels.stride(0), labels.stride(1),
-        params.beta, params.epsilon, params.label_smoothing, params.ignore_index,
-        AVERAGE_LOG_PROB=params.average_log_prob,
-        BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t)),
+    kernel, grid, args, constexprs, warps = pair_head_launch(
+        stats, labels, out, params.beta, params.epsilon, params.label_smoothing,
+        params.ignore_index, params.average_log_prob,
     )  # fmt: skip
+    kernel[grid](*args, **constexprs, num_warps=warps)
     return out

@@ -22,6 +22,13 @@ def _label_logps(logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tenso
     return torch.where(scored, logps, torch.zeros_like(logps))
 
 
+def _mix(h: torch.Tensor, g: torch.Tensor, weight: float) -> torch.Tensor:
+    """h + weight·(h − g): (1 ± ε)·h ∓ ε·g, exactly h where h == g. An entry that is −inf in
+    both (absent from the vocabulary) comes out NaN from −inf + NaN; its value is −inf."""
+    mix = h + weight * (h - g)
+    return torch.where(torch.isnan(mix), -torch.inf, mix)
+
+
 def reference_epsilon_dpo(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -48,8 +55,8 @@ def reference_epsilon_dpo(
     # Per token: the four log-probabilities of the label.
     a = _label_logps(h, labels, scored)
     r = _label_logps(g, labels, scored)
-    u = _label_logps((1 + epsilon) * h.detach() - epsilon * g, labels, scored)
-    d = _label_logps((1 - epsilon) * h.detach() + epsilon * g, labels, scored)
+    u = _label_logps(_mix(h.detach(), g, epsilon), labels, scored)
+    d = _label_logps(_mix(h.detach(), g, -epsilon), labels, scored)
 
     # Per sequence: sums over scored tokens (optionally averaged).
     counts = scored.sum(-1).to(dtype)

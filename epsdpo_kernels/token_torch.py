@@ -13,10 +13,11 @@ import torch
 
 from . import layout as L
 
-# Budget for the fp32 temporaries of one sub-chunk: the forward keeps about three V-sized fp32
-# rows alive per token row (upcast policy row, h − g, the mix), the backward about two.
+# Budget for the fp32 temporaries of one sub-chunk: the forward keeps about four V-sized fp32
+# rows alive per token row (upcast policy row, h − g, the mix, its shifted exp), the backward
+# about two.
 TORCH_CHUNK_BYTES = 16 * 2**20
-_LIVE_ROWS_PER_TOKEN = 3
+_LIVE_ROWS_PER_TOKEN = 4
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -55,15 +56,25 @@ class _ScoredRows:
         return x[rows, cols]
 
 
-def _label_logp(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    # clamp: a log-probability is ≤ 0; rounding must not make it positive.
-    return (x.gather(1, labels).squeeze(1) - lse).clamp(max=0.0)
+def _max_and_sum(x: torch.Tensor):
+    """Per row (max, Σ exp(x − max)), the two parts of logsumexp. The shift is 0 where the max
+    is −inf (every entry absent), so no exp argument is NaN; a NaN entry makes the row NaN."""
+    row_max = x.amax(-1)
+    shift = torch.where(row_max == -torch.inf, 0.0, row_max)
+    return row_max, torch.sub(x, shift.unsqueeze(1)).exp_().sum(-1)
+
+
+def _nonpositive(x: torch.Tensor) -> torch.Tensor:
+    # A log-probability is ≤ 0: rounding must not make one positive (a select, so NaN stays).
+    return torch.where(x > 0, 0.0, x)
 
 
 @torch.no_grad()
 def token_forward(
     policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, params
 ) -> torch.Tensor:
+    """The same fields as the Triton forward (layout.py), from the same formulas: mixes
+    h ± ε(h − g) with NaN (infinities) read as −inf, and u − a from (max, sum) parts."""
     epsilon, ignore_index = params.epsilon, params.ignore_index
     n, t, v = policy_logits.shape
     stats = torch.zeros((L.TOKEN_FIELDS, n * t), dtype=torch.float32, device=policy_logits.device)
@@ -72,19 +83,27 @@ def token_forward(
         h = rows.take(policy_logits, sel, r, c).float()
         g = rows.take(ref_logits, sel, r, c).float()
         y = rows.take(labels.unsqueeze(-1), sel, r, c).long()
+        h_y, g_y = h.gather(1, y).squeeze(1), g.gather(1, y).squeeze(1)
         out = stats[:, sel]
-        lse_h = torch.logsumexp(h, dim=-1)
-        out[L.TOK_LOGP] = _label_logp(h, y, lse_h)
+        m_h, s_h = _max_and_sum(h)
+        m_g, s_g = _max_and_sum(g)
+        lse_h = m_h + s_h.log()
+        a = _nonpositive(h_y - lse_h)
+        out[L.TOK_LOGP] = a
+        out[L.TOK_REF_LOGP] = _nonpositive(g_y - (m_g + s_g.log()))
         out[L.TOK_LSE] = lse_h
         out[L.TOK_LOGIT_SUM] = h.sum(-1)
-        out[L.TOK_REF_LOGP] = _label_logp(g, y, torch.logsumexp(g, dim=-1))
-        # (1 ± ε)·h ∓ ε·g = h ± ε·(h − g): two temporaries serve both mixes.
         diff = torch.sub(h, g)
         del g
-        mix = torch.add(h, diff, alpha=epsilon)
-        out[L.TOK_P_EPS_LOGP] = _label_logp(mix, y, torch.logsumexp(mix, dim=-1))
-        torch.add(h, diff, alpha=-epsilon, out=mix)
-        out[L.TOK_N_EPS_LOGP] = _label_logp(mix, y, torch.logsumexp(mix, dim=-1))
+        label_diff = epsilon * (h_y - g_y)
+        for field, sign in ((L.TOK_P_EPS_DELTA, 1.0), (L.TOK_N_EPS_DELTA, -1.0)):
+            mix = torch.add(h, diff, alpha=sign * epsilon).nan_to_num_(
+                nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf
+            )
+            m_mix, s_mix = _max_and_sum(mix)
+            del mix
+            delta = sign * label_diff - ((m_mix - m_h) + (s_mix / s_h).log())
+            out[field] = torch.where(delta > -a, -a, delta)  # u = a + (u − a) ≤ 0
         if r is not None:
             stats[:, sel] = out  # advanced indexing returned a copy
     return stats

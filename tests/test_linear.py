@@ -304,8 +304,10 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     params = LossParams(beta=0.1, epsilon=0.3, label_smoothing=0.0, ignore_index=-100,
                         average_log_prob=False, backend=backend)  # fmt: skip
     stats = token_forward(policy.to(device), ref.to(device), labels.to(device), params)
-    logps = stats[[layout.TOK_LOGP, layout.TOK_REF_LOGP, layout.TOK_P_EPS_LOGP,
-                   layout.TOK_N_EPS_LOGP]]  # fmt: skip
+    a = stats[layout.TOK_LOGP]
+    # The perturbed streams are stored as u − a and d − a (layout.py).
+    logps = torch.stack([a, stats[layout.TOK_REF_LOGP], a + stats[layout.TOK_P_EPS_DELTA],
+                         a + stats[layout.TOK_N_EPS_DELTA]])  # fmt: skip
     assert torch.isfinite(logps).all() and (logps <= 0).all()
 
 

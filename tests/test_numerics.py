@@ -1,0 +1,194 @@
+"""Numerical guarantees of the per-token pass beyond the float64 parity tests (docs/SPEC.md,
+Numerics): exact steps at policy == reference, step decisions exact to fp32 on long
+completions, non-finite inputs, absent vocabulary entries, and the split-V path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epsdpo_kernels import epsilon_dpo_loss
+from epsdpo_kernels import layout as L
+from epsdpo_kernels.dispatch import token_forward
+from epsdpo_kernels.validation import LossParams
+from tests.utils import VALUE_TOL, assert_close, make_batch
+
+BACKENDS = ["torch", "triton"]
+
+
+def _params(backend, epsilon=0.01):
+    return LossParams(beta=0.1, epsilon=epsilon, label_smoothing=0.0, ignore_index=-100,
+                      average_log_prob=False, backend=backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("v", [300, 5000], ids=["V300-tail-only", "V5000-blocks-and-tail"])
+def test_policy_equal_to_reference_gives_exactly_zero_steps(backend, device, dtype, v):
+    """At the first training step the policy is the reference: the mixes h ± ε(h − g) are then
+    bitwise h, so the four per-token log-probabilities are bitwise equal and every step is 0
+    (the exact answer), whatever rounding the log-sum-exps have."""
+    policy, _, labels = make_batch(4, 6, v, dtype=dtype, device=device, seed=5)
+    stats = token_forward(policy, policy.clone(), labels, _params(backend, 0.05))
+    assert torch.equal(stats[L.TOK_LOGP], stats[L.TOK_REF_LOGP])
+    assert (stats[L.TOK_P_EPS_DELTA] == 0).all() and (stats[L.TOK_N_EPS_DELTA] == 0).all()
+    out = epsilon_dpo_loss(policy, policy.clone(), labels, beta=0.1, epsilon=0.05,
+                           backend=backend)  # fmt: skip
+    assert (out.steps == 0).all()
+    assert torch.equal(out.p_epsilon_logratios, out.logratios)
+    assert torch.equal(out.n_epsilon_logratios, out.logratios)
+
+
+def _float64_gaps(policy, ref, labels, epsilon):
+    """ℓ⁺ − ℓ and ℓ⁻ − ℓ per pair, in float64 straight from the definition."""
+    h, g = policy.double(), ref.double()
+    scored = labels != -100
+    y = labels.clamp(min=0).unsqueeze(-1)
+
+    def seq(x):
+        return (torch.log_softmax(x, -1).gather(-1, y).squeeze(-1) * scored).sum(-1)
+
+    a, u, d = seq(h), seq(h + epsilon * (h - g)), seq(h - epsilon * (h - g))
+    b = len(a) // 2
+    return (u - a)[:b] - (u - a)[b:], (d - a)[:b] - (d - a)[b:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_decisions_on_long_completions_agree_with_float64(backend, device):
+    """T = 512 scored tokens, policy close to the reference, ε = 0.01: the step compares ℓ⁺, ℓ
+    and ℓ⁻, sums of ~−2000 whose gaps are ~1e-3. Decisions must agree with float64 wherever
+    the float64 margin exceeds the fp32 error of the summed differences.
+
+    Error model (measured with the torch backend: max per-token error 1.04 × 2^-24 ×
+    max|h|): each token's u − a is one rounding at the scale of the row's logits, so a pair's
+    gap errs by at most Σ over its scored tokens of 2^-22 × max_v(|h|, |g|) (4× margin)."""
+    b = 2 if backend == "triton" else 16  # the interpreter runs ~8 ms per token row
+    gen = torch.Generator().manual_seed(2)
+    policy = torch.randn(2 * b, 512, 256, generator=gen) * 2
+    ref = policy + 0.02 * torch.randn(2 * b, 512, 256, generator=gen)
+    labels = torch.randint(0, 256, (2 * b, 512), generator=gen)
+    epsilon = 0.01
+    p_gap, n_gap = _float64_gaps(policy, ref, labels, epsilon)
+    expected = ((p_gap > 0) & (n_gap < 0)).long() - ((n_gap > 0) & (p_gap < 0)).long()
+
+    params = _params(backend, epsilon)
+    stats = token_forward(policy.to(device), ref.to(device), labels.to(device), params)
+    stats = stats.cpu().view(L.TOKEN_FIELDS, 2 * b, 512)
+    scale = torch.maximum(policy.abs().amax(-1), ref.abs().amax(-1)).double().sum(-1)
+    bound = 2.0**-22 * (scale[:b] + scale[b:])
+    dp = stats[L.TOK_P_EPS_DELTA].double().sum(-1)
+    dn = stats[L.TOK_N_EPS_DELTA].double().sum(-1)
+    assert ((dp[:b] - dp[b:]) - p_gap).abs().le(bound).all()
+    assert ((dn[:b] - dn[b:]) - n_gap).abs().le(bound).all()
+
+    out = epsilon_dpo_loss(policy.to(device), ref.to(device), labels.to(device), beta=0.1,
+                           epsilon=epsilon, backend=backend)  # fmt: skip
+    decided = torch.minimum(p_gap.abs(), n_gap.abs()) > bound
+    assert decided.sum() >= b // 2, "too few pairs clear the bound for the test to mean much"
+    assert torch.equal(out.steps.cpu()[decided], expected[decided])
+
+
+def test_summed_differences_are_far_more_exact_than_separate_sums():
+    """Why the token stats hold u − a (layout.py): summing u and a per sequence in fp32 and
+    subtracting, as the previous layout did, errs on ℓ⁺ − ℓ ~100× more than summing the
+    per-token differences, as much as the gaps themselves at ε = 0.01."""
+    b, gen = 16, torch.Generator().manual_seed(2)
+    policy = torch.randn(2 * b, 512, 256, generator=gen) * 2
+    ref = policy + 0.02 * torch.randn(2 * b, 512, 256, generator=gen)
+    labels = torch.randint(0, 256, (2 * b, 512), generator=gen)
+    p_gap, _ = _float64_gaps(policy, ref, labels, 0.01)
+    stats = token_forward(policy, ref, labels, _params("torch")).view(L.TOKEN_FIELDS, 2 * b, 512)
+    a, du = stats[L.TOK_LOGP], stats[L.TOK_P_EPS_DELTA]
+    summed = du.sum(-1)
+    separate = (a + du).sum(-1) - a.sum(-1)
+    new_err = ((summed[:b] - summed[b:]).double() - p_gap).abs().max()
+    old_err = ((separate[:b] - separate[b:]).double() - p_gap).abs().max()
+    assert old_err > 10 * new_err, (old_err, new_err)
+    assert old_err > 0.05 * p_gap.abs().median(), "the old error is not negligible next to the gaps"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["policy", "reference"])
+def test_nan_in_a_scored_row_gives_a_non_finite_loss(backend, device, where):
+    """Never a silently finite loss from NaN logits. (On the GPU, max.f32 drops NaN where the
+    interpreter propagates it; the kernels never let a NaN reach a max unguarded: a NaN entry
+    makes its stream's sum NaN through exp2 on both, and the final clamps are selects.)"""
+    policy, ref, labels = make_batch(2, 5, 300, device=device, seed=9)
+    n, t = (labels != -100).nonzero()[0].tolist()  # a scored position
+    (policy if where == "policy" else ref)[n, t, 17] = float("nan")
+    out = epsilon_dpo_loss(policy, ref, labels, beta=0.1, epsilon=0.1, backend=backend)
+    assert not torch.isfinite(out.loss)
+    # An ignored row's NaN is never read.
+    policy, ref, labels = make_batch(2, 5, 300, device=device, seed=9)
+    n, t = (labels == -100).nonzero()[0].tolist()
+    policy[n, t, 17] = float("nan")
+    assert torch.isfinite(epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend=backend).loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_entries_minus_inf_in_both_are_absent(backend, device, dtype):
+    """A vocabulary entry that is −inf in policy and reference (masked out of the vocabulary)
+    contributes nothing: the loss, every output and the gradient on the other entries equal
+    those of the same batch without that entry; no NaN anywhere."""
+    v = 4100  # several blocks and a tail under every dtype's tile
+    policy, ref, labels = make_batch(2, 4, v, dtype=dtype, device=device, seed=4)
+    absent = torch.tensor([0, 1, 2000, v - 1], device=device)
+    labels[(labels.unsqueeze(-1) == absent).any(-1)] = 5
+    keep = torch.ones(v, dtype=torch.bool, device=device)
+    keep[absent] = False
+    masked_policy, masked_ref = policy.clone(), ref.clone()
+    masked_policy[..., absent] = -float("inf")
+    masked_ref[..., absent] = -float("inf")
+    remap = torch.cumsum(keep, 0) - 1
+
+    leaf = masked_policy.clone().requires_grad_()
+    out = epsilon_dpo_loss(leaf, masked_ref, labels, beta=0.1, epsilon=0.2, backend=backend)
+    out.loss.backward()
+    small_leaf = policy[..., keep].clone().requires_grad_()
+    small_labels = torch.where(labels == -100, labels, remap[labels.clamp(min=0)])
+    expected = epsilon_dpo_loss(small_leaf, ref[..., keep], small_labels, beta=0.1, epsilon=0.2,
+                                backend=backend)  # fmt: skip
+    expected.loss.backward()
+    for name in ("losses", "chosen_logps", "rejected_logps", "p_epsilon_logratios",
+                 "n_epsilon_logratios", "ref_logratios"):  # fmt: skip
+        assert_close(getattr(out, name), getattr(expected, name), name=name, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.steps, expected.steps)
+    assert (leaf.grad[..., absent] == 0).all()
+    assert_close(leaf.grad[..., keep].float(), small_leaf.grad.float(), name="grad", rtol=2**-7,
+                 atol=1e-7)  # fmt: skip
+
+
+def test_split_v_matches_one_program_per_row(device):
+    """Few rows: the forward splits V across programs and merges partial (max, sum) states;
+    the backward splits the columns. Both equal the unsplit kernels."""
+    from epsdpo_kernels import token_kernels as K
+
+    policy, ref, labels = make_batch(2, 3, 9000, device=device, seed=6)
+    params = _params("triton", 0.1)
+    one = K.token_forward(policy, ref, labels, params, splits=1)
+    # Σh nearly cancels: its rounding (summation order differs between splits) scales with
+    # Σ|h|, not with the result.
+    logit_sum_atol = VALUE_TOL["rtol"] * policy.abs().sum(-1).flatten()
+    for splits in (2, 3):
+        split = K.token_forward(policy, ref, labels, params, splits=splits)
+        fields = [f for f in range(L.TOKEN_FIELDS) if f != L.TOK_LOGIT_SUM]
+        assert_close(split[fields], one[fields], name=f"stats, {splits} splits", **VALUE_TOL)
+        assert_close(split[L.TOK_LOGIT_SUM], one[L.TOK_LOGIT_SUM], name="logit sum", rtol=0,
+                     atol=logit_sum_atol)  # fmt: skip
+    coef = torch.randn(4, device=device)
+    grad_one = K.token_backward(policy, labels, one, coef, params, inplace=False, splits=1)
+    grad_split = K.token_backward(policy, labels, one, coef, params, inplace=False, splits=3)
+    assert torch.equal(grad_one, grad_split)
+
+
+def test_split_count_fills_the_gpu_once():
+    from epsdpo_kernels.token_kernels import PROGRAMS_PER_SM, split_count
+
+    slots = 132 * PROGRAMS_PER_SM
+    assert split_count(rows=16384, vocab=128256, block=2048, sm_count=132) == 1
+    assert split_count(rows=slots, vocab=128256, block=2048, sm_count=132) == 1
+    assert split_count(rows=64, vocab=128256, block=2048, sm_count=132) == -(-slots // 64)
+    # Never splits narrower than MIN_BLOCKS_PER_SPLIT blocks.
+    assert split_count(rows=1, vocab=32000, block=2048, sm_count=132) == 32000 // (4 * 2048)
+    assert split_count(rows=1, vocab=1000, block=2048, sm_count=132) == 1
