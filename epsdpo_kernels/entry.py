@@ -7,6 +7,8 @@ inputs and their autograd Function; from checked inputs to ``EpsilonDPOOutput`` 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import validation as V
@@ -20,11 +22,13 @@ def compute_loss(
     """Run ``function`` (an autograd Function with an ``evaluate`` twin) on ``inputs``.
 
     The first ``n_policy`` inputs are the policy's (they may receive gradients); the rest are
-    detached. With no policy input requiring a gradient (evaluation, ``torch.no_grad()``), the
-    forward runs without building a Function, so nothing is saved for a backward that will not
-    come.
+    detached. Checking the labels syncs the host once; nothing else in a call does (on the
+    Triton backend). With no policy input requiring a gradient (evaluation, under
+    ``torch.no_grad()``), the forward runs without building a Function, so nothing is saved for
+    a backward that will not come.
     """
-    V.check_label_range(labels, vocab=vocab, ignore_index=params.ignore_index)
+    count = V.count_scored_labels(labels, vocab=vocab, ignore_index=params.ignore_index)
+    params = dataclasses.replace(params, scored_count=count)
     policy = inputs[:n_policy]
     rest = tuple(None if x is None else x.detach() for x in inputs[n_policy:])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in policy):

@@ -1,16 +1,36 @@
-"""Chunked ε-DPO from hidden states: the autograd Function and its chunk driver.
+"""Chunked ε-DPO from hidden states: the autograd Function and its two drivers.
 
-Only scored rows (label ≠ ignore_index) are gathered, and their logits exist one chunk of rows
-at a time: per chunk, two cuBLAS matmuls in the input dtype (fp32 accumulation) form the policy
-and reference logits, the per-token kernel of the logits path reads them, and they are freed.
-The per-pair head then runs once on the full per-token stats, exactly as for materialised logits.
+Only the S scored rows (label ≠ ignore_index) are computed. With W the (V, H) lm_head weight
+and X the (S, H) scored hidden states (sizes at the 8B scale: S = 8192, H = 4096, V = 128256):
 
-Backward recomputes each chunk's policy logits (Cut Cross-Entropy's choice) instead of keeping
-them: ε-DPO's gradient scale c_n is known only after the head has seen every chunk, so a
-Liger-style gradient-in-forward would need the logits of all chunks at once. Matmul FLOPs,
-with S scored tokens: forward 2·(2·S·H·V) (policy, reference), backward 3·(2·S·H·V) (recompute,
-∂hidden, ∂weight) = 5 units against the floor of 4 (1.25×), for memory that no longer grows with
-S·V. The weight and bias gradients accumulate in fp32 across chunks, in place, cast once.
+Forward, token chunks of C rows: per chunk, the policy and reference logits (C × V, two GEMMs in
+the input dtype with fp32 accumulation), the per-token kernel of the logits path on them, then
+they are freed. The per-pair head runs once on the full per-token stats. Memory: 2·C·V·elt.
+Token chunks need no merging across chunks (each row sees all of V at once), and a chunk of
+C ≥ 256 rows keeps each GEMM compute-bound (arithmetic intensity ≈ C FLOP/byte against a ridge of
+~270 on an H100).
+
+Backward, vocabulary slices of Vb rows of W, all S tokens at once: per slice, recompute the
+slice's policy logits X·W_sliceᵀ (S × Vb), turn them into their gradient G in place (the same
+backward kernel, with the slice's vocabulary offset), then
+
+    ∂W[slice] = Gᵀ·X       one GEMM over all S tokens, fp32 accumulation inside, written once
+    ∂X       += G·W_slice  into an S × H fp32 accumulator
+    ∂b[slice] = Σ_rows G
+
+No V × H fp32 buffer exists and no weight-gradient read-modify-write happens (a token-chunked
+backward accumulates ∂W over S/C chunks: at the sizes above ~16 × 4.2 GB of traffic). Memory:
+S·Vb·elt for the slice, S·H·4 for the accumulator, S·H·elt for the gathered X, and the weight
+gradient itself. When S·Vb would not fit the budget even at Vb = 256, the slice's tokens are
+also chunked and its ∂W accumulates in a Vb × H fp32 buffer.
+
+FLOPs, in units of 2·S·H·V: forward 2 (policy, reference), backward 3 (recompute, ∂X, ∂W) =
+5 against the floor of 4 (1.25×). The recompute is unavoidable without keeping S·V logits:
+ε-DPO's per-row gradient scale c_n is known only after every token has been seen.
+Bytes beyond the GEMMs' operands, bf16 at the sizes above (S·V·2 = 2.1 GB): the forward writes
+and the kernel reads both chunks' logits (4 × 2.1 GB); the backward writes the recomputed
+logits, the kernel rewrites them in place, and the two gradient GEMMs read them (4 × 2.1 GB),
+plus one read-modify-write of the S × H fp32 accumulator per slice (8 slices × 0.27 GB).
 """
 
 from __future__ import annotations
@@ -23,20 +43,54 @@ from .output import split_pair
 from .pair_head import row_coefficients
 from .validation import LossParams
 
-# Default budget for one chunk's temporaries. On CUDA, 256 MiB holds ~512 rows of bf16 logits
-# at V = 128k, enough for the GEMMs to run near peak. On CPU a smaller chunk costs no matmul
-# efficiency and keeps the working set closer to the caches.
+# Budget for one chunk's or slice's temporaries. On CUDA, 256 MiB holds 512 rows of bf16
+# policy + reference logits at V = 128k, or an 8192 × 16384 bf16 slice: enough for the GEMMs
+# to run near peak. On CPU a smaller chunk costs no matmul efficiency and stays nearer the caches.
 DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
-# fp32 temporaries per logit of the torch backend's token pass (see token_torch.py).
-_TORCH_TEMPORARY_BYTES = 3 * 4
+# Chunks and slices are multiples of this many rows (GEMM tiles) when the budget allows.
+ROW_MULTIPLE = 256
+# fp32 copies per logit where the GEMM cannot accumulate a bf16/fp16 product into fp32 (CPU).
+_UPCAST_BYTES = 4
 
 
-def default_chunk_rows(vocab: int, element_size: int, device_type: str, backend: str) -> int:
-    """Rows per chunk so that the chunk's policy and reference logits, plus the torch backend's
-    temporaries, fit the device's budget (at least 1 row)."""
-    budget = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
-    per_row = vocab * (2 * element_size + (_TORCH_TEMPORARY_BYTES if backend == "torch" else 0))
-    return max(1, budget // per_row)
+def _round_rows(rows: int, limit: int) -> int:
+    """``rows`` rounded down to a multiple of ROW_MULTIPLE when it is at least that; in
+    [1, limit]."""
+    if rows >= ROW_MULTIPLE:
+        rows -= rows % ROW_MULTIPLE
+    return max(1, min(rows, limit))
+
+
+def _budget(device_type: str) -> int:
+    return DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
+
+
+def default_chunk_rows(vocab: int, element_size: int, device_type: str) -> int:
+    """Forward rows per chunk: the chunk's policy and reference logits fit the device's budget.
+    (The per-token passes' own temporaries are bounded by their sub-chunks, not by this.)"""
+    return _round_rows(_budget(device_type) // (2 * vocab * element_size), 2**31)
+
+
+def slice_plan(scored: int, vocab: int, element_size: int, device_type: str,
+               vocab_rows: int = 0) -> tuple[int, int]:  # fmt: skip
+    """(vocabulary rows per backward slice, scored tokens per step within a slice).
+
+    A slice covers every scored token when its logits (and an fp32 upcast where the GEMM needs
+    one) fit the budget; when even ROW_MULTIPLE vocabulary rows
+    over all S tokens do not, the slice's tokens are stepped through too. ``vocab_rows`` > 0
+    fixes the slice width (the token steps still follow the budget)."""
+    per_logit = element_size
+    if device_type != "cuda" and element_size < 4:
+        per_logit += _UPCAST_BYTES
+    budget = _budget(device_type)
+    if vocab_rows <= 0:
+        # Never narrower than ROW_MULTIPLE rows (or V): a thinner slice starves the GEMMs;
+        # stepping through the tokens keeps the budget instead.
+        fit = _round_rows(budget // max(1, scored * per_logit), vocab)
+        vocab_rows = min(vocab, max(ROW_MULTIPLE, fit))
+    if scored * vocab_rows * per_logit <= budget:
+        return vocab_rows, max(1, scored)
+    return vocab_rows, _round_rows(budget // (vocab_rows * per_logit), max(1, scored))
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -45,32 +99,30 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-_ADDMM_FP32_OUT: dict[str, bool] = {}
+def _fp32_out_matmul_supported(device: torch.device) -> bool:
+    """``torch.addmm(..., out_dtype=torch.float32)`` for bf16/fp16 operands: CUDA builds of
+    torch ≥ 2.10. Decided from the version, not by a trial call, so the answer does not depend
+    on whether the first call happened under CUDA-graph capture or torch.compile."""
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return device.type == "cuda" and version >= (2, 10)
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32 and a, b in the input dtype, without a V×H temporary.
-
-    On CUDA, ``torch.addmm(..., out_dtype=float32, out=acc)`` runs the bf16/fp16 GEMM with its
-    fp32 epilogue accumulating straight into acc. Where that overload is missing (CPU, older
-    torch), the operands are upcast instead (a C×V fp32 copy, the price of exact accumulation).
-    """
+    """acc += a @ b with acc fp32 and a, b in the input dtype: the bf16/fp16 GEMM accumulates
+    straight into acc on CUDA; elsewhere the operands are upcast (bounded by the slice)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    key = a.device.type
-    if key not in _ADDMM_FP32_OUT:
-        try:
-            probe = torch.zeros(1, 1, device=a.device)
-            one = torch.ones(1, 1, device=a.device, dtype=a.dtype)
-            torch.addmm(probe, one, one, out_dtype=torch.float32, out=probe)
-            _ADDMM_FP32_OUT[key] = bool(probe.item() == 1.0)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _ADDMM_FP32_OUT[key] = False
-    if _ADDMM_FP32_OUT[key]:
+    elif _fp32_out_matmul_supported(a.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def scored_rows(labels: torch.Tensor, params: LossParams) -> torch.Tensor:
+    """Flat indices of the scored rows in order, without a host sync: a stable sort puts them
+    first, and their count is already known (params.scored_count)."""
+    unscored = (labels == params.ignore_index).flatten().to(torch.uint8)
+    return torch.argsort(unscored, stable=True)[: params.scored_count]
 
 
 def _chunks(n: int, size: int):
@@ -86,7 +138,7 @@ def linear_forward(
     """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, 2B·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
     two_b, t, _ = policy_hidden.shape
-    scored = (labels != params.ignore_index).flatten().nonzero().squeeze(1)
+    scored = scored_rows(labels, params)
     stats = torch.zeros((L.TOKEN_FIELDS, two_b * t), dtype=torch.float32, device=labels.device)
     flat_policy = policy_hidden.reshape(two_b * t, -1)
     flat_ref = ref_hidden.reshape(two_b * t, -1)
@@ -97,11 +149,9 @@ def linear_forward(
         ref_logits = _logits(flat_ref[idx], ref_weight, ref_bias)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
         stats[:, idx] = token_forward(
-            policy_logits.unsqueeze(1),
-            ref_logits.unsqueeze(1),
-            flat_labels[idx].unsqueeze(1),
+            policy_logits.unsqueeze(1), ref_logits.unsqueeze(1), flat_labels[idx].unsqueeze(1),
             params,
-        )
+        )  # fmt: skip
         del policy_logits, ref_logits
     pair = pair_head(stats, labels, params)
     return stats, pair, scored
@@ -112,49 +162,62 @@ def linear_backward(
     policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
     params: LossParams, needs: tuple[bool, bool, bool],
 ):  # fmt: skip
-    """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed."""
+    """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed,
+    walking vocabulary slices (see the module docstring)."""
     two_b, t, h = policy_hidden.shape
+    vocab = policy_weight.shape[0]
     need_hidden, need_weight, need_bias = needs
-    flat_policy = policy_hidden.reshape(two_b * t, h)
-    flat_labels = labels.reshape(two_b * t)
-    grad_hidden = torch.zeros_like(flat_policy) if need_hidden else None
-    grad_weight = None
-    if need_weight:
-        # fp32 accumulation across chunks: bf16 accumulation drifts (seen diverging elsewhere).
-        if policy_weight.dtype == torch.float32:
-            grad_weight = torch.zeros_like(policy_weight)
-        else:
-            grad_weight = torch.zeros(policy_weight.shape, dtype=torch.float32,
-                                      device=policy_weight.device)  # fmt: skip
-    grad_bias = (
-        torch.zeros(policy_bias.shape, dtype=torch.float32, device=policy_bias.device)
-        if need_bias
-        else None
-    )
-    seq_of_row = scored // t
-    for sl in _chunks(scored.numel(), params.chunk_rows):
-        idx = scored[sl]
-        hidden = flat_policy[idx]
-        logits = _logits(hidden, policy_weight, policy_bias).unsqueeze(1)
-        # In place: the recomputed logits chunk becomes its own gradient.
-        grad_logits = token_backward(
-            logits, flat_labels[idx].unsqueeze(1), stats[:, idx].contiguous(),
-            row_coef[seq_of_row[sl]], params, inplace=True,
-        ).squeeze(1)  # fmt: skip
-        if need_hidden:
-            grad_hidden[idx] = grad_logits @ policy_weight
-        if need_weight:
-            _accumulate_fp32(grad_weight, grad_logits.t(), hidden)
+    flat_hidden = policy_hidden.reshape(two_b * t, h)
+    hidden = flat_hidden[scored]  # (S, H), read by every slice's two GEMMs
+    n_scored = hidden.shape[0]
+    token_labels = labels.reshape(two_b * t)[scored].unsqueeze(1)  # (S, 1)
+    token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
+    token_coef = row_coef[scored // t].float().contiguous()  # c_n of each token's sequence
+    slice_rows, token_rows = slice_plan(
+        n_scored, vocab, policy_weight.element_size(), hidden.device.type, params.vocab_chunk_rows,
+    )  # fmt: skip
+
+    grad_hidden = torch.zeros((n_scored, h), dtype=torch.float32, device=hidden.device)
+    # Every slice writes its rows of the weight gradient, unless no token is scored.
+    new_weight = torch.empty_like if n_scored else torch.zeros_like
+    grad_weight = new_weight(policy_weight) if need_weight else None
+    grad_bias = (torch.empty(vocab, dtype=torch.float32, device=hidden.device)
+                 if need_bias else None)  # fmt: skip
+    for vs in _chunks(vocab, slice_rows):
+        weight = policy_weight[vs]
+        bias = policy_bias[vs] if policy_bias is not None else None
+        weight_acc = None
+        if need_weight and token_rows < n_scored:
+            weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if need_bias:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
-        del logits, grad_logits
-    if grad_hidden is not None:
-        grad_hidden = grad_hidden.view_as(policy_hidden)
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(policy_weight.dtype)
+            grad_bias[vs] = 0
+        for ts in _chunks(n_scored, token_rows):
+            logits = _logits(hidden[ts], weight, bias).unsqueeze(1)
+            # In place: the recomputed logits become their own gradient.
+            grad = token_backward(
+                logits, token_labels[ts], token_stats[:, ts].contiguous(), token_coef[ts],
+                params, inplace=True, vocab_offset=vs.start,
+            ).squeeze(1)  # fmt: skip
+            if need_hidden:
+                _accumulate_fp32(grad_hidden[ts], grad, weight)
+            if need_weight:
+                if weight_acc is None:
+                    torch.mm(grad.t(), hidden, out=grad_weight[vs])
+                else:
+                    _accumulate_fp32(weight_acc, grad.t(), hidden[ts])
+            if need_bias:
+                grad_bias[vs] += grad.sum(0, dtype=torch.float32)
+            del logits, grad
+        if weight_acc is not None:
+            grad_weight[vs] = weight_acc
+    full_grad_hidden = None
+    if need_hidden:
+        full_grad_hidden = torch.zeros_like(flat_hidden)
+        full_grad_hidden[scored] = grad_hidden.to(flat_hidden.dtype)
+        full_grad_hidden = full_grad_hidden.view_as(policy_hidden)
     if grad_bias is not None:
         grad_bias = grad_bias.to(policy_bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    return full_grad_hidden, grad_weight, grad_bias
 
 
 class LinearEpsilonDPOFunction(torch.autograd.Function):

@@ -13,6 +13,7 @@ from .linear_function import LinearEpsilonDPOFunction, default_chunk_rows
 from .output import EpsilonDPOOutput
 
 
+@torch.compiler.disable
 def linear_epsilon_dpo_loss(
     policy_hidden: torch.Tensor,
     policy_weight: torch.Tensor,
@@ -29,15 +30,21 @@ def linear_epsilon_dpo_loss(
     average_log_prob: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
 ) -> EpsilonDPOOutput:
     """ε-DPO from the last hidden states and the lm_head weights, never materialising the
     ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
     policy_bias, ref_hidden @ ref_weight.T + ref_bias, labels, ...)``.
 
-    Only scored positions (label ≠ ``ignore_index``) are computed, ``chunk_size`` rows at a time;
-    the extra memory is bounded by the chunk, not by the number of tokens. Backward recomputes the
-    policy logits of each chunk (5 matmuls instead of the minimal 4) and accumulates the weight
-    and bias gradients in fp32.
+    Only scored positions (label ≠ ``ignore_index``) are computed. The forward forms the policy
+    and reference logits ``chunk_size`` tokens at a time; the backward recomputes the policy
+    logits one vocabulary slice of ``vocab_chunk_size`` rows at a time over all scored tokens, and
+    writes each slice's weight gradient once with one GEMM (fp32 accumulation inside it). Extra
+    memory is a chunk or a slice, the scored hidden states and an S × H fp32 gradient
+    accumulator: it does not grow with S·V, and no V × H fp32 buffer exists. Matmul FLOPs: 5
+    units of 2·S·H·V (policy and reference logits, recompute, ∂hidden, ∂weight) against the
+    floor of 4. Each call synchronises the host once (counting the scored labels while checking
+    them); on the Triton backend nothing else does.
 
     Args:
         policy_hidden: ``(2B, T, H)`` last hidden states of the policy (rows ``[0, B)`` chosen,
@@ -47,9 +54,12 @@ def linear_epsilon_dpo_loss(
         ref_weight: ``(V, H_ref)`` reference lm_head weight; no gradient.
         labels: ``(2B, T)`` integer labels, ``ignore_index`` on prompt and padding.
         policy_bias, ref_bias: optional ``(V,)`` lm_head biases.
-        chunk_size: scored rows per chunk; default: as many as keep the chunk's policy and
-            reference logits (and the torch backend's temporaries) within 256 MiB on CUDA,
-            32 MiB on CPU.
+        chunk_size: scored tokens per forward chunk; default: as many as keep the chunk's policy
+            and reference logits within 256 MiB on CUDA, 32 MiB on CPU, rounded down to a
+            multiple of 256 when that many fit.
+        vocab_chunk_size: vocabulary rows per backward slice; default: as many as keep the
+            slice's logits over every scored token within the same budget (a multiple of 256
+            when possible).
         beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend: as for
             ``epsilon_dpo_loss``.
 
@@ -73,6 +83,9 @@ def linear_epsilon_dpo_loss(
         average_log_prob=average_log_prob, backend=backend,
     )  # fmt: skip
     V.check_scalars(**options)
+    V.check_not_sharded(policy_hidden=policy_hidden, policy_weight=policy_weight,
+                        policy_bias=policy_bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                        ref_bias=ref_bias)  # fmt: skip
     V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
@@ -87,10 +100,11 @@ def linear_epsilon_dpo_loss(
         )
     _check_pair("policy", policy_hidden, policy_weight, policy_bias, rows, tokens, vocab)
     _check_pair("ref", ref_hidden, ref_weight, ref_bias, rows, tokens, vocab)
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(
         policy_hidden=policy_hidden, policy_weight=policy_weight, policy_bias=policy_bias,
@@ -98,8 +112,9 @@ def linear_epsilon_dpo_loss(
     )  # fmt: skip
     params = V.loss_params(options, device)
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
-    chunk_rows = chunk_size or default_chunk_rows(vocab, element_size, device.type, params.backend)
-    params = dataclasses.replace(params, chunk_rows=chunk_rows)
+    chunk_rows = chunk_size or default_chunk_rows(vocab, element_size, device.type)
+    params = dataclasses.replace(params, chunk_rows=chunk_rows,
+                                 vocab_chunk_rows=vocab_chunk_size or 0)  # fmt: skip
     return compute_loss(
         LinearEpsilonDPOFunction,
         (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),

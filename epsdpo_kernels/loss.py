@@ -10,6 +10,7 @@ from .logits_function import EpsilonDPOLogitsFunction
 from .output import EpsilonDPOOutput
 
 
+@torch.compiler.disable
 def epsilon_dpo_loss(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -70,6 +71,7 @@ def epsilon_dpo_loss(
     V.check_scalars(**options)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
     V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
     V.check_tensor("ref_logits", ref_logits, ndim=3, float_dtype=True)
     if ref_logits.shape != policy_logits.shape:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import layout as L
 
@@ -62,6 +63,25 @@ class EpsilonDPOOutput:
             "kl/beta": torch.tensor(self.beta, device=self.losses.device),
         })  # fmt: skip
         return {prefix + k: v for k, v in values.items()}
+
+
+# A pytree node, so that code walking a module's outputs for tensors sees inside it: FSDP2
+# registers its pre-backward unshard on the tensors it finds there (through pytree flattening
+# on torch 2.4, through dataclass fields later), and torch.compile and torch.utils._pytree
+# users treat it like a tuple of its tensors. ``beta`` (a float) is the node's context.
+_TENSOR_FIELDS = tuple(f.name for f in fields(EpsilonDPOOutput) if f.name != "beta")
+
+
+def _flatten(out: EpsilonDPOOutput):
+    return [getattr(out, name) for name in _TENSOR_FIELDS], out.beta
+
+
+def _unflatten(values, beta) -> EpsilonDPOOutput:
+    return EpsilonDPOOutput(**dict(zip(_TENSOR_FIELDS, values)), beta=beta)
+
+
+pytree.register_pytree_node(EpsilonDPOOutput, _flatten, _unflatten,
+                            serialized_type_name="epsdpo_kernels.EpsilonDPOOutput")  # fmt: skip
 
 
 def split_pair(pair: torch.Tensor):

@@ -27,7 +27,9 @@ class LossParams:
     average_log_prob: bool
     backend: str  # resolved: "triton" or "torch"
     inplace_backward: bool = False  # logits path: write the gradient over the logits
-    chunk_rows: int = 0  # linear path: scored rows per chunk
+    chunk_rows: int = 0  # linear path: scored rows per forward chunk
+    vocab_chunk_rows: int = 0  # linear path: vocabulary rows per backward slice
+    scored_count: int = -1  # labels != ignore_index, counted by count_scored_labels
 
 
 def loss_params(options: dict, device: torch.device, **extra) -> LossParams:
@@ -84,16 +86,39 @@ def check_labels(labels, *, rows: int, tokens: int) -> None:
         )
 
 
-def check_label_range(labels: torch.Tensor, *, vocab: int, ignore_index: int) -> None:
-    """Every label is in [0, V) or ignore_index: a wrong one would read out of bounds in the
-    kernels. Costs one device sync per call."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
+def count_scored_labels(labels: torch.Tensor, *, vocab: int, ignore_index: int) -> int:
+    """The number of scored labels, after checking that every label is in [0, V) or
+    ignore_index (a wrong one would read out of bounds in the kernels). Both come back in one
+    transfer: this is the only host synchronisation of a loss call."""
+    scored = labels != ignore_index
+    bad = scored & ((labels < 0) | (labels >= vocab))
+    count, n_bad = torch.stack([scored.sum(), bad.sum()]).tolist()
+    if n_bad:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
             f"labels{list(first)} = {int(labels[first])}"
         )
+    return int(count)
+
+
+def check_not_sharded(**tensors) -> None:
+    """A DTensor (an FSDP2-sharded parameter) reaching the functional API would be read as its
+    local shard: refuse it, saying what to do instead."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 kept it private
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return
+    for name, x in tensors.items():
+        if isinstance(x, DTensor):
+            raise TypeError(
+                f"{name} is a sharded DTensor (an FSDP2 parameter): the loss needs the whole "
+                "tensor. Call it through LinearEpsilonDPOHead inside a fully_shard-ed module, "
+                f"whose forward gathers the weight, or pass {name}.full_tensor()"
+            )
 
 
 def check_pair_rows(name: str, rows: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -39,7 +41,7 @@ def _logits(hidden, weight, bias):
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def compare_linear(inputs, *, backend, chunk_size, **kw):
+def compare_linear(inputs, *, backend, chunk_size, vocab_chunk_size=None, **kw):
     policy_hidden, policy_weight, policy_bias = (
         inputs["policy_hidden"], inputs["policy_weight"], inputs["policy_bias"],
     )  # fmt: skip
@@ -68,7 +70,8 @@ def compare_linear(inputs, *, backend, chunk_size, **kw):
     out = linear_epsilon_dpo_loss(
         leaves["policy_hidden"], leaves["policy_weight"], inputs["ref_hidden"],
         inputs["ref_weight"], labels, policy_bias=leaves.get("policy_bias"),
-        ref_bias=inputs["ref_bias"], backend=backend, chunk_size=chunk_size, **kw,
+        ref_bias=inputs["ref_bias"], backend=backend, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size, **kw,
     )  # fmt: skip
     objective(out, on_device(weights, device)).backward()
 
@@ -132,33 +135,58 @@ def compare_linear(inputs, *, backend, chunk_size, **kw):
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     bias=st.booleans(),
     chunk_size=st.sampled_from([None, 1, 3, 7, 64]),
+    vocab_chunk_size=st.sampled_from([None, 1, 2, 64, 100]),
     epsilon=st.sampled_from([0.0, 0.05, 0.5]),
     average_log_prob=st.booleans(),
     prompt_frac=st.sampled_from([0.0, 0.5, 0.9]),
     seed=st.integers(0, 2**16),
 )
-def test_linear_matches_reference(backend, device, b, t, h, v, dtype, bias, chunk_size, epsilon,
-                                  average_log_prob, prompt_frac, seed):  # fmt: skip
+def test_linear_matches_reference(backend, device, b, t, h, v, dtype, bias, chunk_size,
+                                  vocab_chunk_size, epsilon, average_log_prob, prompt_frac,
+                                  seed):  # fmt: skip
     inputs = make_linear_batch(b, t, h, v, dtype=dtype, device=device, bias=bias,
                                prompt_frac=prompt_frac, seed=seed)  # fmt: skip
-    compare_linear(inputs, backend=backend, chunk_size=chunk_size, beta=0.1, epsilon=epsilon,
+    compare_linear(inputs, backend=backend, chunk_size=chunk_size,
+                   vocab_chunk_size=vocab_chunk_size, beta=0.1, epsilon=epsilon,
                    average_log_prob=average_log_prob)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("chunk_size", [4, 5, None], ids=["chunk-divides", "chunk-ragged", "auto"])
-def test_named_cases(backend, device, dtype, bias, chunk_size):
+@pytest.mark.parametrize(
+    "chunk_size, vocab_chunk_size",
+    [(4, 169), (5, 100), (None, None)],
+    ids=["chunk-and-slice-divide", "chunk-and-slice-ragged", "auto"],
+)
+def test_named_cases(backend, device, dtype, bias, chunk_size, vocab_chunk_size):
     inputs = make_linear_batch(2, 10, 16, 507, dtype=dtype, device=device, bias=bias, seed=3)
-    # 20 scored rows (5 per sequence) so chunk 4 divides them and chunk 5 ... does as well per
-    # sequence but not the 20 total after a row drops: make the count 19.
+    # 19 scored rows (5 per sequence, one dropped): chunk 4 does not divide them, nor does 5;
+    # V = 507 = 3 × 169, so slice 169 divides V and 100 does not.
     labels = inputs["labels"]
     labels[:] = -100
     labels[:, 5:] = 1 + torch.arange(5, device=device)
     labels[3, -1] = -100
-    compare_linear(inputs, backend=backend, chunk_size=chunk_size, beta=0.1, epsilon=0.1,
+    compare_linear(inputs, backend=backend, chunk_size=chunk_size,
+                   vocab_chunk_size=vocab_chunk_size, beta=0.1, epsilon=0.1,
                    label_smoothing=0.1)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_slices_too_wide_for_the_budget_step_through_tokens(backend, device, dtype, monkeypatch):
+    """When a slice over every scored token would overflow the budget, the slice's tokens are
+    stepped through and its weight gradient accumulates in fp32: same results."""
+    from epsdpo_kernels import linear_function
+
+    inputs = make_linear_batch(2, 10, 16, 507, dtype=dtype, device=device, bias=True, seed=8)
+    scored = int((inputs["labels"] != -100).sum())
+    budget = 256 * 4 * 20  # 256 fp32 vocabulary rows × 20 tokens at most
+    monkeypatch.setitem(linear_function.DEFAULT_CHUNK_BYTES, device.type, budget)
+    element = inputs["policy_weight"].element_size()
+    vocab_rows, token_rows = linear_function.slice_plan(scored, 507, element, device.type)
+    assert vocab_rows == 256 and token_rows < scored  # the premise: tokens are stepped
+    compare_linear(inputs, backend=backend, chunk_size=7, beta=0.1, epsilon=0.1)
 
 
 def test_head_module_and_tied_weights(device):
@@ -188,38 +216,50 @@ def test_head_module_and_tied_weights(device):
 
 
 _PEAK_RSS_SCRIPT = r"""
-import resource, sys, torch
+import sys, torch
 from epsdpo_kernels import linear_epsilon_dpo_loss
-tokens, vocab, hidden_size, chunk = map(int, sys.argv[1:5])
+tokens, vocab, hidden_size, chunk, vocab_chunk = map(int, sys.argv[1:6])
+dtype, preallocate = getattr(torch, sys.argv[6]), sys.argv[7] == "1"
 gen = torch.Generator().manual_seed(0)
-hidden = torch.randn(tokens // 64, 64, hidden_size, generator=gen, requires_grad=True)
-weight = torch.randn(vocab, hidden_size, generator=gen, requires_grad=True)
-ref_hidden, ref_weight = hidden.detach() + 0.1, weight.detach() + 0.1
+hidden = torch.randn(tokens // 64, 64, hidden_size, generator=gen).to(dtype).requires_grad_()
+weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5).to(dtype)
+weight.requires_grad_()
+ref_hidden, ref_weight = hidden.detach() + 0.1, weight.detach() + 0.01
 labels = torch.randint(0, vocab, (tokens // 64, 64), generator=gen)
 def step(h, w, r, rw, y):
-    out = linear_epsilon_dpo_loss(h, w, r, rw, y, beta=0.1, chunk_size=chunk, backend="torch")
+    out = linear_epsilon_dpo_loss(h, w, r, rw, y, beta=0.1, chunk_size=chunk,
+                                  vocab_chunk_size=vocab_chunk, backend="torch")
     out.loss.backward()
 warm_labels = torch.full_like(labels[:2], -100)
 warm_labels[0, 0] = 1  # one scored token: loads libraries without touching a chunk's memory
 step(hidden[:2], weight, ref_hidden[:2], ref_weight, warm_labels)
 hidden.grad = weight.grad = None
-weight.grad = torch.zeros_like(weight)  # the gradient itself is not a temporary
-hidden.grad = torch.zeros_like(hidden)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if preallocate:  # the gradients themselves are then not counted
+    weight.grad = torch.zeros_like(weight)
+    hidden.grad = torch.zeros_like(hidden)
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS to the current RSS (proc(5)): setup transients don't count
+before = status_kb("VmRSS")
 step(hidden, weight, ref_hidden, ref_weight, labels)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+print((status_kb("VmHWM") - before) * 1024)
 """
 
 
-def _peak_extra_rss(tokens, vocab, hidden_size, chunk) -> int:
+def _peak_extra_rss(tokens, vocab, hidden_size, chunk, vocab_chunk=256, dtype="float32",
+                    preallocate=True) -> int:  # fmt: skip
     import subprocess
     import sys
 
+    # Freed blocks go back to the OS at once, so RSS follows live memory (glibc otherwise keeps
+    # freed chunks up to 32 MiB in the heap, and a slice's reuse would hide in them).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(tokens), str(vocab), str(hidden_size),
-         str(chunk)],
-        capture_output=True, text=True, timeout=600,
+         str(chunk), str(vocab_chunk), dtype, "1" if preallocate else "0"],
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split()[-1])
@@ -233,12 +273,37 @@ def test_chunked_peak_memory_is_bounded_on_cpu():
     small = _peak_extra_rss(2048, vocab, hidden_size, chunk)
     large = _peak_extra_rss(8192, vocab, hidden_size, chunk)
     one_logits_tensor = 8192 * vocab * 4  # 256 MiB
-    # The torch backend's per-token pass may hold up to TORCH_CHUNK_BYTES (64 MiB) of fp32
-    # temporaries; the chunk's two logits tensors add 2·128·8192·4 = 8 MiB.
+    # The torch backend's per-token pass may hold up to TORCH_CHUNK_BYTES (16 MiB) of fp32
+    # temporaries, the forward chunk's two logits tensors 2·128·8192·4 = 8 MiB, a backward slice
+    # (8192 tokens × 256 rows) 8 MiB plus its torch temporaries.
     budget = 64 * 2**20 + 2 * chunk * vocab * 4
     assert large < 1.5 * budget, f"peak extra RSS {large / 2**20:.0f} MiB at 8192 tokens"
     assert large < one_logits_tensor / 2
-    assert large - small < 16 * 2**20, f"{small / 2**20:.0f} → {large / 2**20:.0f} MiB"
+    # What grows with tokens is O(S·H) and one 256-row slice over all tokens (S·256·4 bytes).
+    growth = (8192 - 2048) * (256 * 4 * 2 + hidden_size * 4 * 4)
+    assert large - small < 16 * 2**20 + growth, f"{small / 2**20:.0f} → {large / 2**20:.0f} MiB"
+
+
+def test_bf16_peak_memory_is_the_weight_gradient_plus_slices():
+    """bf16 weights: the backward walks vocabulary slices and writes each slice's weight
+    gradient once, so peak extra memory is the bf16 weight gradient plus O(S·Vb + S·H) — no
+    V × H fp32 accumulator (which alone would be twice the bf16 gradient)."""
+    tokens, vocab, hidden_size, chunk, vocab_chunk = 512, 32768, 512, 64, 1024
+    peak = _peak_extra_rss(tokens, vocab, hidden_size, chunk, vocab_chunk, dtype="bfloat16",
+                           preallocate=False)  # fmt: skip
+    bf16_grad = vocab * hidden_size * 2  # 32 MiB
+    fp32_vh = vocab * hidden_size * 4  # 64 MiB: the buffer that must not exist
+    torch_pass = 16 * 2**20  # TORCH_CHUNK_BYTES: the torch backend's per-token temporaries
+    forward_chunk = 2 * chunk * vocab * 2
+    # A slice: its bf16 logits, their fp32 upcast for the CPU GEMM, the weight slice upcast.
+    slice_bytes = tokens * vocab_chunk * (2 + 4) + vocab_chunk * hidden_size * 4
+    # Tokens: the gathered hidden states, the fp32 accumulator, the hidden gradient itself.
+    token_bytes = tokens * hidden_size * (2 + 4 + 2)
+    bound = bf16_grad + torch_pass + max(forward_chunk, slice_bytes) + token_bytes
+    assert peak < 1.25 * bound, f"peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+    # Not even half of a V × H fp32 buffer fits under the peak (the token-chunked design that
+    # accumulated into one peaked at 98 MiB here; this one at 40).
+    assert peak < bf16_grad + fp32_vh / 2, f"peak {peak / 2**20:.1f} MiB: a V × H fp32 buffer?"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,7 +9,6 @@ that returns only its last hidden states (``ReferenceHidden``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -52,7 +51,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 class EpsilonDPOPolicy(nn.Module):
     """The policy LM and its lm_head-as-loss in one module, so that FSDP2 on this root gathers
     the lm_head (tied to the embedding or not) before the loss and reduce-scatters its gradient
-    after. Returns a dict of tensors: FSDP2 hooks backward onto the tensors it finds there."""
+    after. Returns the loss's ``EpsilonDPOOutput`` (a pytree node: FSDP2 finds its tensors)."""
 
     def __init__(self, model: nn.Module, loss: str):
         super().__init__()
@@ -71,7 +70,7 @@ class EpsilonDPOPolicy(nn.Module):
             ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype),
                                               ref_bias)  # fmt: skip
             out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon)
-        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if f.name != "beta"}
+        return out
 
 
 class ReferenceHidden(nn.Module):

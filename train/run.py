@@ -45,7 +45,7 @@ from metrics import MetricSums, plot_metrics, truncate_metrics  # noqa: E402
 from models import check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
-from epsdpo_kernels import AdaptiveBeta, EpsilonDPOOutput  # noqa: E402
+from epsdpo_kernels import AdaptiveBeta  # noqa: E402
 
 DEFAULT_DATASET = HERE / "data" / "default"
 
@@ -204,11 +204,10 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         with torch.no_grad():
             ref_hidden = reference(batch["input_ids"], batch["attention_mask"])
         with torch.set_grad_enabled(train_mode):
-            fields = policy(
+            out = policy(
                 batch["input_ids"], batch["attention_mask"], batch["labels"],
                 ref_hidden, ref_weight, ref_bias, beta_ctl.beta, cfg.epsilon,
             )  # fmt: skip
-        out = EpsilonDPOOutput(**fields, beta=beta_ctl.beta)
         return out, int(batch["attention_mask"].sum())
 
     def evaluate():
