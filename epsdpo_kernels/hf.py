@@ -16,14 +16,7 @@ def causal_lm_hidden_and_head(
     Models whose logits are not ``hidden @ W.T + b`` (soft-capped or scaled logits) are refused,
     since the linear loss would compute something else.
     """
-    config = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"model.config.{attr}={value!r}: its logits are not hidden @ W.T + b, so "
-                "linear_epsilon_dpo_loss would not match it; use epsilon_dpo_loss on its logits"
-            )
+    check_linear_head(getattr(model, "config", None))
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if get_decoder is None or head is None:
@@ -34,3 +27,22 @@ def causal_lm_hidden_and_head(
     outputs = get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
     return hidden, head.weight, getattr(head, "bias", None)
+
+
+# Config fields by which a Hugging Face model scales or caps its logits after the lm_head matmul.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping", "logit_scale", "output_multiplier_scale", "output_multiplier",
+    "lm_head_multiplier", "logits_scaling",
+)  # fmt: skip
+
+
+def check_linear_head(config) -> None:
+    """Refuse a model config whose logits are not ``hidden @ W.T + b`` (soft-capped or scaled):
+    the linear loss would compute something else than the model's own distribution."""
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"model.config.{attr}={value!r}: its logits are not hidden @ W.T + b, so "
+                "linear_epsilon_dpo_loss would not match it; use epsilon_dpo_loss on its logits"
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -64,6 +65,8 @@ def linear_epsilon_dpo_loss(
             ``epsilon_dpo_loss``.
 
     Gradients reach ``policy_hidden``, ``policy_weight`` and ``policy_bias``, in their dtypes.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, so the matmuls run
+    in it (as ``hidden @ weight.T`` would); the loss itself always accumulates in fp32.
 
     Example:
         >>> B, T, H, V = 2, 6, 16, 301
@@ -90,6 +93,15 @@ def linear_epsilon_dpo_loss(
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
     V.check_tensor("ref_weight", ref_weight, ndim=2, float_dtype=True)
+    # Under autocast the matmuls run in the autocast dtype, as `hidden @ weight.T` would: cast
+    # every input once here (the casts' backward returns gradients in the parameters' dtypes)
+    # and keep autocast out of the kernels, which choose their own fp32 accumulation.
+    autocast_dtype = _autocast_dtype(policy_hidden.device.type)
+    if autocast_dtype is not None:
+        cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
+        policy_hidden, policy_weight, policy_bias = map(cast, (policy_hidden, policy_weight,
+                                                               policy_bias))  # fmt: skip
+        ref_hidden, ref_weight, ref_bias = map(cast, (ref_hidden, ref_weight, ref_bias))
     rows, tokens, hidden_size = policy_hidden.shape
     vocab = policy_weight.shape[0]
     V.check_pair_rows("policy_hidden", rows)
@@ -115,11 +127,20 @@ def linear_epsilon_dpo_loss(
     chunk_rows = chunk_size or default_chunk_rows(vocab, element_size, device.type)
     params = dataclasses.replace(params, chunk_rows=chunk_rows,
                                  vocab_chunk_rows=vocab_chunk_size or 0)  # fmt: skip
-    return compute_loss(
-        LinearEpsilonDPOFunction,
-        (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
-        n_policy=3, labels=labels, vocab=vocab, params=params,
-    )  # fmt: skip
+    with torch.autocast(device.type, enabled=False) if autocast_dtype else nullcontext():
+        return compute_loss(
+            LinearEpsilonDPOFunction,
+            (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
+            n_policy=3, labels=labels, vocab=vocab, params=params,
+        )  # fmt: skip
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
 
 
 def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab) -> None:

@@ -418,3 +418,28 @@ def test_works_under_ddp():
     out.loss.backward()
     for rank in (0, 1):
         assert_close(results[rank], head.weight.grad, rtol=1e-5, atol=1e-7, name=f"rank {rank}")
+
+
+def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
+    """Under CPU autocast (bf16) with fp32 parameters, the result equals the loss on the inputs
+    cast to bf16 by hand, and gradients come back in fp32 for the fp32 parameters."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 5, 16, generator=gen, requires_grad=True)
+    weight = (torch.randn(301, 16, generator=gen) / 4).requires_grad_()
+    ref_hidden, ref_weight = hidden.detach() + 0.05, weight.detach() * 1.01
+    labels = torch.randint(0, 301, (4, 5), generator=gen)
+    labels[:, :2] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_epsilon_dpo_loss(hidden, weight, ref_hidden, ref_weight, labels, beta=0.1)
+    out.loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    w16 = weight.detach().bfloat16().requires_grad_()
+    expected = linear_epsilon_dpo_loss(h16, w16, ref_hidden.bfloat16(), ref_weight.bfloat16(),
+                                       labels, beta=0.1)  # fmt: skip
+    expected.loss.backward()
+    assert out.loss.item() == expected.loss.item()
+    assert torch.equal(out.steps, expected.steps)
+    torch.testing.assert_close(hidden.grad, h16.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(weight.grad, w16.grad.float(), rtol=0, atol=0)

@@ -1,0 +1,313 @@
+"""EpsilonDPOTrainer on TRL: training, parity with epsilon_dpo_loss, resume, DDP, refusals,
+memory. A tiny Llama from a config and the repository's byte tokenizer; no download."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from epsdpo_kernels import epsilon_dpo_loss  # noqa: E402
+from epsdpo_kernels.trl import BETA_STATE_FILE, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
+from tests.utils import free_port  # noqa: E402
+from train.tokenizer import byte_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT / "train" / "data" / "default" / "train.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def pairs(n: int, offset: int = 0) -> Dataset:
+    with open(DEFAULT_DATA) as f:
+        rows = [json.loads(line) for line in f][offset : offset + n]
+    return Dataset.from_list(rows)
+
+
+def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=tied, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    policy = LlamaForCausalLM(config)
+    reference = LlamaForCausalLM(config)
+    reference.load_state_dict(policy.state_dict())
+    return policy, reference
+
+
+def config(tmp_path, **overrides) -> EpsilonDPOConfig:
+    options = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=10,
+        learning_rate=5e-3, logging_steps=1, report_to="none", use_cpu=True,
+        save_strategy="no", seed=0, data_seed=0, beta=0.1, epsilon=0.05,
+        dataloader_num_workers=0,
+        bf16=False,  # TRL's default is bf16 autocast; fp32 keeps the comparisons exact
+    )  # fmt: skip
+    options.update(overrides)
+    return EpsilonDPOConfig(**options)
+
+
+def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, **overrides):
+    policy, reference = tiny_models(seed)
+    return EpsilonDPOTrainer(
+        policy, ref_model=reference, args=config(tmp_path, **overrides),
+        train_dataset=train if train is not None else pairs(8), eval_dataset=eval_dataset,
+        processing_class=byte_tokenizer(),
+    )  # fmt: skip
+
+
+def step_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
+    trainer = make_trainer(tmp_path, eval_dataset=pairs(8, offset=100))
+    trainer.train()
+    logs = step_logs(trainer)
+    assert [entry["step"] for entry in logs] == list(range(1, 11))
+    losses = [entry["loss"] for entry in logs]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+                 "kl/beta", "kl/p_epsilon_steps", "kl/n_epsilon_steps", "kl/avg_steps",
+                 "displacement/chosen_below_ref", "displacement/chosen_logratio"):  # fmt: skip
+        assert all(name in entry for entry in logs), name
+    # The logged β is the β each step used: it follows β ← β/(1 + ε·mean s) step by step.
+    beta = 0.1
+    for entry in logs:
+        assert entry["kl/beta"] == pytest.approx(beta, rel=1e-9)
+        beta = beta / (1 + 0.05 * entry["kl/avg_steps"])
+    assert trainer.adaptive_beta.beta == pytest.approx(beta, rel=1e-9)
+
+    metrics = trainer.evaluate()
+    for name in ("eval_loss", "eval_rewards/accuracies", "eval_logps/chosen", "eval_kl/avg_steps"):
+        assert name in metrics, sorted(metrics)
+    assert trainer.adaptive_beta.beta == pytest.approx(beta, rel=1e-9)  # eval leaves β alone
+
+
+@pytest.mark.parametrize(
+    "label_smoothing, rpo_alpha",
+    [(0.0, None), (0.2, None), (0.0, 0.5)],
+    ids=["sigmoid", "cdpo", "rpo"],
+)
+def test_one_batch_equals_epsilon_dpo_loss_on_materialised_logits(tmp_path, label_smoothing,
+                                                                  rpo_alpha):  # fmt: skip
+    overrides = dict(label_smoothing=label_smoothing)
+    if rpo_alpha is not None:
+        overrides.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha])
+    trainer = make_trainer(tmp_path, **overrides)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    policy_logits = model(**inputs).logits[:, :-1]
+    with torch.no_grad():
+        ref_logits = trainer.ref_model(**inputs).logits[:, :-1]
+    out = epsilon_dpo_loss(policy_logits, ref_logits, labels, beta=0.1, epsilon=0.05,
+                           label_smoothing=label_smoothing)  # fmt: skip
+    expected = out.loss
+    if rpo_alpha is not None:
+        chosen_tokens = (labels[: labels.shape[0] // 2] != -100).sum()
+        expected = expected + rpo_alpha * (-out.chosen_logps.sum() / chosen_tokens)
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resumed_run_reproduces_beta_and_losses(tmp_path):
+    straight = make_trainer(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
+    straight.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-3"
+    saved = json.loads((checkpoint / BETA_STATE_FILE).read_text())
+    assert saved["beta"] != pytest.approx(0.1, abs=1e-6), "β must have moved by step 3"
+
+    resumed = make_trainer(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
+    assert resumed.adaptive_beta.beta == 0.1
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected = {e["step"]: e for e in step_logs(straight)}
+    # The resumed log history starts with the checkpoint's own (steps 1-3); the rest is new.
+    got = {e["step"]: e for e in step_logs(resumed) if e["step"] > 3}
+    assert sorted(got) == [4, 5, 6]
+    for step, entry in got.items():
+        assert entry["kl/beta"] == pytest.approx(expected[step]["kl/beta"], rel=1e-12)
+        assert entry["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5, abs=1e-6)
+    assert resumed.adaptive_beta.beta == pytest.approx(straight.adaptive_beta.beta, rel=1e-12)
+
+
+def test_resume_from_a_checkpoint_without_beta_is_refused(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    (checkpoint / BETA_STATE_FILE).unlink()
+    with pytest.raises(ValueError, match="β cannot be restored"):
+        make_trainer(tmp_path, max_steps=4).train(resume_from_checkpoint=str(checkpoint))
+
+
+_DDP_SCRIPT = r"""
+import json, sys
+from tests.test_trl import make_trainer, step_logs
+from pathlib import Path
+out, batch = Path(sys.argv[1]), int(sys.argv[2])
+trainer = make_trainer(out, train=None, max_steps=4, per_device_train_batch_size=batch,
+                       gradient_accumulation_steps=2)
+trainer.train()
+if trainer.accelerator.is_main_process:
+    logs = [{k: e[k] for k in ("step", "loss", "kl/beta", "kl/avg_steps", "rewards/margins")}
+            for e in step_logs(trainer)]
+    (out / "logs.json").write_text(json.dumps({"logs": logs, "beta": trainer.adaptive_beta.beta}))
+"""
+
+
+def _run_ddp(tmp_path, processes: int, batch: int) -> dict:
+    out = tmp_path / f"p{processes}"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    command = [sys.executable, str(script), str(out), str(batch)]
+    if processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                        f"--master_port={free_port()}"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "logs.json").read_text())
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """2 processes × 2 pairs × 2 accumulation steps against 1 process × 4 pairs × 2: the same 8
+    pairs per optimizer step, so the same losses, β and metrics at every step."""
+    single = _run_ddp(tmp_path, 1, 4)
+    double = _run_ddp(tmp_path, 2, 2)
+    assert [e["step"] for e in double["logs"]] == [1, 2, 3, 4]
+    for one, two in zip(single["logs"], double["logs"]):
+        assert two["kl/beta"] == pytest.approx(one["kl/beta"], rel=1e-12)
+        assert two["kl/avg_steps"] == pytest.approx(one["kl/avg_steps"], abs=1e-12)
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+        assert two["rewards/margins"] == pytest.approx(one["rewards/margins"], rel=1e-3, abs=1e-5)
+    assert double["beta"] == pytest.approx(single["beta"], rel=1e-12)
+    assert single["beta"] != pytest.approx(0.1, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(precompute_ref_log_probs=True), "whole next-token distribution"),
+        (dict(loss_type="ipo"), "sigmoid DPO loss with a per-pair β"),
+        (dict(loss_type=["sigmoid", "hinge"]), "loss_type"),
+        (dict(f_divergence_type="js_divergence"), "reverse_kl"),
+        (dict(ld_alpha=0.5), "ld_alpha"),
+        (dict(use_weighting=True), "WPO"),
+        (dict(sync_ref_model=True), "fixed reference"),
+        (dict(epsilon=-0.1), "epsilon"),
+        (dict(epsilon=1.5), "epsilon"),
+        (dict(label_smoothing=0.5), "label_smoothing"),
+    ],
+)
+def test_refused_options_fail_at_construction(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **overrides)
+
+
+def test_trainer_refuses_plain_dpo_config_and_compute_metrics(tmp_path):
+    from trl import DPOConfig
+
+    policy, reference = tiny_models()
+    with pytest.raises(TypeError, match="EpsilonDPOConfig"):
+        EpsilonDPOTrainer(policy, ref_model=reference, train_dataset=pairs(4),
+                          args=DPOConfig(output_dir=str(tmp_path), use_cpu=True),
+                          processing_class=byte_tokenizer())  # fmt: skip
+    with pytest.raises(ValueError, match="compute_metrics"):
+        EpsilonDPOTrainer(policy, ref_model=reference, train_dataset=pairs(4),
+                          args=config(tmp_path), processing_class=byte_tokenizer(),
+                          compute_metrics=lambda prediction: {})  # fmt: skip
+
+
+def test_soft_capped_model_is_refused(tmp_path):
+    policy, reference = tiny_models()
+    policy.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        EpsilonDPOTrainer(policy, ref_model=reference, args=config(tmp_path),
+                          train_dataset=pairs(4), processing_class=byte_tokenizer())  # fmt: skip
+
+
+_MEMORY_SCRIPT = r"""
+import json, sys, torch
+from datasets import Dataset
+from tests.test_trl import tiny_models, config
+from train.tokenizer import byte_tokenizer
+from trl import DPOConfig, DPOTrainer
+from epsdpo_kernels.trl import EpsilonDPOTrainer
+from pathlib import Path
+kind, vocab, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+text = "the quick brown fox jumps over the lazy dog " * 6
+rows = [{"prompt": f"Question {i}: " + text, "chosen": text, "rejected": text[::-1]}
+        for i in range(4)]
+args = config(out, max_steps=1, beta=0.1)
+if kind == "dpo":  # the same options, as TRL's own config
+    fields = {k: v for k, v in args.to_dict().items() if k in DPOConfig.__dataclass_fields__}
+    args = DPOConfig(**{k: getattr(args, k) for k in fields})
+    Trainer = DPOTrainer
+else:
+    Trainer = EpsilonDPOTrainer
+policy, reference = tiny_models(vocab=vocab, tied=False)
+trainer = Trainer(policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                  processing_class=byte_tokenizer())
+trainer.create_optimizer_and_scheduler(1)
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak RSS restarts here: model building and tokenization don't count
+before = status_kb("VmRSS")
+trainer.train()
+print(json.dumps({"peak_extra_bytes": (status_kb("VmHWM") - before) * 1024}))
+"""
+
+
+def _peak_training_step_rss(tmp_path, kind: str, vocab: int) -> int:
+    # Freed blocks go back to the OS at once, so RSS follows live memory.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="131072",
+               MALLOC_TRIM_THRESHOLD_="131072")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, kind, str(vocab), str(tmp_path / kind)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_training_step_peak_memory_is_below_trl_dpo(tmp_path, record_property):
+    """One training step at V = 32768 (8 rows × ~170 tokens: one fp32 logits tensor is ~180
+    MiB). TRL's DPOTrainer forms the logits in chunks of 32768 tokens (on CPU: all of them at
+    once); the fused loss never forms more than a chunk or a vocabulary slice."""
+    vocab = 32768
+    dpo = _peak_training_step_rss(tmp_path, "dpo", vocab)
+    ours = _peak_training_step_rss(tmp_path, "epsilon", vocab)
+    record_property(
+        "peak_extra_MiB", {"DPOTrainer": dpo / 2**20, "EpsilonDPOTrainer": ours / 2**20}
+    )
+    print(f"peak extra RSS of one step: DPOTrainer {dpo / 2**20:.0f} MiB, "
+          f"EpsilonDPOTrainer {ours / 2**20:.0f} MiB")  # fmt: skip
+    assert ours < dpo / 2, (dpo, ours)
