@@ -1,6 +1,7 @@
 """Fused Triton kernels for ε-DPO preference training."""
 
 from .adaptive_beta import AdaptiveBeta
+from .diagnostics import ches_scores
 from .hf import causal_lm_hidden_and_head
 from .linear_loss import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from .loss import epsilon_dpo_loss
@@ -13,6 +14,7 @@ __all__ = [
     "EpsilonDPOOutput",
     "LinearEpsilonDPOHead",
     "causal_lm_hidden_and_head",
+    "ches_scores",
     "epsilon_dpo_loss",
     "linear_epsilon_dpo_loss",
     "__version__",

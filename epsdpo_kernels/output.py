@@ -52,6 +52,10 @@ class EpsilonDPOOutput:
             "kl/p_epsilon_steps": (steps > 0).float(),
             "kl/n_epsilon_steps": (steps < 0).float(),
             "kl/avg_steps": steps,
+            # Likelihood displacement: the chosen response losing probability under training
+            # (see docs/DIAGNOSTICS.md).
+            "displacement/chosen_below_ref": (self.chosen_logps < self.ref_chosen_logps).float(),
+            "displacement/chosen_logratio": (self.chosen_logps - self.ref_chosen_logps).detach(),
         }
 
     def metrics(self, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -107,3 +107,27 @@ def reference_epsilon_dpo(
         "mean_chosen_logits": logit_sums[:b].sum() / (chosen_tokens * vocab),
         "mean_rejected_logits": logit_sums[b:].sum() / (rejected_tokens * vocab),
     }
+
+
+def reference_ches_scores(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    length_normalized: bool = False,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """CHES per pair in float64, one pair at a time straight from the definition:
+    ``⟨Σ h⁺, Σ h⁻⟩ − ‖Σ h⁺‖²`` over the response positions (means when length-normalised)."""
+    pairs = hidden.shape[0] // 2
+    scores = []
+    for i in range(pairs):
+        summed = []
+        for row in (i, pairs + i):
+            positions = (labels[row] != ignore_index).nonzero().flatten().tolist()
+            total = torch.zeros(hidden.shape[-1], dtype=torch.float64)
+            for t in positions:
+                total = total + hidden[row, t].double().cpu()
+            summed.append(total / len(positions) if length_normalized else total)
+        chosen, rejected = summed
+        scores.append(torch.dot(chosen, rejected) - torch.dot(chosen, chosen))
+    return torch.stack(scores)

@@ -38,6 +38,8 @@ class DataError(UsageError):
 class Row:
     data: object  # one parsed JSON value
     where: str  # "train.jsonl.gz line 12", "prefs.json item 3", "org/name train[5]"
+    file: str = ""  # the file (or "org/name train" for a hub split) it came from
+    line: int = 0  # its 1-based line (JSONL), item (JSON list) or index + 1 (hub split)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,17 @@ def load_rows(source: str, *, seed: int = 0, eval_fraction: float = 0.05):
     """(train_rows, eval_rows) from a directory with train and eval/test/validation files, one
     JSON/JSONL file (``eval_fraction`` held out at random), or a Hugging Face dataset id (needs
     the ``datasets`` extra)."""
+    splits = read_splits(source)
+    train = splits["train"][1]
+    eval_name = next((s for s in EVAL_SPLITS if s in splits), None)
+    if eval_name is None:
+        return _hold_out(train, seed, eval_fraction)
+    return train, splits[eval_name][1]
+
+
+def read_splits(source: str) -> dict[str, tuple[Path | None, list[Row]]]:
+    """Every row of ``source`` as stored, by split: ``{"train": (file, rows), "eval": ...}``
+    (a single file is one "train" split; ``file`` is None for a Hugging Face dataset)."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = {}
@@ -79,22 +92,19 @@ def load_rows(source: str, *, seed: int = 0, eval_fraction: float = 0.05):
         if "train" not in files:
             raise DataError(f"--dataset {source}: a directory needs a train file "
                             f"(train{{{','.join(DATA_SUFFIXES)}}})")  # fmt: skip
-        train = _read_file(files["train"])
-        eval_name = next((s for s in EVAL_SPLITS if s in files), None)
-        if eval_name is None:
-            return _hold_out(train, seed, eval_fraction)
-        return train, _read_file(files[eval_name])
+        names = ["train"] + [s for s in EVAL_SPLITS if s in files][:1]
+        return {name: (files[name], _read_file(files[name])) for name in names}
     if path.is_file():
         if _data_suffix(path) is None:
             raise DataError(f"--dataset {source}: expected a file ending in "
                             f"{', '.join(DATA_SUFFIXES)}")  # fmt: skip
-        return _hold_out(_read_file(path), seed, eval_fraction)
+        return {"train": (path, _read_file(path))}
     if looks_like_path(source, DATA_SUFFIXES):
         raise DataError(f"--dataset {source}: no such file or directory")
-    return _load_hub(source, seed, eval_fraction)
+    return _load_hub(source)
 
 
-def _load_hub(source: str, seed: int, eval_fraction: float):
+def _load_hub(source: str):
     try:
         import datasets
     except ImportError:
@@ -110,12 +120,10 @@ def _load_hub(source: str, seed: int, eval_fraction: float):
                         f"({first})") from None  # fmt: skip
     if "train" not in ds:
         raise DataError(f"--dataset {source}: the dataset has no 'train' split ({list(ds)})")
-    rows = lambda split: [Row(dict(r), f"{source} {split}[{i}]")  # noqa: E731
+    rows = lambda split: [Row(dict(r), f"{source} {split}[{i}]", f"{source} {split}", i + 1)  # noqa: E731
                           for i, r in enumerate(ds[split])]  # fmt: skip
-    eval_name = next((s for s in EVAL_SPLITS if s in ds), None)
-    if eval_name is None:
-        return _hold_out(rows("train"), seed, eval_fraction)
-    return rows("train"), rows(eval_name)
+    names = ["train"] + [s for s in EVAL_SPLITS if s in ds][:1]
+    return {name: (None, rows(name)) for name in names}
 
 
 def _read_file(path: Path) -> list[Row]:
@@ -130,7 +138,7 @@ def _read_file(path: Path) -> list[Row]:
         for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
-                    rows.append(Row(json.loads(line), f"{path} line {i + 1}"))
+                    rows.append(Row(json.loads(line), f"{path} line {i + 1}", str(path), i + 1))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path} line {i + 1}: not valid JSON ({e.msg})") from None
     else:
@@ -142,7 +150,7 @@ def _read_file(path: Path) -> list[Row]:
             data = data["train"]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows (or {{'train': [...]}})")
-        rows = [Row(r, f"{path} item {i + 1}") for i, r in enumerate(data)]
+        rows = [Row(r, f"{path} item {i + 1}", str(path), i + 1) for i, r in enumerate(data)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

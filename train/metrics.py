@@ -53,6 +53,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 # One colour per series, the same in every panel.
 TRAIN, EVAL = "tab:blue", "tab:orange"
 STEP_UP, STEP_DOWN = "tab:green", "tab:red"
+BELOW_REF, LOGRATIO = "tab:purple", "tab:brown"
 
 
 def plot_metrics(metrics_path: Path, out: Path) -> None:
@@ -64,7 +65,7 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in rows]
     ev = [r for r in rows if "eval/loss" in r]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.5))
 
     def train_and_eval(ax, key):
         ax.plot(steps, [r[key] for r in rows], color=TRAIN, label="train")
@@ -79,12 +80,24 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
                  label="s = +1 (weaker KL)")  # fmt: skip
     axes[3].plot(steps, [r["kl/n_epsilon_steps"] for r in rows], color=STEP_DOWN,
                  label="s = −1 (stronger KL)")  # fmt: skip
-    titles = ("loss", "β", "reward accuracy", "fraction of pairs per step s")
+    # Displacement: a fraction (left axis) and a log-ratio in nats (right axis), one panel.
+    shown = [r for r in rows if "displacement/chosen_below_ref" in r]
+    axes[4].plot([r["step"] for r in shown], [r["displacement/chosen_below_ref"] for r in shown],
+                 color=BELOW_REF, label="pairs with log π(chosen) < ref")  # fmt: skip
+    axes[4].set_ylim(-0.02, 1.02)
+    ratio_ax = axes[4].twinx()
+    ratio_ax.plot([r["step"] for r in shown],
+                  [r["displacement/chosen_logratio"] for r in shown], "--", color=LOGRATIO,
+                  label="mean log π/π_ref (chosen), right axis")  # fmt: skip
+    ratio_ax.axhline(0.0, color=LOGRATIO, lw=0.6, alpha=0.5)
+    handles = axes[4].get_legend_handles_labels()[0] + ratio_ax.get_legend_handles_labels()[0]
+    titles = ("loss", "β", "reward accuracy", "fraction of pairs per step s",
+              "likelihood displacement (chosen)")  # fmt: skip
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, handles=handles if ax is axes[4] else None)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
