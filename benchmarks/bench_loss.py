@@ -338,11 +338,28 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _parse_shape(parser, text: str) -> dict:
+    try:
+        b, t, h, v = (int(x) for x in text.split(","))
+    except ValueError:
+        parser.error(f"--shape {text}: expected four integers B,T,H,V")
+    if min(b, t, h, v) < 1 or t < 2:
+        parser.error(f"--shape {text}: B, H, V must be ≥ 1 and T ≥ 2")
+    return dict(B=b, T=t, H=h, V=v)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument("--quick", action="store_true", help="small shapes, about a minute on CPU")
     parser.add_argument("--impl", nargs="+", default=None, help="subset of implementations")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=None,
+        metavar="B,T,H,V",
+        help="benchmark this shape instead of the defaults (repeatable)",
+    )
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -368,6 +385,8 @@ def main(argv=None) -> int:
     else:
         shapes, dtype = (QUICK_CPU_SHAPES if args.quick else CPU_SHAPES), "float32"
         repeats = 3
+    if args.shape:
+        shapes = [_parse_shape(parser, text) for text in args.shape]
     ordered = ["eager"] + [
         i for i in impls if i != "eager"
     ]  # eager first: the others check against it

@@ -1,7 +1,9 @@
 """Models and tokenizer for the scripts in train/: the embedded default or a Hugging Face model.
 
 With no ``--model``: a tiny Llama built from train/configs/tiny-llama.json (random init, seeded)
-and a byte tokenizer that needs no download. Otherwise a Hugging Face id or a local directory.
+and a byte tokenizer that needs no download. A model config ``.json`` (e.g.
+train/configs/llama-1b.json): the same, random init from that config. Otherwise a Hugging Face id
+or a local directory.
 """
 
 from __future__ import annotations
@@ -14,22 +16,46 @@ import torch
 from cli import UsageError, looks_like_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-llama.json"
+BYTE_VOCAB = 260  # the byte tokenizer: 256 bytes + <bos>, <eos>, <pad>, <unk>
 
 
 def check_model_arg(model: str | None) -> None:
-    """Fail before anything loads when --model names a local path that does not exist."""
-    if (
-        model is not None
-        and not os.path.exists(os.path.expanduser(model))
-        and looks_like_path(model)
+    """Fail before anything loads when --model names a local path that does not exist, or a
+    config file the byte tokenizer cannot serve."""
+    if model is None:
+        return
+    if not os.path.exists(os.path.expanduser(model)) and (
+        looks_like_path(model) or model.endswith(".json")
     ):
-        raise UsageError(f"--model {model}: no such directory")
+        raise UsageError(f"--model {model}: no such file or directory")
+    if is_config_file(model):
+        import json
+
+        try:
+            with open(os.path.expanduser(model)) as f:
+                vocab = json.load(f).get("vocab_size", 0)
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"--model {model}: cannot read it as a JSON model config ({e})"
+            ) from None
+        if not isinstance(vocab, int) or vocab < BYTE_VOCAB:
+            raise UsageError(
+                f"--model {model}: a config file is trained with the byte tokenizer, which "
+                f"needs vocab_size ≥ {BYTE_VOCAB}, got {vocab}"
+            )
+
+
+def is_config_file(model: str | None) -> bool:
+    """--model given as a model config .json: random init from it, byte tokenizer."""
+    return (
+        model is not None and model.endswith(".json") and os.path.isfile(os.path.expanduser(model))
+    )
 
 
 def load_tokenizer(model: str | None):
     from transformers import AutoTokenizer
 
-    if model is None:
+    if model is None or is_config_file(model):
         from tokenizer import byte_tokenizer
 
         tokenizer = byte_tokenizer()
@@ -48,8 +74,9 @@ def load_policy_and_reference(model: str | None, seed: int, *, reference: bool =
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    if model is None:
-        policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DEFAULT_CONFIG))
+    if model is None or is_config_file(model):
+        config = DEFAULT_CONFIG if model is None else os.path.expanduser(model)
+        policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
         ref = copy.deepcopy(policy) if reference else None
     else:
         # fp32 master weights whatever the checkpoint's dtype (.float(): the dtype keyword was

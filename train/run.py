@@ -57,8 +57,9 @@ def _opt(default, help, **metadata):
 
 @dataclass
 class Config:
-    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM; "
-                             "default: the embedded tiny Llama (random init)")  # fmt: skip
+    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM, or a "
+                             "model config .json (random init, byte tokenizer); default: the "
+                             "embedded tiny Llama (random init)")  # fmt: skip
     dataset: str | None = _opt(None, "preference data: a .json/.jsonl file (optionally .gz), a "
                                "directory with train and eval|test|validation files, or a "
                                "Hugging Face dataset id; default: the embedded "
@@ -231,6 +232,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     progress = _progress(rank, cfg.max_steps, step)
     policy.train()
     last = {}
+    speeds = []  # tokens/s of each step this process ran
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         sums = MetricSums(device)
@@ -260,6 +262,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                   else grad_norm),
                "tokens_per_s": tokens / elapsed}  # fmt: skip
+        if device.type == "cuda":  # this rank's peak since the start, all of it (not per step)
+            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        speeds.append(row["tokens_per_s"])
         if eval_every and (step % eval_every == 0 or step == cfg.max_steps):
             row.update(evaluate())
         if rank == 0:
@@ -278,6 +283,11 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         keys = ("loss", "beta", "rewards/accuracies", "eval/rewards/accuracies")
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
         log(f"done: {step} steps; {summary}; outputs in {output_dir}")
+        if len(speeds) > 1:  # the first step includes compilation and allocator warm-up
+            steady = sorted(speeds[1:])[len(speeds[1:]) // 2]
+            memory = (f", peak memory {last['peak_mem_mib']:.0f} MiB on rank 0"
+                      if "peak_mem_mib" in last else "")  # fmt: skip
+            log(f"throughput: median {steady:.0f} tokens/s over steps after the first{memory}")
     return 0
 
 

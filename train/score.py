@@ -55,8 +55,9 @@ def _opt(default, help, **metadata):
 
 @dataclass
 class Config:
-    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM; "
-                             "default: the embedded tiny Llama (random init)")  # fmt: skip
+    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM, or a "
+                             "model config .json (random init, byte tokenizer); default: the "
+                             "embedded tiny Llama (random init)")  # fmt: skip
     dataset: str | None = _opt(None, "preference data, as for train/run.py; default: the "
                                "embedded train/data/default")  # fmt: skip
     output_dir: str = _opt("runs/ches", "scores.jsonl, ches_hist.png and the filtered dataset")

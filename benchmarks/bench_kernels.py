@@ -1,0 +1,208 @@
+"""The per-token kernels alone on a GPU: bandwidth against the measured copy, old vs new, and a
+sweep of the launch configuration (warps × lanes per thread), at several vocabulary sizes.
+
+    python benchmarks/bench_kernels.py --json kernels.json              # CUDA only
+    python benchmarks/bench_kernels.py --rows 16384 --vocab 128256 --no-sweep --profile prof.txt
+
+Every row of the (rows, V) bf16 logits is scored (the logits path's worst case). Bytes moved:
+forward reads policy and reference logits (2·rows·V·2), backward reads the policy logits and
+writes their gradient (2·rows·V·2); both against a device-to-device copy of the same size,
+timed in the same process (``triton.testing.do_bench`` medians). Each swept configuration's
+outputs are checked against the default configuration's before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WARPS = (4, 8, 16)
+LANES_PER_THREAD = (1, 2, 4)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=16384, help="token rows (2B·T)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
+    parser.add_argument("--no-sweep", action="store_true", help="default configuration only")
+    parser.add_argument("--json", default=None, help="write results as JSON here")
+    parser.add_argument("--profile", default=None,
+                        help="write a torch.profiler table of one epsilon_dpo_loss fwd+bwd "
+                             "at --rows × the largest --vocab here")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (the kernels' CPU path is Triton's interpreter)")
+    import triton
+
+    from epsdpo_kernels import validation as V
+
+    device = torch.device("cuda")
+    params = V.loss_params(dict(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
+                                average_log_prob=False, backend="triton"), device)  # fmt: skip
+    result = dict(
+        device=torch.cuda.get_device_name(0), torch=torch.__version__,
+        triton=triton.__version__, driver=_driver(), date=datetime.date.today().isoformat(),
+        rows=args.rows, copy=[], kernels=[], sweep=[],
+    )  # fmt: skip
+    bench = lambda f: triton.testing.do_bench(f, warmup=50, rep=300)  # noqa: E731
+
+    for vocab in args.vocab:
+        _bench_vocab(vocab, args.rows, not args.no_sweep, params, bench, result)
+        torch.cuda.empty_cache()
+
+    if args.profile:
+        _profile(args.profile, args.rows, max(args.vocab))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_vocab(vocab, rows, sweep, params, bench, result) -> None:
+    """Copy, old and new kernels, and (``sweep``) every launch configuration at one V."""
+    import torch
+
+    from benchmarks import baseline_token_kernels as old
+    from epsdpo_kernels import token_kernels as new
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (16, rows // 16, vocab)
+    policy = (torch.randn(shape, generator=gen, device=device) * 3).to(torch.bfloat16)
+    ref = (policy.float() + 0.1 * torch.randn(shape, generator=gen, device=device)).to(
+        torch.bfloat16
+    )
+    labels = torch.randint(0, vocab, shape[:2], generator=gen, device=device)
+    row_coef = torch.randn(rows, device=device)
+    nbytes = policy.numel() * policy.element_size()
+    scratch = torch.empty_like(policy)
+    copy_ms = bench(lambda: scratch.copy_(policy))
+    copy_bw = 2 * nbytes / (copy_ms * 1e-3)
+    result["copy"].append(dict(vocab=vocab, ms=copy_ms, bytes_per_s=copy_bw))
+    print(f"V={vocab}: copy {2 * nbytes / 1e9:.2f} GB in {copy_ms:.3f} ms = "
+          f"{copy_bw / 1e12:.2f} TB/s", flush=True)  # fmt: skip
+
+    stats = new.token_forward(policy, ref, labels, params)
+    grad = new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
+    runs = {
+        "new": (lambda: new.token_forward(policy, ref, labels, params),
+                lambda: new.token_backward(policy, labels, stats, row_coef, params,
+                                           inplace=False)),
+        "old": (lambda: old.token_forward(policy, ref, labels, epsilon=0.01,
+                                          ignore_index=-100),
+                lambda: old.token_backward(policy, labels, old_stats, row_coef,
+                                           ignore_index=-100, inplace=False)),
+    }  # fmt: skip
+    old_stats = old.token_forward(policy, ref, labels, epsilon=0.01, ignore_index=-100)
+    for name, (forward, backward) in runs.items():
+        fwd_ms, bwd_ms = bench(forward), bench(backward)
+        row = _row(name, vocab, fwd_ms, bwd_ms, 2 * nbytes, copy_bw)
+        result["kernels"].append(row)
+        print(_describe(row), flush=True)
+
+    if sweep:
+        default = (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS,
+                   new.BWD_LANES_PER_THREAD)  # fmt: skip
+        try:
+            for warps in WARPS:
+                for lanes in LANES_PER_THREAD:
+                    new.FWD_WARPS = new.BWD_WARPS = warps
+                    new.FWD_LANES_PER_THREAD = new.BWD_LANES_PER_THREAD = lanes
+                    row = _sweep_point(new, policy, ref, labels, row_coef, params, stats, grad,
+                                       bench, nbytes, copy_bw, vocab, warps, lanes)  # fmt: skip
+                    result["sweep"].append(row)
+                    print(_describe(row), flush=True)
+        finally:
+            (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS,
+             new.BWD_LANES_PER_THREAD) = default  # fmt: skip
+
+
+def _row(name, vocab, fwd_ms, bwd_ms, bytes_each, copy_bw):
+    return dict(
+        kernels=name, vocab=vocab, fwd_ms=fwd_ms, bwd_ms=bwd_ms,
+        fwd_copy_fraction=bytes_each / (fwd_ms * 1e-3) / copy_bw,
+        bwd_copy_fraction=bytes_each / (bwd_ms * 1e-3) / copy_bw,
+        total_copy_fraction=2 * bytes_each / ((fwd_ms + bwd_ms) * 1e-3) / copy_bw,
+    )  # fmt: skip
+
+
+def _describe(row) -> str:
+    label = row["kernels"] + (f" warps={row['warps']} lanes={row['lanes']}" if "warps" in row
+                              else "")  # fmt: skip
+    if "error" in row:
+        return f"  {label}: {row['error']}"
+    return (f"  {label}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_copy_fraction']:.0%} of copy), "
+            f"bwd {row['bwd_ms']:.3f} ms ({row['bwd_copy_fraction']:.0%}), fwd+bwd "
+            f"{row['total_copy_fraction']:.0%}")  # fmt: skip
+
+
+def _sweep_point(new, policy, ref, labels, row_coef, params, stats, grad, bench, nbytes,
+                 copy_bw, vocab, warps, lanes):  # fmt: skip
+    import torch
+
+    point = dict(kernels="new", warps=warps, lanes=lanes, vocab=vocab)
+    try:
+        got_stats = new.token_forward(policy, ref, labels, params)
+        got_grad = new.token_backward(policy, labels, got_stats, row_coef, params, inplace=False)
+        torch.testing.assert_close(got_stats, stats, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad.float(), grad.float(), rtol=1e-2, atol=1e-6)
+    except Exception as e:  # a configuration that does not compile or disagrees: recorded
+        return dict(point, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    fwd_ms = bench(lambda: new.token_forward(policy, ref, labels, params))
+    bwd_ms = bench(lambda: new.token_backward(policy, labels, stats, row_coef, params,
+                                              inplace=False))  # fmt: skip
+    return dict(point, **_row("new", vocab, fwd_ms, bwd_ms, 2 * nbytes, copy_bw))
+
+
+def _profile(path: str, rows: int, vocab: int) -> None:
+    """Where one logits-path fwd+bwd spends its GPU time, kernel by kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from epsdpo_kernels import epsilon_dpo_loss
+
+    shape = (8, rows // 8, vocab)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    policy = (torch.randn(shape, generator=gen, device="cuda") * 3).to(torch.bfloat16)
+    ref = (policy.float() + 0.1).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, shape[:2], generator=gen, device="cuda")
+    labels[:, : shape[1] // 2] = -100
+
+    def step():
+        logits = policy.detach().requires_grad_()
+        epsilon_dpo_loss(logits, ref, labels, beta=0.1, epsilon=0.01).loss.backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    Path(path).write_text(f"epsilon_dpo_loss fwd+bwd ×5, logits {shape} bf16, half prompt\n\n"
+                          + table)  # fmt: skip
+    print(table, flush=True)
+
+
+def _driver() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else "unknown"
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
