@@ -25,7 +25,7 @@ def _error_lines(proc) -> list[str]:
         (["--epsilon", "1.5"], "error: --epsilon must be in [0, 1)"),
         (["--beta", "abc"], "argument --beta: invalid float value: 'abc'"),
         (["--loss", "eager"], "argument --loss: invalid choice"),
-        (["--model", "./no-such-model"], "error: --model ./no-such-model: no such directory"),
+        (["--model", "./no-such-model"], "error: --model ./no-such-model: no such file or directory"),
         (["--dataset", "./no-such.jsonl"], "error: --dataset ./no-such.jsonl: no such file"),
         (["--max-prompt-length", "200"], "must be smaller than --max-length (128)"),
         (["--global-batch-size", "12", "--micro-batch-size", "8"], "must be a multiple of"),
@@ -126,3 +126,13 @@ def test_readme_usage_line_lists_every_flag():
     readme = (ROOT / "README.md").read_text()
     for f in dataclasses.fields(Config):
         assert "--" + f.name.replace("_", "-") in readme, f.name
+
+
+def test_model_config_file_with_a_too_small_vocabulary_is_one_line(tmp_path):
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({"model_type": "llama", "vocab_size": 100}))
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--model", str(config)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert "needs vocab_size ≥ 260, got 100" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -239,6 +239,7 @@ def test_metrics_names_and_values(device):
         "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
         "kl/p_epsilon_steps", "kl/n_epsilon_steps", "kl/avg_steps", "kl/beta",
+        "displacement/chosen_below_ref", "displacement/chosen_logratio",
     }  # fmt: skip
     assert set(metrics) == {"eval/" + n for n in expected_names}
     steps = out.steps.float()

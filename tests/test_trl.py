@@ -352,3 +352,34 @@ def test_cuda_bf16_training_and_peak_memory_against_trl_dpo(tmp_path, record_pro
           f"EpsilonDPOTrainer {ours / 2**20:.0f} MiB; losses {losses}")  # fmt: skip
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert ours < dpo, (dpo, ours)
+
+
+def test_epsilon_zero_equals_trl_dpo_trainer_loss_and_gradients(tmp_path):
+    """ε = 0 is plain DPO: the same batch through TRL's own DPOTrainer gives the same loss and
+    parameter gradients (TRL computes log-probs with its fused LM head, we with ours)."""
+    from trl import DPOConfig, DPOTrainer
+
+    ours = make_trainer(tmp_path / "eps", epsilon=0.0)
+    args = config(tmp_path / "dpo", epsilon=0.0)
+    fields = {k for k in args.to_dict() if k in DPOConfig.__dataclass_fields__}
+    policy, reference = tiny_models()
+    theirs = DPOTrainer(policy, ref_model=reference, train_dataset=pairs(8),
+                        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
+                        processing_class=byte_tokenizer())  # fmt: skip
+    batch = next(iter(ours.get_train_dataloader()))
+    results = []
+    for trainer in (ours, theirs):
+        # The same perturbation of both policies, so that the log-ratios are not all zero.
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a.item() - 0.6931472) > 1e-3  # a loss away from log 2: real log-ratios
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-7, msg=name)
