@@ -25,7 +25,7 @@ def _error_lines(proc) -> list[str]:
         (["--epsilon", "1.5"], "error: --epsilon must be in [0, 1)"),
         (["--beta", "abc"], "argument --beta: invalid float value: 'abc'"),
         (["--loss", "eager"], "argument --loss: invalid choice"),
-        (["--model", "./no-such-model"], "error: --model ./no-such-model: no such file or directory"),
+        (["--model", "./no-such-model"], "error: --model ./no-such-model: no such file"),
         (["--dataset", "./no-such.jsonl"], "error: --dataset ./no-such.jsonl: no such file"),
         (["--max-prompt-length", "200"], "must be smaller than --max-length (128)"),
         (["--global-batch-size", "12", "--micro-batch-size", "8"], "must be a multiple of"),
