@@ -162,6 +162,9 @@ class EpsilonDPOTrainer(DPOTrainer):
     _name = "ε-DPO"
 
     def __init__(self, model, ref_model=None, args: EpsilonDPOConfig | None = None, **kwargs):
+        if args is None:  # as DPOTrainer: a default config named after the model
+            name = model if isinstance(model, str) else model.config._name_or_path or "model"
+            args = EpsilonDPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-EpsilonDPO")
         if not isinstance(args, EpsilonDPOConfig):
             raise TypeError(
                 "args must be an EpsilonDPOConfig (TRL's DPOConfig plus epsilon), got "

@@ -426,3 +426,14 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     trainer.train()
     assert len(step_logs(trainer)) == 3
     assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TRL's default config is bf16 on a GPU")
+def test_default_config_when_args_is_omitted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    policy, reference = tiny_models()
+    trainer = EpsilonDPOTrainer(policy, ref_model=reference, train_dataset=pairs(4),
+                                processing_class=byte_tokenizer())  # fmt: skip
+    assert isinstance(trainer.args, EpsilonDPOConfig)
+    assert trainer.args.epsilon == 0.01 and trainer.adaptive_beta.beta == trainer.args.beta
+    assert trainer.args.output_dir.endswith("-EpsilonDPO")
