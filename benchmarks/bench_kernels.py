@@ -1,8 +1,9 @@
 """The per-token kernels alone on a GPU: bandwidth against the measured copy, old vs new, and a
 sweep of the launch configuration (warps × lanes per thread), at several vocabulary sizes.
 
-    python benchmarks/bench_kernels.py --json kernels.json              # CUDA only
+    python benchmarks/bench_kernels.py --json kernels.json              # on CUDA
     python benchmarks/bench_kernels.py --rows 16384 --vocab 128256 --no-sweep --profile prof.txt
+    python benchmarks/bench_kernels.py --dry-run --rows 32 --vocab 300    # no GPU: plumbing only
 
 Every row of the (rows, V) bf16 logits is scored (the logits path's worst case). Bytes moved:
 forward reads policy and reference logits (2·rows·V·2), backward reads the policy logits and
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,47 +38,65 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default=None,
                         help="write a torch.profiler table of one epsilon_dpo_loss fwd+bwd "
                              "at --rows × the largest --vocab here")  # fmt: skip
+    dry_help = (
+        "CPU tensors through Triton's interpreter, one timed call each: the plumbing "
+        "without a GPU (times meaningless)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help=dry_help)
     args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
     import torch
 
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device (the kernels' CPU path is Triton's interpreter)")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("needs a CUDA device (or --dry-run, through Triton's CPU interpreter)")
     import triton
 
     from epsdpo_kernels import validation as V
 
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.dry_run else "cuda")
     params = V.loss_params(dict(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
                                 average_log_prob=False, backend="triton"), device)  # fmt: skip
     result = dict(
-        device=torch.cuda.get_device_name(0), torch=torch.__version__,
-        triton=triton.__version__, driver=_driver(), date=datetime.date.today().isoformat(),
+        device="dry run (CPU interpreter)" if args.dry_run else torch.cuda.get_device_name(0),
+        torch=torch.__version__, triton=triton.__version__,
+        driver="n/a" if args.dry_run else _driver(), date=datetime.date.today().isoformat(),
         rows=args.rows, copy=[], kernels=[], sweep=[],
     )  # fmt: skip
-    bench = lambda f: triton.testing.do_bench(f, warmup=50, rep=300)  # noqa: E731
+    if args.dry_run:
+        bench = _time_once
+    else:
+        bench = lambda f: triton.testing.do_bench(f, warmup=50, rep=300)  # noqa: E731
 
     for vocab in args.vocab:
-        _bench_vocab(vocab, args.rows, not args.no_sweep, params, bench, result)
-        torch.cuda.empty_cache()
+        _bench_vocab(vocab, args.rows, not args.no_sweep, params, bench, result, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     if args.profile:
-        _profile(args.profile, args.rows, max(args.vocab))
+        _profile(args.profile, args.rows, max(args.vocab), device)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 
-def _bench_vocab(vocab, rows, sweep, params, bench, result) -> None:
+def _time_once(f) -> float:
+    """Milliseconds of one call (the dry run's stand-in for do_bench)."""
+    start = time.perf_counter()
+    f()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
     """Copy, old and new kernels, and (``sweep``) every launch configuration at one V."""
     import torch
 
     from benchmarks import baseline_token_kernels as old
     from epsdpo_kernels import token_kernels as new
 
-    device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    shape = (16, rows // 16, vocab)
+    shape = (16, max(1, rows // 16), vocab)
     policy = (torch.randn(shape, generator=gen, device=device) * 3).to(torch.bfloat16)
     ref = (policy.float() + 0.1 * torch.randn(shape, generator=gen, device=device)).to(
         torch.bfloat16
@@ -162,32 +183,37 @@ def _sweep_point(new, policy, ref, labels, row_coef, params, stats, grad, bench,
     return dict(point, **_row("new", vocab, fwd_ms, bwd_ms, 2 * nbytes, copy_bw))
 
 
-def _profile(path: str, rows: int, vocab: int) -> None:
+def _profile(path: str, rows: int, vocab: int, device) -> None:
     """Where one logits-path fwd+bwd spends its GPU time, kernel by kernel."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from epsdpo_kernels import epsilon_dpo_loss
 
-    shape = (8, rows // 8, vocab)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    policy = (torch.randn(shape, generator=gen, device="cuda") * 3).to(torch.bfloat16)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    shape = (8, max(1, rows // 8), vocab)
+    gen = torch.Generator(device=device).manual_seed(0)
+    policy = (torch.randn(shape, generator=gen, device=device) * 3).to(torch.bfloat16)
     ref = (policy.float() + 0.1).to(torch.bfloat16)
-    labels = torch.randint(0, vocab, shape[:2], generator=gen, device="cuda")
+    labels = torch.randint(0, vocab, shape[:2], generator=gen, device=device)
     labels[:, : shape[1] // 2] = -100
 
     def step():
         logits = policy.detach().requires_grad_()
-        epsilon_dpo_loss(logits, ref, labels, beta=0.1, epsilon=0.01).loss.backward()
+        epsilon_dpo_loss(logits, ref, labels, beta=0.1, epsilon=0.01,
+                         backend="triton").loss.backward()  # fmt: skip
 
-    for _ in range(3):
+    for _ in range(3 if cuda else 1):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5 if cuda else 1):
             step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        sync()
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
     Path(path).write_text(f"epsilon_dpo_loss fwd+bwd ×5, logits {shape} bf16, half prompt\n\n"
                           + table)  # fmt: skip
     print(table, flush=True)

@@ -35,3 +35,20 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     assert "| epsdpo-linear |" in proc.stdout
     assert proc.stderr.count("[bench]") >= 2 * len(rows)  # a progress line per row, and a result
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_kernel_benchmark_dry_run_exercises_every_path(tmp_path):
+    """bench_kernels.py's plumbing (old and new kernels, the launch-configuration sweep with its
+    agreement check, the profiler) through the CPU interpreter, so a GPU session only measures."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--dry-run", "--rows",
+         "32", "--vocab", "300", "--json", str(tmp_path / "k.json"), "--profile",
+         str(tmp_path / "profile.txt")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "k.json").read_text())
+    assert [r["kernels"] for r in result["kernels"]] == ["new", "old"]
+    assert len(result["sweep"]) == 9
+    assert all("error" not in r and r["fwd_ms"] > 0 for r in result["sweep"]), result["sweep"]
+    assert "epsilon_dpo_loss fwd+bwd" in (tmp_path / "profile.txt").read_text()
