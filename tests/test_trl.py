@@ -437,3 +437,41 @@ def test_default_config_when_args_is_omitted(tmp_path, monkeypatch):
     assert isinstance(trainer.args, EpsilonDPOConfig)
     assert trainer.args.epsilon == 0.01 and trainer.adaptive_beta.beta == trainer.args.beta
     assert trainer.args.output_dir.endswith("-EpsilonDPO")
+
+
+_FSDP_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from tests.test_trl import make_trainer, step_logs
+out, fsdp = Path(sys.argv[1]), sys.argv[2] == "fsdp"
+options = {"fsdp_version": 2, "reshard_after_forward": True}
+extra = dict(fsdp=True, fsdp_config=options) if fsdp else {}
+trainer = make_trainer(out, max_steps=3, use_cpu=False, **extra)
+assert trainer.is_fsdp_enabled == fsdp, trainer.accelerator.distributed_type
+trainer.train()
+(out / "logs.json").write_text(json.dumps([[e["loss"], e["kl/beta"]] for e in step_logs(trainer)]))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on GPUs only")
+def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
+    """Under FSDP2 (accelerate, one process) the lm_head reaches the loss as a DTensor and is
+    gathered with full_tensor(): the same losses and β as without FSDP."""
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(_FSDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    results = {}
+    for mode in ("plain", "fsdp"):
+        out = tmp_path / mode
+        out.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+             f"--master_port={free_port()}", str(script), str(out), mode],
+            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[mode] = json.loads((out / "logs.json").read_text())
+    assert len(results["fsdp"]) == 3
+    for (loss_a, beta_a), (loss_b, beta_b) in zip(results["plain"], results["fsdp"]):
+        assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-5)
+        assert beta_b == pytest.approx(beta_a, rel=1e-12)
