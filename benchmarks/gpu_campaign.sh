@@ -4,11 +4,11 @@
 # training runs (the embedded default; a ~1B Llama at T=2048 with --loss linear and logits).
 #
 #   bash benchmarks/gpu_campaign.sh OUT_DIR                 # every phase, in order
-#   bash benchmarks/gpu_campaign.sh OUT_DIR bench kernels   # some phases
+#   bash benchmarks/gpu_campaign.sh OUT_DIR bench-1024 kernels   # some phases
 #
-# Phases: tests, bench, kernels, train-small, train-1b. Each fits in one 10-minute device call
-# on an H100 (see DEVELOPERS.md for the device tool); run them one per call there, each writing
-# at most 8 files under OUT_DIR. Packages the GPU image lacks (Liger-Kernel, TRL, datasets and
+# Phases: tests, bench-1024, bench-2048, kernels, kernels-ncu, train-small, train-1b. Each is meant to fit one
+# 10-minute device call on an H100 (estimated, not yet measured: each step is cut at
+# STEP_TIMEOUT_S, default 540 s, so its log comes back) and writes at most 8 files under OUT_DIR. Packages the GPU image lacks (Liger-Kernel, TRL, datasets and
 # two of its needs) travel as wheels in .whl/ (see benchmarks/RESULTS.md, "GPU campaign");
 # they are installed into /tmp/site when present. A phase that fails is reported and the next
 # one still runs; the exit status is the number of failed phases.
@@ -18,10 +18,12 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:?usage: gpu_campaign.sh OUT_DIR [PHASE ...]}
 shift
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests bench kernels train-small train-1b)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests bench-1024 bench-2048 kernels kernels-ncu train-small train-1b)
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PY=${PYTHON:-python3}
+# Each step stops short of the device tool's 10-minute call limit, so its log still comes back.
+RUN="timeout ${STEP_TIMEOUT_S:-540}"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -54,25 +56,30 @@ EOF
 phase_tests() {
     nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
     # The suite as CI runs it, but on CUDA tensors and compiled kernels (conftest switches).
-    $PY -m pytest -q -p no:cacheprovider -x -n 8 --dist loadfile --durations=15 2>&1 \
+    $RUN $PY -m pytest -q -p no:cacheprovider -n 8 --dist loadfile --durations=15 2>&1 \
         | tee "$OUT_DIR/pytest.log"
 }
 
 phase_bench() {
-    # The shapes: B=4, T=1024 and 2048, H=4096, V=128256, bf16, half prompt.
-    $PY benchmarks/bench_loss.py --device cuda --shape 4,1024,4096,128256 \
-        --shape 4,2048,4096,128256 --json "$OUT_DIR/bench_cuda.json" \
-        --plot "$OUT_DIR/bench_cuda.png" 2>&1 | tee "$OUT_DIR/bench.log"
+    # The shapes: B=4, T=1024 or 2048, H=4096, V=128256, bf16, half prompt. One T per
+    # phase, so that each fits a 10-minute call (eager and compiled rows are slow to set up).
+    local t=$1
+    $RUN $PY benchmarks/bench_loss.py --device cuda --shape "4,$t,4096,128256" \
+        --json "$OUT_DIR/bench_cuda_T$t.json" --plot "$OUT_DIR/bench_cuda_T$t.png" 2>&1 \
+        | tee "$OUT_DIR/bench_T$t.log"
 }
 
 phase_kernels() {
-    $PY benchmarks/bench_kernels.py --rows 16384 --vocab 32000 128256 256000 \
+    $RUN $PY benchmarks/bench_kernels.py --rows 16384 --vocab 32000 128256 256000 \
         --json "$OUT_DIR/kernels.json" --profile "$OUT_DIR/profile.txt" 2>&1 \
         | tee "$OUT_DIR/kernels.log"
-    $PY benchmarks/kernel_report.py > "$OUT_DIR/kernel_report.txt" 2>&1
+}
+
+phase_kernels_ncu() {
+    $RUN $PY benchmarks/kernel_report.py > "$OUT_DIR/kernel_report.txt" 2>&1
     if command -v ncu >/dev/null; then
         # One launch of each token kernel at 16k rows × 128256, clocks as found.
-        ncu --clock-control none --kernel-name regex:token_ --launch-count 3 \
+        $RUN ncu --clock-control none --kernel-name regex:token_ --launch-count 3 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis \
             $PY benchmarks/bench_kernels.py --rows 16384 --vocab 128256 --no-sweep \
             > "$OUT_DIR/ncu.txt" 2>&1 || echo "campaign: ncu failed (see ncu.txt)" >&2
@@ -80,11 +87,12 @@ phase_kernels() {
 }
 
 phase_train_small() {
-    $PY train/run.py --output-dir /tmp/campaign/default 2>&1 | tee "$OUT_DIR/train_default.log"
+    $RUN $PY train/run.py --output-dir /tmp/campaign/default 2>&1 \
+        | tee "$OUT_DIR/train_default.log"
     cp /tmp/campaign/default/metrics.jsonl "$OUT_DIR/train_default_metrics.jsonl"
     cp /tmp/campaign/default/metrics.png "$OUT_DIR/train_default_metrics.png"
     # EpsilonDPOTrainer on CUDA (bf16 autocast) against DPOTrainer's memory, printed.
-    $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k cuda 2>&1 \
+    $RUN $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k cuda 2>&1 \
         | tee "$OUT_DIR/trl_cuda.log"
 }
 
@@ -93,7 +101,8 @@ phase_train_1b() {
     long_dataset /tmp/campaign/long.jsonl
     local status=0
     for loss in linear logits; do
-        $PY train/run.py --model train/configs/llama-1b.json --dataset /tmp/campaign/long.jsonl \
+        timeout 280 $PY train/run.py --model train/configs/llama-1b.json \
+            --dataset /tmp/campaign/long.jsonl \
             --loss "$loss" --max-length 2048 --max-prompt-length 1024 --micro-batch-size 2 \
             --global-batch-size 8 --max-steps 12 --warmup-steps 2 --eval-every 0 \
             --save-every 0 --lr 1e-4 --output-dir "/tmp/campaign/1b-$loss" 2>&1 \
@@ -108,8 +117,10 @@ for phase in "${PHASES[@]}"; do
     echo "=== campaign phase: $phase ($(date -u +%H:%M:%S))"
     case "$phase" in
         tests) phase_tests ;;
-        bench) phase_bench ;;
+        bench-1024) phase_bench 1024 ;;
+        bench-2048) phase_bench 2048 ;;
         kernels) phase_kernels ;;
+        kernels-ncu) phase_kernels_ncu ;;
         train-small) phase_train_small ;;
         train-1b) phase_train_1b ;;
         *) echo "campaign: unknown phase $phase" >&2; false ;;
