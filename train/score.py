@@ -43,7 +43,7 @@ from data import (  # noqa: E402
 )
 from models import check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
 
-from epsdpo_kernels import causal_lm_hidden_and_head, ches_scores  # noqa: E402
+from epsdpo_kernels import ches_scores  # noqa: E402
 
 DEFAULT_DATASET = HERE / "data" / "default"
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -151,9 +151,11 @@ def score_split(split, rows, model, tokenizer, cfg: Config, device) -> list[dict
         batch = pairs[start : start + cfg.batch_size]
         inputs = {k: v.to(device) for k, v in collate(batch, pad).items()}
         with torch.no_grad():
-            hidden, _, _ = causal_lm_hidden_and_head(
-                model, inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            )
+            # The decoder alone: CHES needs hidden states, not logits (so models with
+            # soft-capped or scaled logits are fine here).
+            hidden = model.get_decoder()(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).last_hidden_state
             labels = inputs["labels"]
             plain = ches_scores(hidden, labels).tolist()
             normalized = ches_scores(hidden, labels, length_normalized=True).tolist()
