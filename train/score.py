@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(cfg.model)
     splits = read_splits(source)
     model, _ = load_policy_and_reference(cfg.model, cfg.seed, reference=False)
+    if not callable(getattr(model, "get_decoder", None)):
+        raise UsageError(f"--model {cfg.model}: {type(model).__name__} has no get_decoder(), "
+                         "so its last hidden states cannot be read without its logits")  # fmt: skip
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
     out_dir = Path(cfg.output_dir)
