@@ -23,7 +23,6 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 
 from .adaptive_beta import AdaptiveBeta
 from .hf import check_linear_head
@@ -211,13 +210,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         return hidden[:, -inputs["input_ids"].shape[1] :][:, :-1], weight, bias
 
     def _reference_hidden(self, inputs):
-        # Checkpointing a forward without gradients only costs (and warns); switch it off.
-        no_checkpointing = (
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-            if self.args.gradient_checkpointing
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), no_checkpointing:
+        with torch.no_grad():
             if self.ref_model is not None:
                 return self._hidden(self.ref_model, inputs)
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -226,7 +219,12 @@ class EpsilonDPOTrainer(DPOTrainer):
             from trl.trainer.utils import use_adapter
 
             adapter = "ref" if "ref" in unwrapped.peft_config else None
-            with use_adapter(unwrapped, adapter_name=adapter):
+            # The reference pass runs through the policy: checkpointing a forward without
+            # gradients only costs (and warns under reentrant checkpointing); switch it off.
+            with (
+                use_adapter(unwrapped, adapter_name=adapter),
+                _no_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs),
+            ):
                 return self._hidden(self.model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -333,6 +331,22 @@ class EpsilonDPOTrainer(DPOTrainer):
                 self.adaptive_beta.load_state_dict(json.load(f))
             self.beta = self.adaptive_beta.beta
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_checkpointing(model, checkpointing_kwargs):
+    """Activation checkpointing off for the block, under transformers' current names
+    (``activation_checkpointing_*`` from 5.x, ``gradient_checkpointing_*`` before)."""
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    prefix = "activation_checkpointing" if new_names else "gradient_checkpointing"
+    enabled = getattr(model, f"is_{prefix}", False)
+    if enabled:
+        getattr(model, f"{prefix}_disable")()
+    try:
+        yield
+    finally:
+        if enabled:
+            getattr(model, f"{prefix}_enable")(checkpointing_kwargs)
 
 
 class _BetaUpdate(TrainerCallback):

@@ -405,3 +405,90 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
     for (loss_a, beta_a), (loss_b, beta_b) in zip(results["plain"], results["fsdp"]):
         assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-5)
         assert beta_b == pytest.approx(beta_a, rel=1e-12)
+
+
+def test_run_trl_script_trains_the_embedded_default(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    command = [sys.executable, str(ROOT / "train" / "run_trl.py"), "--max-steps", "4",
+               "--eval-every", "2", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "done: 4 steps" in proc.stdout
+    bad = subprocess.run(command + ["--epsilon", "1.5"], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: --epsilon must be in [0, 1), got 1.5"]
+
+
+def test_epsilon_zero_equals_trl_dpo_trainer_loss_and_gradients(tmp_path):
+    """ε = 0 is plain DPO: the same batch through TRL's own DPOTrainer gives the same loss and
+    parameter gradients (TRL computes log-probs with its fused LM head, we with ours)."""
+    from trl import DPOConfig, DPOTrainer
+
+    ours = make_trainer(tmp_path / "eps", epsilon=0.0)
+    args = config(tmp_path / "dpo", epsilon=0.0)
+    fields = {k for k in args.to_dict() if k in DPOConfig.__dataclass_fields__}
+    policy, reference = tiny_models()
+    theirs = DPOTrainer(policy, ref_model=reference, train_dataset=pairs(8),
+                        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
+                        processing_class=byte_tokenizer())  # fmt: skip
+    batch = next(iter(ours.get_train_dataloader()))
+    results = []
+    for trainer in (ours, theirs):
+        # The same perturbation of both policies, so that the log-ratios are not all zero.
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a.item() - 0.6931472) > 1e-3  # a loss away from log 2: real log-ratios
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
+    """No ref_model and a LoRA adapter: the reference is the policy with the adapter disabled
+    (TRL's convention); one batch equals epsilon_dpo_loss on logits computed that way, only the
+    adapter gets gradients, and training runs."""
+    peft = pytest.importorskip("peft")
+
+    policy, _ = tiny_models()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = EpsilonDPOTrainer(policy, args=config(tmp_path, max_steps=3), train_dataset=pairs(8),
+                                processing_class=byte_tokenizer(), peft_config=lora)  # fmt: skip
+    assert trainer.ref_model is None
+    model = trainer.model
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA starts as the identity (B = 0); move it so the two differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    model.zero_grad()
+
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    policy_logits = model(**inputs).logits[:, :-1]
+    with torch.no_grad(), model.disable_adapter():
+        ref_logits = model(**inputs).logits[:, :-1]
+    assert (policy_logits - ref_logits).abs().max() > 1e-3  # the adapter matters
+    expected = epsilon_dpo_loss(policy_logits, ref_logits, labels, beta=0.1, epsilon=0.05).loss
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4,
+                                   atol=1e-7, msg=name)  # fmt: skip
+    model.zero_grad()
+    trainer.train()
+    assert len(step_logs(trainer)) == 3
+    assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-9)
