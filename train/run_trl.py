@@ -1,7 +1,7 @@
 """ε-DPO with TRL: EpsilonDPOTrainer on the embedded default, or on your model and data.
 
     python train/run_trl.py                                   # tiny Llama, embedded data, CPU ok
-    accelerate launch train/run_trl.py --model ID_OR_PATH --dataset ID_OR_PATH --max-steps 500
+    python train/run_trl.py --model ID_OR_PATH --dataset ID_OR_PATH --max-steps 500
 
 The same models and data as train/run.py (``--model``: a Hugging Face id, a local directory or a
 model config .json; ``--dataset``: .json/.jsonl(.gz) files, a directory or a Hugging Face id),
