@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -32,6 +33,19 @@ class ArgumentParser(argparse.ArgumentParser):
         if is_rank_zero():
             print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def option(default, help, **metadata):
+    """A config dataclass field that ``add_dataclass_flags`` turns into a documented flag."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+
+
+def check_beta_epsilon(beta: float, epsilon: float) -> None:
+    """The loss flags every script shares, checked before anything loads."""
+    if not (math.isfinite(beta) and beta > 0):
+        raise UsageError(f"--beta must be a finite number > 0, got {beta}")
+    if not 0 <= epsilon < 1:
+        raise UsageError(f"--epsilon must be in [0, 1), got {epsilon}")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:

@@ -25,6 +25,12 @@ from cli import UsageError, looks_like_path
 
 EVAL_SPLITS = ("eval", "test", "validation")
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+DEFAULT_DATASET = Path(__file__).resolve().parent / "data" / "default"
+DATASET_HELP = (
+    "preference data: a .json/.jsonl file (optionally .gz), a directory with train and "
+    "eval|test|validation files, or a Hugging Face dataset id; default: the embedded "
+    "train/data/default"
+)
 # A prompt or completion that loses more than this share of its tokens to truncation counts as
 # "mostly dropped" in the truncation report.
 MOSTLY_DROPPED = 0.5
@@ -51,7 +57,8 @@ class Pair:
 
 
 # ----------------------------------------------------------------------------- loading
-def _data_suffix(path: Path) -> str | None:
+def data_suffix(path: Path) -> str | None:
+    """The data-file suffix ``path`` ends with (the longest that matches), or None."""
     name = path.name
     return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)),
                 None)  # fmt: skip
@@ -86,7 +93,7 @@ def read_splits(source: str) -> dict[str, tuple[Path | None, list[Row]]]:
     if path.is_dir():
         files = {}
         for p in sorted(path.iterdir()):
-            suffix = _data_suffix(p)
+            suffix = data_suffix(p)
             if suffix is not None:
                 files.setdefault(p.name[: -len(suffix)], p)
         if "train" not in files:
@@ -95,7 +102,7 @@ def read_splits(source: str) -> dict[str, tuple[Path | None, list[Row]]]:
         names = ["train"] + [s for s in EVAL_SPLITS if s in files][:1]
         return {name: (files[name], _read_file(files[name])) for name in names}
     if path.is_file():
-        if _data_suffix(path) is None:
+        if data_suffix(path) is None:
             raise DataError(f"--dataset {source}: expected a file ending in "
                             f"{', '.join(DATA_SUFFIXES)}")  # fmt: skip
         return {"train": (path, _read_file(path))}

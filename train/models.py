@@ -16,6 +16,10 @@ import torch
 from cli import UsageError, looks_like_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-llama.json"
+MODEL_HELP = (
+    "Hugging Face id or local directory of a causal LM, or a model config .json (random init, "
+    "byte tokenizer); default: the embedded tiny Llama (random init)"
+)
 BYTE_VOCAB = 260  # the byte tokenizer: 256 bytes + <bos>, <eos>, <pad>, <unk>
 
 

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -28,8 +28,22 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from cli import ArgumentParser, UsageError, add_dataclass_flags, run_main  # noqa: E402
-from data import check_dataset_arg, collate, load_rows, tokenize_rows  # noqa: E402
+from cli import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    add_dataclass_flags,
+    check_beta_epsilon,
+    option,
+    run_main,
+)
+from data import (  # noqa: E402
+    DATASET_HELP,
+    DEFAULT_DATASET,
+    check_dataset_arg,
+    collate,
+    load_rows,
+    tokenize_rows,
+)
 from fsdp import (  # noqa: E402
     EpsilonDPOPolicy,
     ReferenceHidden,
@@ -42,47 +56,41 @@ from fsdp import (  # noqa: E402
     shard,
 )
 from metrics import MetricSums, plot_metrics, truncate_metrics  # noqa: E402
-from models import check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
+from models import (  # noqa: E402
+    MODEL_HELP,
+    check_model_arg,
+    load_policy_and_reference,
+    load_tokenizer,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
 from epsdpo_kernels import AdaptiveBeta  # noqa: E402
 
-DEFAULT_DATASET = HERE / "data" / "default"
-
 
 # ----------------------------------------------------------------------------- config
-def _opt(default, help, **metadata):
-    return field(default=default, metadata=dict(help=help, **metadata))
-
-
 @dataclass
 class Config:
-    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM, or a "
-                             "model config .json (random init, byte tokenizer); default: the "
-                             "embedded tiny Llama (random init)")  # fmt: skip
-    dataset: str | None = _opt(None, "preference data: a .json/.jsonl file (optionally .gz), a "
-                               "directory with train and eval|test|validation files, or a "
-                               "Hugging Face dataset id; default: the embedded "
-                               "train/data/default")  # fmt: skip
-    output_dir: str = _opt("runs/default", "metrics, plot, checkpoints and the final model")
-    max_steps: int = _opt(60, "optimizer steps")
-    global_batch_size: int = _opt(16, "pairs per optimizer step, all ranks together")
-    micro_batch_size: int = _opt(8, "pairs per forward pass, per rank")
-    lr: float = _opt(2e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = _opt(5, "linear warm-up steps before the cosine decay")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm")
-    beta: float = _opt(0.1, "initial KL coefficient β (> 0); adapted every step")
-    epsilon: float = _opt(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
-    loss: str = _opt("linear", "linear: the fused loss from hidden states (no logits tensor); "
+    model: str | None = option(None, MODEL_HELP)
+    dataset: str | None = option(None, DATASET_HELP)
+    output_dir: str = option("runs/default", "metrics, plot, checkpoints and the final model")
+    max_steps: int = option(60, "optimizer steps")
+    global_batch_size: int = option(16, "pairs per optimizer step, all ranks together")
+    micro_batch_size: int = option(8, "pairs per forward pass, per rank")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = option(5, "linear warm-up steps before the cosine decay")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    beta: float = option(0.1, "initial KL coefficient β (> 0); adapted every step")
+    epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
+    loss: str = option("linear", "linear: the fused loss from hidden states (no logits tensor); "
                      "logits: the fused loss on the model's logits",
                      choices=["linear", "logits"])  # fmt: skip
-    max_length: int = _opt(128, "tokens per sequence, prompt and completion")
-    max_prompt_length: int = _opt(64, "prompt tokens kept (from the right)")
-    eval_every: int = _opt(10, "evaluate every N steps (0: never)")
-    save_every: int = _opt(30, "checkpoint every N steps (0: never)")
-    resume: bool = _opt(False, "continue from the latest complete checkpoint in --output-dir")
-    seed: int = _opt(0, "seed of the initial weights, the data order and the eval hold-out")
+    max_length: int = option(128, "tokens per sequence, prompt and completion")
+    max_prompt_length: int = option(64, "prompt tokens kept (from the right)")
+    eval_every: int = option(10, "evaluate every N steps (0: never)")
+    save_every: int = option(30, "checkpoint every N steps (0: never)")
+    resume: bool = option(False, "continue from the latest complete checkpoint in --output-dir")
+    seed: int = option(0, "seed of the initial weights, the data order and the eval hold-out")
 
 
 def parse_args(argv=None) -> Config:
@@ -93,10 +101,7 @@ def parse_args(argv=None) -> Config:
 
 def check_config(cfg: Config, world: int) -> None:
     """Every check that needs no model or data, before anything is loaded."""
-    if not (math.isfinite(cfg.beta) and cfg.beta > 0):
-        raise UsageError(f"--beta must be a finite number > 0, got {cfg.beta}")
-    if not 0 <= cfg.epsilon < 1:
-        raise UsageError(f"--epsilon must be in [0, 1), got {cfg.epsilon}")
+    check_beta_epsilon(cfg.beta, cfg.epsilon)
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_prompt_length"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")

@@ -12,44 +12,47 @@ prompts itself). Outputs in --output-dir: TRL's checkpoints (with β) and traine
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from cli import ArgumentParser, UsageError, add_dataclass_flags, run_main  # noqa: E402
-from data import check_dataset_arg, load_rows  # noqa: E402
-from models import check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
-
-DEFAULT_DATASET = HERE / "data" / "default"
-
-
-def _opt(default, help, **metadata):
-    return field(default=default, metadata=dict(help=help, **metadata))
+from cli import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    add_dataclass_flags,
+    check_beta_epsilon,
+    option,
+    run_main,
+)
+from data import DATASET_HELP, DEFAULT_DATASET, check_dataset_arg, load_rows  # noqa: E402
+from models import (  # noqa: E402
+    MODEL_HELP,
+    check_model_arg,
+    load_policy_and_reference,
+    load_tokenizer,
+)
 
 
 @dataclass
 class Config:
-    model: str | None = _opt(None, "Hugging Face id, local directory or model config .json; "
-                             "default: the embedded tiny Llama (random init)")  # fmt: skip
-    dataset: str | None = _opt(None, "preference data as for train/run.py; default: the "
-                               "embedded train/data/default")  # fmt: skip
-    output_dir: str = _opt("runs/trl", "TRL's checkpoints and logs")
-    max_steps: int = _opt(60, "optimizer steps")
-    batch_size: int = _opt(8, "pairs per device per micro-batch")
-    gradient_accumulation_steps: int = _opt(2, "micro-batches per optimizer step")
-    lr: float = _opt(2e-3, "peak learning rate")
-    beta: float = _opt(0.1, "initial KL coefficient β (> 0); adapted every step")
-    epsilon: float = _opt(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
-    max_length: int = _opt(128, "tokens per sequence, prompt and completion")
-    eval_every: int = _opt(20, "evaluate every N steps (0: never)")
-    seed: int = _opt(0, "seed of the initial weights and the data order")
+    model: str | None = option(None, MODEL_HELP)
+    dataset: str | None = option(None, DATASET_HELP)
+    output_dir: str = option("runs/trl", "TRL's checkpoints and logs")
+    max_steps: int = option(60, "optimizer steps")
+    batch_size: int = option(8, "pairs per device per micro-batch")
+    gradient_accumulation_steps: int = option(2, "micro-batches per optimizer step")
+    lr: float = option(2e-3, "peak learning rate")
+    beta: float = option(0.1, "initial KL coefficient β (> 0); adapted every step")
+    epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
+    max_length: int = option(128, "tokens per sequence, prompt and completion")
+    eval_every: int = option(20, "evaluate every N steps (0: never)")
+    seed: int = option(0, "seed of the initial weights and the data order")
 
 
 def main(argv=None) -> int:
@@ -60,10 +63,7 @@ def main(argv=None) -> int:
         raise UsageError("--max-steps, --batch-size and --gradient-accumulation-steps must be ≥ 1")
     if cfg.max_length < 2 or cfg.eval_every < 0:
         raise UsageError("--max-length must be ≥ 2 and --eval-every ≥ 0")
-    if not (math.isfinite(cfg.beta) and cfg.beta > 0):
-        raise UsageError(f"--beta must be a finite number > 0, got {cfg.beta}")
-    if not 0 <= cfg.epsilon < 1:
-        raise UsageError(f"--epsilon must be in [0, 1), got {cfg.epsilon}")
+    check_beta_epsilon(cfg.beta, cfg.epsilon)
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -25,7 +25,7 @@ import gzip
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,43 +33,42 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from cli import ArgumentParser, UsageError, add_dataclass_flags, run_main  # noqa: E402
+from cli import ArgumentParser, UsageError, add_dataclass_flags, option, run_main  # noqa: E402
 from data import (  # noqa: E402
-    DATA_SUFFIXES,
+    DATASET_HELP,
+    DEFAULT_DATASET,
     check_dataset_arg,
     collate,
+    data_suffix,
     read_splits,
     tokenize_rows,
 )
-from models import check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
+from models import (  # noqa: E402
+    MODEL_HELP,
+    check_model_arg,
+    load_policy_and_reference,
+    load_tokenizer,
+)
 
 from epsdpo_kernels import ches_scores  # noqa: E402
 
-DEFAULT_DATASET = HERE / "data" / "default"
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
-
-
-def _opt(default, help, **metadata):
-    return field(default=default, metadata=dict(help=help, **metadata))
 
 
 @dataclass
 class Config:
-    model: str | None = _opt(None, "Hugging Face id or local directory of a causal LM, or a "
-                             "model config .json (random init, byte tokenizer); default: the "
-                             "embedded tiny Llama (random init)")  # fmt: skip
-    dataset: str | None = _opt(None, "preference data, as for train/run.py; default: the "
-                               "embedded train/data/default")  # fmt: skip
-    output_dir: str = _opt("runs/ches", "scores.jsonl, ches_hist.png and the filtered dataset")
-    batch_size: int = _opt(16, "pairs per forward pass")
-    max_length: int = _opt(128, "tokens per sequence, prompt and completion (as train/run.py)")
-    max_prompt_length: int = _opt(64, "prompt tokens kept, from the right (as train/run.py)")
-    drop_top: float | None = _opt(None, "write the dataset without the top K%% of training "
+    model: str | None = option(None, MODEL_HELP)
+    dataset: str | None = option(None, DATASET_HELP)
+    output_dir: str = option("runs/ches", "scores.jsonl, ches_hist.png and the filtered dataset")
+    batch_size: int = option(16, "pairs per forward pass")
+    max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
+    max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
+    drop_top: float | None = option(None, "write the dataset without the top K%% of training "
                                   "pairs by --rank-by (0 < K < 100)")  # fmt: skip
-    rank_by: str = _opt("ches_normalized", "score that ranks pairs for --drop-top",
+    rank_by: str = option("ches_normalized", "score that ranks pairs for --drop-top",
                         choices=["ches_normalized", "ches"])  # fmt: skip
-    device: str = _opt("auto", "cuda, cpu, or auto (cuda when available)")
-    seed: int = _opt(0, "seed of the embedded default model's random init")
+    device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
+    seed: int = option(0, "seed of the embedded default model's random init")
 
 
 def parse_args(argv=None) -> Config:
@@ -227,8 +226,7 @@ def write_filtered(source, splits, records, cfg: Config, out_dir: Path):
             if split != "train":
                 _write_rows(target.parent / f"{split}.jsonl", rows)
         return target.parent, len(drop), len(kept)
-    suffix = next(s for s in sorted(DATA_SUFFIXES, key=len, reverse=True)
-                  if train_file.name.endswith(s))  # fmt: skip
+    suffix = data_suffix(train_file)
     if Path(source).expanduser().is_dir():
         target_dir = out_dir / "filtered"
         target_dir.mkdir(parents=True, exist_ok=True)
