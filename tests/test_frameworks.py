@@ -3,7 +3,6 @@ that both care about."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -11,11 +10,10 @@ import torch
 
 from epsdpo_kernels import (
     EpsilonDPOOutput,
-    LinearEpsilonDPOHead,
     epsilon_dpo_loss,
     linear_epsilon_dpo_loss,
 )
-from tests.test_linear import make_linear_batch
+from tests.test_linear import gloo_group, head_case, make_linear_batch, rank_rows, run_head
 from tests.utils import assert_close, free_port, make_batch
 
 
@@ -35,26 +33,16 @@ def test_output_is_a_pytree_of_its_tensors():
 
 
 def _fsdp_worker(rank, world, port, results):
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
+    with gloo_group(rank, world, port):
+        head, data = head_case()
         # The head sharded on its own, resharded after forward: its backward must gather the
         # weight again, which FSDP2 does only if it found the loss among the output's tensors.
         fully_shard(head, mesh=init_device_mesh("cpu", (world,)), reshard_after_forward=True)
-        data = make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
-        b = 4 // world
-        rows = torch.cat(
-            [torch.arange(rank * b, rank * b + b), 4 + torch.arange(rank * b, rank * b + b)]
-        )
-        out = head(data["ref_hidden"][rows] * 1.1, data["ref_hidden"][rows], data["ref_weight"],
-                   data["labels"][rows], ref_bias=data["ref_bias"], beta=0.1, epsilon=0.2,
-                   backend="torch")  # fmt: skip
+        rows = rank_rows(rank, world)
+        out = run_head(head, data, rows)
         assert isinstance(out, EpsilonDPOOutput)
         out.loss.backward()
         results[rank] = (head.lm_head.weight.grad.full_tensor().clone(),
@@ -67,8 +55,6 @@ def _fsdp_worker(rank, world, port, results):
             results[f"dtensor-{rank}"] = "no error"
         except TypeError as e:
             results[f"dtensor-{rank}"] = str(e)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_head_sharded_by_its_own_fsdp2_matches_one_process():
@@ -79,12 +65,8 @@ def test_head_sharded_by_its_own_fsdp2_matches_one_process():
     results = mp.Manager().dict()
     mp.spawn(_fsdp_worker, args=(2, free_port(), results), nprocs=2, join=True)
 
-    torch.manual_seed(0)
-    head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
-    data = make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
-    out = head(data["ref_hidden"] * 1.1, data["ref_hidden"], data["ref_weight"], data["labels"],
-               ref_bias=data["ref_bias"], beta=0.1, epsilon=0.2, backend="torch")  # fmt: skip
-    out.loss.backward()
+    head, data = head_case()
+    run_head(head, data).loss.backward()
     for rank in (0, 1):
         weight_grad, bias_grad = results[rank]
         assert_close(weight_grad, head.lm_head.weight.grad, rtol=1e-5, atol=1e-7,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -378,30 +379,47 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     assert torch.isfinite(logps).all() and (logps <= 0).all()
 
 
-def _ddp_worker(rank, world, port, results):
-    import os
+def head_case():
+    """The seeded head (8 → 50, with bias) and the 4-pair batch of the multi-process tests."""
+    torch.manual_seed(0)
+    head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
+    return head, make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
 
+
+def run_head(module, data, rows=slice(None)):
+    """The head (or its DDP/FSDP wrapper) on ``rows`` of the batch from ``head_case``."""
+    return module(data["ref_hidden"][rows] * 1.1, data["ref_hidden"][rows], data["ref_weight"],
+                  data["labels"][rows], ref_bias=data["ref_bias"], beta=0.1, epsilon=0.2,
+                  backend="torch")  # fmt: skip
+
+
+def rank_rows(rank: int, world: int, pairs: int = 4) -> torch.Tensor:
+    """Rank ``rank``'s share of a batch of ``pairs``: its own pairs, chosen rows then rejected."""
+    b = pairs // world
+    mine = torch.arange(rank * b, rank * b + b)
+    return torch.cat([mine, pairs + mine])
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
-        model = DistributedDataParallel(head)
-        data = make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
-        b = 4 // world  # each rank takes its own pairs, chosen rows then rejected rows
-        rows = torch.cat(
-            [torch.arange(rank * b, rank * b + b), 4 + torch.arange(rank * b, rank * b + b)]
-        )
-        out = model(data["ref_hidden"][rows] * 1.1, data["ref_hidden"][rows],
-                    data["ref_weight"], data["labels"][rows], ref_bias=data["ref_bias"], beta=0.1,
-                    epsilon=0.2, backend="torch")  # fmt: skip
-        out.loss.backward()
-        results[rank] = head.weight.grad.clone()
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_worker(rank, world, port, results):
+    from torch.nn.parallel import DistributedDataParallel
+
+    with gloo_group(rank, world, port):
+        head, data = head_case()
+        model = DistributedDataParallel(head)  # held: its reducer must outlive the backward
+        run_head(model, data, rank_rows(rank, world)).loss.backward()
+        results[rank] = head.weight.grad.clone()
 
 
 def test_works_under_ddp():
@@ -412,12 +430,8 @@ def test_works_under_ddp():
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, free_port(), results), nprocs=2, join=True)
 
-    torch.manual_seed(0)
-    head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
-    data = make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
-    out = head(data["ref_hidden"] * 1.1, data["ref_hidden"], data["ref_weight"], data["labels"],
-               ref_bias=data["ref_bias"], beta=0.1, epsilon=0.2, backend="torch")  # fmt: skip
-    out.loss.backward()
+    head, data = head_case()
+    run_head(head, data).loss.backward()
     for rank in (0, 1):
         assert_close(results[rank], head.weight.grad, rtol=1e-5, atol=1e-7, name=f"rank {rank}")
 

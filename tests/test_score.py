@@ -5,24 +5,18 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_train import FAST, _env, metrics, run
+from tests.test_train import FAST, metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "train" / "data" / "default"
 
 
 def score(args, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "score.py"), *args],
-                          capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    return run(args, check=check, script="score.py")
 
 
 def records(out_dir: Path) -> list[dict]:

@@ -34,12 +34,14 @@ def _env():
     return env
 
 
-def run(args, nproc=1, timeout=600, check=True):
+def run(args, nproc=1, timeout=600, check=True, script="run.py"):
+    """Run a script of train/ (run.py unless ``script`` says otherwise) in a fresh process."""
+    path = str(ROOT / "train" / script)
     if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train" / "run.py"), *args]
+        cmd = [sys.executable, path, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(ROOT / "train" / "run.py"), *args]  # fmt: skip
+               f"--master_port={free_port()}", path, *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -408,14 +408,12 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
 
 
 def test_run_trl_script_trains_the_embedded_default(tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-    command = [sys.executable, str(ROOT / "train" / "run_trl.py"), "--max-steps", "4",
-               "--eval-every", "2", "--output-dir", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    from tests.test_train import run
+
+    args = ["--max-steps", "4", "--eval-every", "2", "--output-dir", str(tmp_path / "out")]
+    proc = run(args, script="run_trl.py")
     assert "done: 4 steps" in proc.stdout
-    bad = subprocess.run(command + ["--epsilon", "1.5"], capture_output=True, text=True, env=env,
-                         timeout=600)  # fmt: skip
+    bad = run(args + ["--epsilon", "1.5"], check=False, script="run_trl.py")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: --epsilon must be in [0, 1), got 1.5"]
 
