@@ -55,14 +55,10 @@ def ches_scores(
     rows, tokens, _ = hidden.shape
     V.check_pair_rows("hidden", rows)
     V.check_labels(labels, rows=rows, tokens=tokens)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    V.check_ignore_index(ignore_index)
     if not isinstance(length_normalized, bool):
         raise TypeError(f"length_normalized must be a bool, got {type(length_normalized).__name__}")
-    if labels.device != hidden.device:
-        raise ValueError(
-            f"labels ({labels.device}) must be on the same device as hidden ({hidden.device})"
-        )
+    V.check_same_device(hidden=hidden, labels=labels)
     with torch.no_grad():
         mask = labels != ignore_index
         sums = _masked_row_sums(hidden.detach(), mask)

@@ -31,6 +31,8 @@ from .linear_loss import linear_epsilon_dpo_loss
 BETA_STATE_FILE = "epsilon_dpo_beta.json"
 
 _LOSS_TYPES = {"sigmoid", "sft"}
+# Logged metrics that are one value per micro-batch (averaged over batches, not pairs).
+_PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta")
 
 
 @dataclass
@@ -194,7 +196,7 @@ class EpsilonDPOTrainer(DPOTrainer):
             _hidden_state_forward(reference)
         self.adaptive_beta = AdaptiveBeta(args.beta, args.epsilon)
         self.loss_weights = dict(zip(args.loss_type, self.loss_weights))
-        self._metric_sums = {"train": {}, "eval": {}}
+        self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
         self.add_callback(_BetaUpdate(self))
 
     def _unwrapped_policy(self):
@@ -255,30 +257,28 @@ class EpsilonDPOTrainer(DPOTrainer):
     # -- metrics: per-pair sums kept on the device, reduced over processes when logged ---------
 
     def _accumulate(self, mode, out):
-        sums = self._metric_sums[mode]
-        values = {k: v.detach().double().sum() for k, v in out.pair_metrics().items()}
-        values["_pairs"] = torch.tensor(float(out.losses.numel()), dtype=torch.float64)
-        values["logits/chosen"] = out.mean_chosen_logits.detach().double()
-        values["logits/rejected"] = out.mean_rejected_logits.detach().double()
-        values["kl/beta"] = torch.tensor(out.beta, dtype=torch.float64)
-        values["_batches"] = torch.tensor(1.0, dtype=torch.float64)
-        device = out.losses.device
-        for key, value in values.items():
-            value = value.to(device)
-            sums[key] = value if key not in sums else sums[key] + value
+        """Add one micro-batch to ``mode``'s sums, one float64 tensor on the device: per-pair
+        metrics summed over pairs, the per-batch values once, and the pair and batch counts."""
+        per_pair = out.pair_metrics()
+        row = torch.cat([
+            torch.stack([v.detach().double().sum() for v in per_pair.values()]),
+            torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
+            torch.tensor([out.beta, out.losses.numel(), 1.0], dtype=torch.float64,
+                         device=out.losses.device),
+        ])  # fmt: skip
+        names = [*per_pair, *_PER_BATCH, "_pairs", "_batches"]
+        previous = self._metric_sums[mode]
+        self._metric_sums[mode] = (names, row if previous is None else previous[1] + row)
 
     def _reduced_metrics(self, mode) -> dict[str, float]:
-        sums = self._metric_sums[mode]
-        if not sums:
+        if self._metric_sums[mode] is None:
             return {}
-        keys = sorted(sums)
-        totals = self.accelerator.reduce(torch.stack([sums[k] for k in keys]), "sum").tolist()
-        totals = dict(zip(keys, totals))
+        names, sums = self._metric_sums[mode]
+        self._metric_sums[mode] = None
+        totals = dict(zip(names, self.accelerator.reduce(sums, "sum").tolist()))
         pairs, batches = totals.pop("_pairs"), totals.pop("_batches")
-        per_batch = {"logits/chosen", "logits/rejected", "kl/beta"}
-        metrics = {k: v / (batches if k in per_batch else pairs) for k, v in totals.items()}
+        metrics = {k: v / (batches if k in _PER_BATCH else pairs) for k, v in totals.items()}
         metrics.pop("loss", None)  # Trainer logs the optimised loss itself
-        sums.clear()
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -56,12 +56,16 @@ def check_scalars(
         raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
     if not _is_real_number(label_smoothing) or not (0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     if not isinstance(average_log_prob, bool):
         raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def check_tensor(name: str, x, *, ndim: int, float_dtype: bool) -> None:
