@@ -6,9 +6,55 @@ Tolerances follow the fp32 error model of each quantity: differences of per-sequ
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tests.utils import VALUE_TOL, assert_close
+
+# fp32's unit roundoff, and the confidence factor of the probabilistic rounding-error bound
+# (Higham & Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci.
+# Comput. 2019): a sum of n fp32 terms, computed in any order, is within λ·√n·u·Σ|terms| of the
+# exact sum with probability at least 1 − 2·exp(−λ²/2); λ = 5 leaves a failure chance of 7e-6
+# per sum. The worst-case bound, n·u·Σ|terms|, is never approached by real reductions.
+FP32_UNIT_ROUNDOFF = 2.0**-24
+ROUNDING_LAMBDA = 5.0
+
+
+def fp32_sum_rel_error(n: int) -> float:
+    """γ(n) = λ·√n·u: the relative error (to Σ|terms|) of an n-term fp32 sum in any order."""
+    return ROUNDING_LAMBDA * math.sqrt(max(n, 1)) * FP32_UNIT_ROUNDOFF
+
+
+def sequence_logp_disagreement(logps, counts, vocab: int):
+    """How far two fp32 implementations' sequence log-probs A_n = Σ_t a_t can differ.
+
+    Each a_t = h_y − logsumexp(h) reduces V entries, and A_n reduces the row's n_n tokens; two
+    implementations do both in different orders (and tile the lm_head matmul differently). Since
+    every a_t ≤ 0, Σ_t |a_t| = |A_n|, so each implementation is within (γ(V) + γ(n_n))·|A_n| of
+    the exact value, and the two within twice that.
+    """
+    rel = torch.tensor([fp32_sum_rel_error(vocab) + fp32_sum_rel_error(int(n)) for n in counts],
+                       dtype=torch.float64)  # fmt: skip
+    return 2 * rel * logps.detach().double().abs().cpu()
+
+
+def loss_disagreement(out, counts, vocab: int) -> float:
+    """Bound on |ΔL| between two fp32 implementations of the batch loss, from the disagreement
+    of its sequence log-probs (``sequence_logp_disagreement``): L_i depends on them only through
+    z_i = β̃·(ℓ_i − ℓ_ref,i) with |∂L_i/∂z_i| = σ(−z_i) for the sigmoid loss, and the batch loss
+    is the mean over pairs. ``counts``: scored tokens per row, (2B,) in the loss's row order."""
+    b = len(out.losses)
+    d_policy = sequence_logp_disagreement(torch.cat([out.chosen_logps, out.rejected_logps]),
+                                          counts, vocab)  # fmt: skip
+    d_ref = sequence_logp_disagreement(
+        torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]), counts, vocab
+    )
+    d_margin = (d_policy + d_ref).view(2, b).sum(0)  # Δ(ℓ − ℓ_ref) per pair
+    beta_used = out.beta_used.detach().double().cpu()
+    z = beta_used * (out.logratios - out.ref_logratios).detach().double().cpu()
+    return float((beta_used * torch.sigmoid(-z) * d_margin).mean())
+
 
 STEP_FREE_FIELDS = [
     "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "logratios",
