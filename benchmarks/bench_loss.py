@@ -266,6 +266,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"Device: {result['device']} · torch {result['torch']} · triton {result['triton']} · "
         f"commit {result['commit']} · {result['date']}",
+        *([f"At the start: {result['machine']}"] if "machine" in result else []),
         "",
         "| impl | B | T | H | V | dtype | fwd ms | fwd+bwd ms | peak MB | time vs eager "
         "| memory vs eager | check |",
@@ -397,10 +398,16 @@ def main(argv=None) -> int:
         i for i in impls if i != "eager"
     ]  # eager first: the others check against it
 
+    from train.metrics import machine_note
+
+    # Times depend on the threads each worker gets and on what else runs: say both, and warn
+    # (machine_note, on stderr) when the machine is busier than its cores.
+    machine = machine_note()
+    print(f"[bench] {machine}", file=sys.stderr, flush=True)
     result = dict(
         device=_device_name(device), torch=torch.__version__, triton=triton.__version__,
         commit=_commit(), date=datetime.date.today().isoformat(),
-        mode="quick" if args.quick else "full",
+        mode="quick" if args.quick else "full", machine=machine,
         rows=[],
     )  # fmt: skip
     for shape in shapes:
@@ -434,6 +441,11 @@ def main(argv=None) -> int:
                 row["time_vs_eager"] = row["fwd_bwd_ms"] / eager_row["fwd_bwd_ms"]
                 row["memory_vs_eager"] = row["peak_mb"] / max(eager_row["peak_mb"], 1e-6)
 
+    from train.metrics import load_average
+
+    load = load_average()
+    if load is not None:
+        result["machine"] += f"; at the end: load average {load:.2f}"
     print(markdown_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -150,10 +150,19 @@ def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab) -> None:
             f"{prefix}_hidden must have shape (2B, T, H) with (2B, T) = {(rows, tokens)}, "
             f"got {tuple(hidden.shape)}"
         )
-    if weight.shape != (vocab, hidden.shape[2]):
+    h = hidden.shape[2]
+    if weight.shape[1] != h or weight.shape[0] != vocab:
+        # Name what was passed: V is read from policy_weight, so a transposed policy weight
+        # would otherwise be reported against a V taken from itself.
+        sources = f"H = {h} from {prefix}_hidden {tuple(hidden.shape)}"
+        if prefix != "policy":
+            sources += f" and V = {vocab} from policy_weight"
+        hint = ""
+        if weight.shape[0] == h and weight.shape[1] != h:
+            hint = "; it looks transposed: pass the lm_head's own weight, whose shape is (V, H)"
         raise ValueError(
-            f"{prefix}_weight must have shape (V, H) = {(vocab, hidden.shape[2])} to match "
-            f"{prefix}_hidden and the policy vocabulary, got {tuple(weight.shape)}"
+            f"{prefix}_weight must have shape (V, H) with {sources}; got {prefix}_weight of "
+            f"shape {tuple(weight.shape)}{hint}"
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(

@@ -31,6 +31,8 @@ from .linear_loss import linear_epsilon_dpo_loss
 BETA_STATE_FILE = "epsilon_dpo_beta.json"
 
 _LOSS_TYPES = {"sigmoid", "sft"}
+# A dataset with these columns is already tokenized pairs and is used as it is.
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # Logged metrics that are one value per micro-batch (averaged over batches, not pairs).
 _PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta")
 
@@ -199,6 +201,16 @@ class EpsilonDPOTrainer(DPOTrainer):
         self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
         self.add_callback(_BetaUpdate(self))
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Text rows go through TRL's preparation (prompt extraction, EOS, tokenization, the
+        drop of rows whose prompt fills ``max_length``). Rows that are already token ids
+        (``prompt_ids``, ``chosen_ids``, ``rejected_ids``: the caller tokenized, truncated and
+        filtered them) are used as they are; TRL 1.16 would try to re-tokenize them."""
+        columns = dataset.column_names or list(next(iter(dataset)))
+        if set(TOKENIZED_COLUMNS) <= set(columns):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
     def _unwrapped_policy(self):
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if is_peft_model(model) else model
@@ -360,4 +372,10 @@ class _BetaUpdate(TrainerCallback):
         self.trainer._update_beta()
 
 
-__all__ = ["EpsilonDPOConfig", "EpsilonDPOTrainer", "refused_options", "BETA_STATE_FILE"]
+__all__ = [
+    "EpsilonDPOConfig",
+    "EpsilonDPOTrainer",
+    "refused_options",
+    "BETA_STATE_FILE",
+    "TOKENIZED_COLUMNS",
+]

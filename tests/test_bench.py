@@ -33,6 +33,9 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
         if row["impl"] != "eager":
             assert row["check"].startswith("ok"), row
     assert "| epsdpo-linear |" in proc.stdout
+    # What the times depend on is reported with them: threads and the machine's load.
+    assert "torch threads" in result["machine"] and "load average" in result["machine"]
+    assert "At the start: machine: " in proc.stdout
     assert proc.stderr.count("[bench]") >= 2 * len(rows)  # a progress line per row, and a result
     assert (tmp_path / "r.png").stat().st_size > 10_000
 

@@ -136,3 +136,64 @@ def test_model_config_file_with_a_too_small_vocabulary_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "needs vocab_size ≥ 260, got 100" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+SCRIPTS = ["run.py", "run_trl.py", "score.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", ["under-a-file", "virtual-file-system"])
+def test_impossible_output_dir_is_one_line_before_anything_loads(tmp_path, script, case):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target, match = {
+        "under-a-file": (blocker / "out", f"{blocker} is not a directory"),
+        # /proc takes no new files, even from root (permission bits cannot show that).
+        "virtual-file-system": ("/proc/epsdpo-test/out", "cannot write in /proc"),
+    }[case]
+    proc = run(["--output-dir", str(target)], check=False, timeout=120, script=script)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: --output-dir {target}") and match in lines[0]
+    assert not proc.stdout.strip(), "nothing loaded or printed before the check"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_start_that_fails_late_leaves_no_directory(tmp_path, script):
+    """A malformed row is found after the model loads; the output directory (and its parents)
+    are made only once everything has loaded, so nothing is left behind."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 29
+                    + '{"prompt": "p", "chosen": " a"}\n')  # fmt: skip
+    out = tmp_path / "new" / "out"
+    proc = run(["--dataset", str(data), "--output-dir", str(out)], check=False, timeout=300,
+               script=script)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {data} line 30: missing field 'rejected' (fields: ['chosen', "
+                      "'prompt'])"], proc.stderr  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
+def test_git_lfs_pointer_as_data_says_so(tmp_path):
+    data = tmp_path / "test.jsonl.gz"
+    data.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a21\nsize 743\n")
+    proc = run(["--dataset", str(data), "--output-dir", str(tmp_path / "out")], check=False,
+               timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "a Git LFS pointer, not the data itself" in errors[0], proc.stderr
+    assert "git lfs pull" in errors[0] and "gzip" not in errors[0]
+
+
+def test_make_dataset_help_writes_nothing():
+    data = ROOT / "train" / "data" / "default"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()}
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "make_dataset.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()} == before
+    bad = subprocess.run([sys.executable, str(ROOT / "train" / "make_dataset.py"), "--rows", "5"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()} == before

@@ -334,9 +334,15 @@ def test_no_grad_and_frozen(backend, device):
         (dict(policy_weight=torch.randn(100, 8).double()), TypeError, "policy_weight must be"),
         (dict(ref_weight=torch.randn(100, 8).bfloat16()), TypeError, "must share a dtype"),
         (dict(policy_hidden=torch.randn(3, 5, 8)), ValueError, "2B"),
+        (dict(policy_weight=torch.randn(8, 100)), ValueError,
+         r"H = 8 from policy_hidden \(4, 5, 8\); got policy_weight of shape \(8, 100\); it "
+         "looks transposed"),
+        (dict(ref_weight=torch.randn(8, 100)), ValueError,
+         r"V = 100 from policy_weight; got ref_weight of shape \(8, 100\); it looks transposed"),
     ],
-    ids=["weight-H", "ref-V", "ref-T", "bias-V", "weight-f64", "dtype-mix", "odd-rows"],
-)
+    ids=["weight-H", "ref-V", "ref-T", "bias-V", "weight-f64", "dtype-mix", "odd-rows",
+         "weight-transposed", "ref-weight-transposed"],
+)  # fmt: skip
 def test_bad_input_is_named(change, error, match):
     inputs = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device="cpu", bias=False)
     inputs.update(change)

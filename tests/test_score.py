@@ -95,3 +95,22 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     proc = score([*args, "--output-dir", str(tmp_path)], check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_histogram_axis_is_not_stretched_by_one_outlier(tmp_path):
+    """2300 scores in [-3, 3] and one at -24: the axis stays on the bulk, the outlier is
+    counted at the edge instead of squeezing every other pair into one bar."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "train"))
+    from score import histogram_range, plot_histograms
+
+    rng = random.Random(0)
+    values = [rng.uniform(-3, 3) for _ in range(2300)] + [-24.0]
+    low, high = histogram_range(values)
+    assert -24 < low <= min(values[:-1]) and high == max(values)
+    assert histogram_range([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    rows = [{"ches": v, "ches_normalized": v / 100} for v in values]
+    plot_histograms(rows, tmp_path / "hist.png")
+    assert (tmp_path / "hist.png").stat().st_size > 0

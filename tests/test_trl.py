@@ -408,15 +408,51 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
         assert beta_b == pytest.approx(beta_a, rel=1e-12)
 
 
-def test_run_trl_script_trains_the_embedded_default(tmp_path):
-    from tests.test_train import run
+def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
+    from tests.test_train import metrics, run
 
-    args = ["--max-steps", "4", "--eval-every", "2", "--output-dir", str(tmp_path / "out")]
+    out = tmp_path / "out"
+    args = ["--max-steps", "4", "--eval-every", "2", "--output-dir", str(out)]
     proc = run(args, script="run_trl.py")
-    assert "done: 4 steps" in proc.stdout
+    assert "done: 4 steps" in proc.stdout and f"outputs in {out}" in proc.stdout
+    # What train/run.py writes: metrics rows per step (eval/* on eval steps), the plot, and
+    # the final model with its tokenizer.
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [("eval/loss" in r) for r in rows] == [False, True, False, True]
+    assert rows[0]["kl/beta"] == 0.1 and {"loss", "lr", "grad_norm", "rewards/accuracies",
+                                          "kl/p_epsilon_steps"} <= set(rows[0])  # fmt: skip
+    assert (out / "metrics.png").stat().st_size > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.vocab_size >= len(tokenizer)
+
+    again = run(args, check=False, script="run_trl.py")  # one run per directory
+    assert again.returncode == 2 and "is not empty" in again.stderr
     bad = run(args + ["--epsilon", "1.5"], check=False, script="run_trl.py")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: --epsilon must be in [0, 1), got 1.5"]
+
+
+def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path):
+    """HH-RLHF's format at the default lengths: TRL alone would drop every row whose prompt
+    fills max_length; run_trl.py reads, truncates and skips as run.py does and says so."""
+    from tests.hh_fixture import write_hh_jsonl_gz
+    from tests.test_train import run
+
+    data = tmp_path / "test.jsonl.gz"
+    write_hh_jsonl_gz(data, n=200)
+    reports = []
+    for script in ("run.py", "run_trl.py"):
+        proc = run(["--dataset", str(data), "--max-steps", "1", "--eval-every", "0",
+                    "--output-dir", str(tmp_path / script)], script=script)  # fmt: skip
+        reports.append([line for line in proc.stdout.splitlines()
+                        if line.startswith("note:") or line.endswith("eval pairs")])  # fmt: skip
+    assert reports[0] == reports[1]
+    assert "189 train pairs, 10 eval pairs" in reports[0]
+    assert any("skipped 1 of 190 rows" in line for line in reports[0])
 
 
 def test_epsilon_zero_equals_trl_dpo_trainer_loss_and_gradients(tmp_path):

@@ -11,11 +11,38 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 
 
 class UsageError(Exception):
     """A mistake the user can fix (a flag, a path, a data row); reported as one line."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) during a run; the message says where the run stands and how to go on."""
+
+
+# The shell's convention for a process ended by SIGINT: 128 + 2.
+EXIT_INTERRUPTED = 130
+_sigint_received = False
+
+
+def _on_sigint(signum, frame):
+    global _sigint_received
+    _sigint_received = True
+    raise KeyboardInterrupt
+
+
+def watch_for_interrupt() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is remembered: under torchrun a rank that
+    was inside a collective when its peer stopped fails with a connection error instead, and
+    ``interrupt_requested`` tells that apart from a real failure."""
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def interrupt_requested() -> bool:
+    return _sigint_received
 
 
 def is_rank_zero() -> bool:
@@ -63,7 +90,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def run_main(main, argv=None) -> int:
-    """Call ``main(argv)``; a ``UsageError`` becomes one line on stderr and exit status 2."""
+    """Call ``main(argv)``; a ``UsageError`` becomes one line on stderr and exit status 2, an
+    interruption (Ctrl-C) one line and exit status 130."""
     try:
         return main(argv)
     except UsageError as e:
@@ -71,6 +99,11 @@ def run_main(main, argv=None) -> int:
             message = " ".join(str(e).split())
             print(f"error: {message}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        if is_rank_zero():
+            message = str(e) if isinstance(e, Interrupted) else "interrupted before training began"
+            print(message, file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 def looks_like_path(value: str, suffixes=()) -> bool:

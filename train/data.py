@@ -133,7 +133,19 @@ def _load_hub(source: str):
     return {name: (None, rows(name)) for name in names}
 
 
+# The first line of a file Git LFS stores: a clone without `git lfs` has this pointer instead.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def _read_file(path: Path) -> list[Row]:
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise DataError(
+            f"{path}: a Git LFS pointer, not the data itself (the repository it came from stores "
+            "the file with Git LFS); fetch the real file with `git lfs pull` in that clone, or "
+            "download it from the dataset's page"
+        )
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -331,6 +343,24 @@ def tokenize_rows(rows: list[Row], tokenizer, *, max_length: int, max_prompt_len
         )
         out.pairs.append(Pair(prompt_ids, chosen_ids, rejected_ids, row.where))
     return out
+
+
+def read_pairs(source: str | None, tokenizer, *, seed: int, max_length: int,
+               max_prompt_length: int, log=print) -> tuple[list[Pair], list[Pair]]:  # fmt: skip
+    """(train pairs, eval pairs) of ``--dataset`` (the embedded default when None), with one
+    ``note:`` line per thing skipped or cut and the counts: what every script that trains or
+    scores prints, so that they agree on which pairs they use."""
+    train_rows, eval_rows = load_rows(source or str(DEFAULT_DATASET), seed=seed)
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
+    train_data = tokenize_rows(train_rows, tokenizer, **lengths)
+    eval_data = tokenize_rows(eval_rows, tokenizer, **lengths)
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        for note in data.notes(name, **lengths):
+            log(f"note: {note}")
+    if not train_data.pairs:
+        raise UsageError(f"--dataset {source}: no training pairs left (see the notes above)")
+    log(f"{len(train_data.pairs)} train pairs, {len(eval_data.pairs)} eval pairs")
+    return train_data.pairs, eval_data.pairs
 
 
 # ----------------------------------------------------------------------------- batching

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from outputs import RUN_RECORD, write_record
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -118,11 +119,14 @@ def training_state(policy, optimizer, scheduler, beta_ctl, step):
     }
 
 
-def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank):
+def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank, record):
+    """A sharded checkpoint of the training state, with the run's configuration ``record``
+    beside it (a resume compares its own against it)."""
     path = output_dir / "checkpoints" / f"step_{step}"
     dcp.save(training_state(policy, optimizer, scheduler, beta_ctl, step), checkpoint_id=str(path))
     dist.barrier()
     if rank == 0:
+        write_record(path / RUN_RECORD, record)
         (path / "COMPLETE").touch()  # written last: a checkpoint cut short is never resumed from
     dist.barrier()
 

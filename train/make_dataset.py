@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from cli import ArgumentParser
+
 COLORS = ["red", "blue", "green", "grey", "brown", "white", "black", "golden", "silver", "pink"]
 ANIMALS = ["fox", "cat", "dog", "owl", "bear", "frog", "duck", "wolf", "deer", "goat", "crab"]
 PLACES = ["forest", "river", "garden", "desert", "city", "meadow", "cave", "harbor", "valley"]
@@ -56,7 +58,13 @@ def make_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    # --help prints this and writes nothing; the script takes no other arguments.
+    ArgumentParser(
+        prog="train/make_dataset.py", description=__doc__.split("\n\n")[0],
+        epilog="Rewrites train/data/default/train.jsonl and eval.jsonl (deterministic: the "
+        "same rows every time).",
+    ).parse_args(argv)  # fmt: skip
     out = Path(__file__).resolve().parent / "data" / "default"
     out.mkdir(parents=True, exist_ok=True)
     for name, n, seed in (("train", 1200, 0), ("eval", 128, 1)):

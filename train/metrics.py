@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +43,42 @@ class MetricSums:
         return {prefix + k: v for k, v in zip(self.names, means)}, tokens
 
 
+def load_average() -> float | None:
+    """The 1-minute load average, where the system keeps one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_note() -> str:
+    """The cores, torch's thread count and the load: what the times a run reports depend on.
+    Warns (on stderr) when the machine is busier than its cores."""
+    cores = os.cpu_count() or 1
+    note = f"machine: {cores} CPU cores, {torch.get_num_threads()} torch threads"
+    load = load_average()
+    if load is not None:
+        note += f", load average {load:.2f} (1 min)"
+        if load > cores:
+            print(f"warning: the load average ({load:.2f}) exceeds the {cores} cores: the times "
+                  "reported here are slower than on an idle machine", file=sys.stderr)  # fmt: skip
+    return note
+
+
+def peak_memory_note(device: torch.device) -> str:
+    """This process's peak memory: allocated CUDA memory on a GPU, resident set on a CPU."""
+    if device.type == "cuda":
+        mib = torch.cuda.max_memory_allocated(device) / 2**20
+        return f"peak memory {mib:.0f} MiB (CUDA, rank 0)"
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"peak memory {kib / 2**10:.0f} MiB (resident set, rank 0)"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``, with ``null`` (a non-finite value) read back as NaN."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only rows up to ``step``: after a resume, rows the interrupted run logged past its
     last checkpoint are recomputed and must not appear twice."""
@@ -62,10 +101,10 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
     ev = [r for r in rows if "eval/loss" in r]
-    fig, axes = plt.subplots(1, 5, figsize=(20, 3.5))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4.2))
 
     def train_and_eval(ax, key):
         ax.plot(steps, [r[key] for r in rows], color=TRAIN, label="train")
@@ -74,7 +113,7 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
                     label="eval")  # fmt: skip
 
     train_and_eval(axes[0], "loss")
-    axes[1].plot(steps, [r["kl/beta"] for r in rows], color=TRAIN, label="β after the step")
+    axes[1].plot(steps, [r["kl/beta"] for r in rows], color=TRAIN, label="β used by the step")
     train_and_eval(axes[2], "rewards/accuracies")
     axes[3].plot(steps, [r["kl/p_epsilon_steps"] for r in rows], color=STEP_UP,
                  label="s = +1 (weaker KL)")  # fmt: skip
@@ -97,7 +136,12 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, handles=handles if ax is axes[4] else None)
+        if ax is axes[4]:
+            # Two axes share this panel, so no corner is free of both curves: below the plot.
+            ax.legend(fontsize=8, handles=handles, loc="upper center", ncol=1,
+                      bbox_to_anchor=(0.5, -0.22), frameon=False)  # fmt: skip
+        else:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

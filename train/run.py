@@ -30,20 +30,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from cli import (  # noqa: E402
     ArgumentParser,
+    Interrupted,
     UsageError,
     add_dataclass_flags,
     check_beta_epsilon,
+    interrupt_requested,
     option,
     run_main,
+    watch_for_interrupt,
 )
-from data import (  # noqa: E402
-    DATASET_HELP,
-    DEFAULT_DATASET,
-    check_dataset_arg,
-    collate,
-    load_rows,
-    tokenize_rows,
-)
+from data import DATASET_HELP, check_dataset_arg, collate, read_pairs  # noqa: E402
 from fsdp import (  # noqa: E402
     EpsilonDPOPolicy,
     ReferenceHidden,
@@ -55,12 +51,28 @@ from fsdp import (  # noqa: E402
     save_checkpoint,
     shard,
 )
-from metrics import MetricSums, plot_metrics, truncate_metrics  # noqa: E402
+from metrics import (  # noqa: E402
+    MetricSums,
+    machine_note,
+    peak_memory_note,
+    plot_metrics,
+    truncate_metrics,
+)
 from models import (  # noqa: E402
     MODEL_HELP,
     check_model_arg,
     load_policy_and_reference,
     load_tokenizer,
+)
+from outputs import (  # noqa: E402
+    RUN_RECORD,
+    MetricsLog,
+    check_output_dir,
+    check_overwrite,
+    check_run_dir,
+    read_record,
+    source_id,
+    start_run_dir,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
@@ -89,8 +101,33 @@ class Config:
     max_prompt_length: int = option(64, "prompt tokens kept (from the right)")
     eval_every: int = option(10, "evaluate every N steps (0: never)")
     save_every: int = option(30, "checkpoint every N steps (0: never)")
-    resume: bool = option(False, "continue from the latest complete checkpoint in --output-dir")
+    resume: bool = option(
+        False,
+        "continue from the latest complete checkpoint in --output-dir "
+        "(made with the same configuration)",
+    )
+    overwrite: bool = option(
+        False,
+        "clear a non-empty --output-dir first (without it, or "
+        "--resume, a directory holding another run is refused)",
+    )
     seed: int = option(0, "seed of the initial weights, the data order and the eval hold-out")
+
+
+# The flags that define a run: a resume must use the values its checkpoint was made with.
+# (Micro-batch size and world size may change: the same global batch gives the same steps.)
+RUN_DEFINING = ("model", "dataset", "max_steps", "global_batch_size", "lr", "warmup_steps",
+                "weight_decay", "max_grad_norm", "beta", "epsilon", "loss", "max_length",
+                "max_prompt_length", "seed")  # fmt: skip
+# Optimizer steps in a row with a non-finite loss or gradient norm before the run stops.
+NONFINITE_PATIENCE = 3
+
+
+def run_record(cfg: Config) -> dict:
+    record = {k: getattr(cfg, k) for k in RUN_DEFINING}
+    record["model"] = source_id(cfg.model, "embedded tiny Llama")
+    record["dataset"] = source_id(cfg.dataset, "embedded default")
+    return record
 
 
 def parse_args(argv=None) -> Config:
@@ -121,16 +158,28 @@ def check_config(cfg: Config, world: int) -> None:
         )
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
+    check_output_dir(cfg.output_dir)
+    check_overwrite(cfg.output_dir, cfg.overwrite)
+    checkpoints = Path(cfg.output_dir).expanduser()
+    check_run_dir(cfg.output_dir, run_record(cfg), resume=cfg.resume, overwrite=cfg.overwrite,
+                  checkpoint_record=lambda: _checkpoint_record(checkpoints))  # fmt: skip
+
+
+def _checkpoint_record(output_dir: Path) -> dict | None:
+    ckpt = latest_checkpoint(output_dir)
+    return None if ckpt is None else read_record(ckpt / RUN_RECORD)
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    watch_for_interrupt()
     rank, world, device = init_distributed()
     try:
         return train(cfg, rank, world, device)
     finally:
-        dist.destroy_process_group()
+        if not interrupt_requested():  # a peer may be gone: tearing down could wait for it
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -146,28 +195,21 @@ def lr_lambda(cfg: Config):
 
 def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(cfg.output_dir).expanduser()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log(f"world size {world}, device {device}, gradient accumulation {accumulation}")
+    log(machine_note())
 
     # Data: read and tokenised before the models load, so a bad file fails fast.
     tokenizer = load_tokenizer(cfg.model)
-    train_rows, eval_rows = load_rows(cfg.dataset or str(DEFAULT_DATASET), seed=cfg.seed)
-    lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    train_data = tokenize_rows(train_rows, tokenizer, **lengths)
-    eval_data = tokenize_rows(eval_rows, tokenizer, **lengths)
-    for name, data in (("train", train_data), ("eval", eval_data)):
-        for note in data.notes(name, **lengths):
-            log(f"note: {note}")
-    train_pairs, eval_pairs = train_data.pairs, eval_data.pairs
-    if not train_pairs:
-        raise UsageError(f"--dataset {cfg.dataset}: no training pairs left (see the notes above)")
+    train_pairs, eval_pairs = read_pairs(
+        cfg.dataset, tokenizer, seed=cfg.seed, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, log=log,
+    )  # fmt: skip
     eval_every = cfg.eval_every if eval_pairs else 0
     if cfg.eval_every and not eval_pairs:
         log("note: no eval pairs (the dataset is too small to hold any out); evaluation is off")
-    log(f"{len(train_pairs)} train pairs, {len(eval_pairs)} eval pairs")
 
     # Models: the reference's lm_head stays replicated (the loss needs all of it on every rank);
     # its decoder is sharded like the policy's.
@@ -193,8 +235,14 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     beta_ctl = AdaptiveBeta(cfg.beta, cfg.epsilon)
 
+    # Everything has loaded: only now is the output directory made (or cleared).
+    record = run_record(cfg)
+    if rank == 0:
+        start_run_dir(output_dir, record, overwrite=cfg.overwrite and not cfg.resume)
+    dist.barrier()
     step = 0
     metrics_path = output_dir / "metrics.jsonl"
+    metrics_log = MetricsLog(metrics_path)
     if cfg.resume:
         ckpt = latest_checkpoint(output_dir)
         if ckpt is None:
@@ -238,62 +286,98 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     policy.train()
     last = {}
     speeds = []  # tokens/s of each step this process ran
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        sums = MetricSums(device)
-        for micro in range(accumulation):
-            # Pairs of the global batch: micro-batch `micro` of rank r is slice (micro·world + r).
-            first = step * cfg.global_batch_size + (micro * world + rank) * cfg.micro_batch_size
-            ids = [_pair_index(first + i, len(train_pairs), cfg.seed, order)
-                   for i in range(cfg.micro_batch_size)]  # fmt: skip
-            # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
-            policy.set_requires_gradient_sync(micro == accumulation - 1)
-            out, tokens = run_batch([train_pairs[i] for i in ids], train_mode=True)
-            (out.loss / accumulation).backward()
-            beta_ctl.observe(out.steps)
-            sums.add(out, torch.ones_like(out.losses))
-            sums.add_tokens(tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        beta_used = beta_ctl.beta
-        new_beta = beta_ctl.update()  # all ranks, once per optimizer step
-        step += 1
-        metrics, tokens = sums.reduce()
-        elapsed = time.perf_counter() - t0
-        row = {"step": step, **metrics, "beta": beta_used, "kl/beta": new_beta, "lr": lr,
-               "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                  else grad_norm),
-               "tokens_per_s": tokens / elapsed}  # fmt: skip
-        if device.type == "cuda":  # this rank's peak since the start, all of it (not per step)
-            row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        speeds.append(row["tokens_per_s"])
-        if eval_every and (step % eval_every == 0 or step == cfg.max_steps):
-            row.update(evaluate())
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            progress.set_postfix(loss=f"{row['loss']:.4f}", beta=f"{new_beta:.5f}")
-            progress.update(1)
-        last = row
-        if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank)
+    nonfinite_steps = []  # the latest run of steps with a non-finite loss or gradient norm
+    logged = step  # the last step whose metrics row is written
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            sums = MetricSums(device)
+            for micro in range(accumulation):
+                # Pairs of the global batch: micro-batch `micro` of rank r is slice
+                # (micro·world + r).
+                first = step * cfg.global_batch_size + (micro * world + rank) * cfg.micro_batch_size
+                ids = [_pair_index(first + i, len(train_pairs), cfg.seed, order)
+                       for i in range(cfg.micro_batch_size)]  # fmt: skip
+                # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+                policy.set_requires_gradient_sync(micro == accumulation - 1)
+                out, tokens = run_batch([train_pairs[i] for i in ids], train_mode=True)
+                (out.loss / accumulation).backward()
+                beta_ctl.observe(out.steps)
+                sums.add(out, torch.ones_like(out.losses))
+                sums.add_tokens(tokens)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            beta_used = beta_ctl.beta
+            beta_ctl.update()  # all ranks, once per optimizer step
+            step += 1
+            metrics, tokens = sums.reduce()
+            elapsed = time.perf_counter() - t0
+            # kl/beta is the β this step's pairs were trained with, as in the library's
+            # out.metrics() and in EpsilonDPOTrainer.
+            row = {"step": step, **metrics, "kl/beta": beta_used, "lr": lr,
+                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                      else grad_norm),
+                   "tokens_per_s": tokens / elapsed}  # fmt: skip
+            if device.type == "cuda":  # this rank's peak since the start (not per step)
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            speeds.append(row["tokens_per_s"])
+            if eval_every and (step % eval_every == 0 or step == cfg.max_steps):
+                row.update(evaluate())
+            if rank == 0:
+                metrics_log.append(row)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", beta=f"{beta_ctl.beta:.5f}")
+                progress.update(1)
+            last, logged = row, step
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank,
+                                record)  # fmt: skip
+            # The reduced loss and norm are the same on every rank, so all ranks stop together.
+            finite = math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+            nonfinite_steps = [] if finite else nonfinite_steps + [step]
+            if len(nonfinite_steps) >= NONFINITE_PATIENCE:
+                progress.close()
+                raise UsageError(
+                    f"training diverged: the loss or gradient norm was non-finite at steps "
+                    f"{nonfinite_steps[0]}-{step} (--beta {cfg.beta:g}, --lr {cfg.lr:g}); "
+                    "lower them, and start again with --overwrite"
+                )
+    except (KeyboardInterrupt, Exception) as e:
+        if not (isinstance(e, KeyboardInterrupt) or interrupt_requested()):
+            raise
+        progress.close()
+        raise Interrupted(_interrupted_message(output_dir, logged)) from None
     progress.close()
 
     export_final(policy, policy_lm, tokenizer, output_dir, rank)
     if rank == 0:
         plot_metrics(metrics_path, output_dir / "metrics.png")
-        keys = ("loss", "beta", "rewards/accuracies", "eval/rewards/accuracies")
-        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last)
-        log(f"done: {step} steps; {summary}; outputs in {output_dir}")
+        keys = ("loss", "kl/beta", "rewards/accuracies", "eval/rewards/accuracies")
+        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last) or "no step to run"
+        log(f"done: {step} steps; {summary}; final β {beta_ctl.beta:.6g}; outputs in {output_dir}")
+        resources = [peak_memory_note(device)]
         if len(speeds) > 1:  # the first step includes compilation and allocator warm-up
             steady = sorted(speeds[1:])[len(speeds[1:]) // 2]
-            memory = (f", peak memory {last['peak_mem_mib']:.0f} MiB on rank 0"
-                      if "peak_mem_mib" in last else "")  # fmt: skip
-            log(f"throughput: median {steady:.0f} tokens/s over steps after the first{memory}")
+            resources.insert(0, f"throughput: median {steady:.0f} tokens/s over steps after "
+                             "the first")  # fmt: skip
+        log("; ".join(resources))
     return 0
+
+
+def _interrupted_message(output_dir: Path, step: int) -> str:
+    """``step``: the last step whose metrics were logged."""
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return (
+            f"interrupted at step {step}; no checkpoint was saved (--save-every); start "
+            "again with --overwrite"
+        )
+    return (
+        f"interrupted at step {step}; the last checkpoint is step {ckpt.name.split('_')[1]}; "
+        "resume with --resume"
+    )
 
 
 def _epoch_order(n, seed, epoch):

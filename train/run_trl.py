@@ -5,9 +5,12 @@
 
 The same models and data as train/run.py (``--model``: a Hugging Face id, a local directory or a
 model config .json; ``--dataset``: .json/.jsonl(.gz) files, a directory or a Hugging Face id),
-handed to ``epsdpo_kernels.trl.EpsilonDPOTrainer``: TRL tokenizes, batches, logs and checkpoints;
-the loss is the fused linear ε-DPO loss. Rows are passed to TRL as they are (TRL splits implicit
-prompts itself). Outputs in --output-dir: TRL's checkpoints (with β) and trainer_state.json.
+read, split, tokenized and truncated exactly as train/run.py does (the same pairs, the same
+notes on what was skipped or cut), and handed to ``epsdpo_kernels.trl.EpsilonDPOTrainer`` as
+token ids: TRL batches, logs and runs the loop; the loss is the fused linear ε-DPO loss.
+Outputs in --output-dir: ``metrics.jsonl`` and ``metrics.png`` (as train/run.py writes them),
+``run.json`` (the configuration) and ``final/`` (the trained model and its tokenizer, with
+``save_pretrained``). No intermediate checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -24,48 +27,83 @@ sys.path.insert(0, str(HERE))
 
 from cli import (  # noqa: E402
     ArgumentParser,
+    Interrupted,
     UsageError,
     add_dataclass_flags,
     check_beta_epsilon,
+    interrupt_requested,
     option,
     run_main,
+    watch_for_interrupt,
 )
-from data import DATASET_HELP, DEFAULT_DATASET, check_dataset_arg, load_rows  # noqa: E402
+from data import DATASET_HELP, check_dataset_arg, read_pairs  # noqa: E402
+from metrics import machine_note, plot_metrics  # noqa: E402
 from models import (  # noqa: E402
     MODEL_HELP,
     check_model_arg,
     load_policy_and_reference,
     load_tokenizer,
 )
+from outputs import (  # noqa: E402
+    MetricsLog,
+    check_output_dir,
+    check_overwrite,
+    check_run_dir,
+    source_id,
+    start_run_dir,
+)
+from transformers import TrainerCallback  # noqa: E402
 
 
 @dataclass
 class Config:
     model: str | None = option(None, MODEL_HELP)
     dataset: str | None = option(None, DATASET_HELP)
-    output_dir: str = option("runs/trl", "TRL's checkpoints and logs")
+    output_dir: str = option("runs/trl", "metrics, plot and the final model")
     max_steps: int = option(60, "optimizer steps")
     batch_size: int = option(8, "pairs per device per micro-batch")
     gradient_accumulation_steps: int = option(2, "micro-batches per optimizer step")
     lr: float = option(2e-3, "peak learning rate")
     beta: float = option(0.1, "initial KL coefficient β (> 0); adapted every step")
     epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
-    max_length: int = option(128, "tokens per sequence, prompt and completion")
+    max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
+    max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
     eval_every: int = option(20, "evaluate every N steps (0: never)")
+    overwrite: bool = option(False, "clear a non-empty --output-dir first (without it, a "
+                             "directory holding another run is refused)")  # fmt: skip
     seed: int = option(0, "seed of the initial weights and the data order")
+
+
+def check_config(cfg: Config) -> None:
+    """Every check that needs no model or data, before anything is loaded."""
+    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+        raise UsageError("--max-steps, --batch-size and --gradient-accumulation-steps must be ≥ 1")
+    if cfg.eval_every < 0:
+        raise UsageError(f"--eval-every must be ≥ 0, got {cfg.eval_every}")
+    if not 1 <= cfg.max_prompt_length < cfg.max_length:
+        raise UsageError(f"--max-prompt-length ({cfg.max_prompt_length}) must be ≥ 1 and "
+                         f"smaller than --max-length ({cfg.max_length})")  # fmt: skip
+    check_beta_epsilon(cfg.beta, cfg.epsilon)
+    check_model_arg(cfg.model)
+    check_dataset_arg(cfg.dataset)
+    check_output_dir(cfg.output_dir)
+    check_overwrite(cfg.output_dir, cfg.overwrite)
+    check_run_dir(cfg.output_dir, {}, resume=None, overwrite=cfg.overwrite)
+
+
+def run_record(cfg: Config) -> dict:
+    record = {k: v for k, v in vars(cfg).items() if k not in ("output_dir", "overwrite")}
+    record["model"] = source_id(cfg.model, "embedded tiny Llama")
+    record["dataset"] = source_id(cfg.dataset, "embedded default")
+    return record
 
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="train/run_trl.py", description=__doc__.split("\n\n")[0])
     add_dataclass_flags(parser, Config)
     cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
-        raise UsageError("--max-steps, --batch-size and --gradient-accumulation-steps must be ≥ 1")
-    if cfg.max_length < 2 or cfg.eval_every < 0:
-        raise UsageError("--max-length must be ≥ 2 and --eval-every ≥ 0")
-    check_beta_epsilon(cfg.beta, cfg.epsilon)
-    check_model_arg(cfg.model)
-    check_dataset_arg(cfg.dataset)
+    check_config(cfg)
+    watch_for_interrupt()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # transformers 5.x warns about TrainingArguments.gradient_checkpointing on every config TRL
     # builds, whether or not it is set: noise for this script's users.
@@ -77,34 +115,96 @@ def main(argv=None) -> int:
 
     from epsdpo_kernels.trl import EpsilonDPOConfig, EpsilonDPOTrainer
 
-    train_rows, eval_rows = load_rows(cfg.dataset or str(DEFAULT_DATASET), seed=cfg.seed)
-    to_dataset = lambda rows: Dataset.from_list([r.data for r in rows])  # noqa: E731
+    main_process = os.environ.get("RANK", "0") == "0"
+    log = print if main_process else (lambda *a: None)
+    log(machine_note())
     tokenizer = load_tokenizer(cfg.model)
+    train_pairs, eval_pairs = read_pairs(
+        cfg.dataset, tokenizer, seed=cfg.seed, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, log=log,
+    )  # fmt: skip
+    to_dataset = lambda pairs: Dataset.from_list([  # noqa: E731
+        dict(prompt_ids=p.prompt_ids, chosen_ids=p.chosen_ids, rejected_ids=p.rejected_ids)
+        for p in pairs
+    ])  # fmt: skip
     policy, reference = load_policy_and_reference(cfg.model, cfg.seed)
+    evaluate = bool(cfg.eval_every and eval_pairs)
     try:
         args = EpsilonDPOConfig(
             output_dir=cfg.output_dir, max_steps=cfg.max_steps, learning_rate=cfg.lr,
             per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, beta=cfg.beta,
             epsilon=cfg.epsilon, max_length=cfg.max_length, seed=cfg.seed, logging_steps=1,
-            eval_strategy="steps" if cfg.eval_every and eval_rows else "no",
-            eval_steps=cfg.eval_every or None, save_strategy="no", report_to="none",
-            use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
-            lr_scheduler_type="cosine", warmup_steps=5,
+            eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every or None,
+            save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available(), lr_scheduler_type="cosine", warmup_steps=5,
         )  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     trainer = EpsilonDPOTrainer(
         policy, ref_model=reference, args=args, processing_class=tokenizer,
-        train_dataset=to_dataset(train_rows),
-        eval_dataset=to_dataset(eval_rows) if eval_rows and cfg.eval_every else None,
+        train_dataset=to_dataset(train_pairs),
+        eval_dataset=to_dataset(eval_pairs) if evaluate else None,
     )  # fmt: skip
-    trainer.train()
+
+    # Everything has loaded: only now is the output directory made (or cleared).
+    output_dir = Path(cfg.output_dir).expanduser()
+    if main_process:
+        start_run_dir(output_dir, run_record(cfg), overwrite=cfg.overwrite)
+    metrics = MetricsRows(MetricsLog(output_dir / "metrics.jsonl"), enabled=main_process)
+    trainer.add_callback(metrics)
+    try:
+        trainer.train()
+    except (KeyboardInterrupt, Exception) as e:
+        if not (isinstance(e, KeyboardInterrupt) or interrupt_requested()):
+            raise
+        metrics.flush()
+        raise Interrupted(
+            f"interrupted at step {trainer.state.global_step}; its metrics are in "
+            f"{output_dir / 'metrics.jsonl'}; run_trl.py keeps no checkpoints: start again "
+            "with --overwrite"
+        ) from None
+    metrics.flush()
+    trainer.save_model(str(output_dir / "final"))  # the model and its tokenizer
+    if main_process:
+        plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
     last = [e for e in trainer.state.log_history if "loss" in e][-1]
-    beta, accuracy = trainer.adaptive_beta.beta, last["rewards/accuracies"]
-    print(f"done: {cfg.max_steps} steps; loss {last['loss']:.4g}, β {beta:.5g}, "
-          f"rewards/accuracies {accuracy:.3g}; outputs in {cfg.output_dir}")  # fmt: skip
+    log(f"done: {trainer.state.global_step} steps; loss {last['loss']:.4g}, kl/beta "
+        f"{last['kl/beta']:.4g}, rewards/accuracies {last['rewards/accuracies']:.4g}; final β "
+        f"{trainer.adaptive_beta.beta:.6g}; outputs in {output_dir}")  # fmt: skip
     return 0
+
+
+class MetricsRows(TrainerCallback):
+    """TRL's log entries as train/run.py's ``metrics.jsonl`` rows: one per optimizer step, with
+    ``lr`` for ``learning_rate`` and the evaluation of that step as ``eval/*``. A row is written
+    once its step has ended and its evaluation (if any) has been logged."""
+
+    # Per-call bookkeeping of Trainer.log, not metrics of the model.
+    _SKIPPED = ("epoch", "runtime", "samples_per_second", "steps_per_second")
+
+    def __init__(self, log: MetricsLog, enabled: bool):
+        self.log, self.enabled = log, enabled
+        self.row = None
+
+    def flush(self):
+        if self.row is not None and self.enabled:
+            self.log.append(self.row)
+        self.row = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.flush()
+            self.row = {"step": state.global_step}
+            for key, value in logs.items():
+                if key not in self._SKIPPED:
+                    self.row["lr" if key == "learning_rate" else key] = value
+        elif self.row is not None and any(k.startswith("eval_") for k in logs):
+            for key, value in logs.items():
+                name = key.removeprefix("eval_")
+                if key.startswith("eval_") and name not in self._SKIPPED:
+                    self.row[f"eval/{name}"] = value
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from models import (  # noqa: E402
     load_policy_and_reference,
     load_tokenizer,
 )
+from outputs import check_output_dir  # noqa: E402
 
 from epsdpo_kernels import ches_scores  # noqa: E402
 
@@ -91,6 +92,7 @@ def check_config(cfg: Config) -> None:
         raise UsageError(f"--device {cfg.device}: no CUDA device is available")
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
+    check_output_dir(cfg.output_dir)
 
 
 def main(argv=None) -> int:
@@ -108,12 +110,12 @@ def main(argv=None) -> int:
                          "so its last hidden states cannot be read without its logits")  # fmt: skip
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.output_dir).expanduser()
 
     records = []
     for split, (_, rows) in splits.items():
         records += score_split(split, rows, model, tokenizer, cfg, device)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves nothing behind
     scores_path = out_dir / "scores.jsonl"
     with open(scores_path, "w") as f:
         for record in records:
@@ -187,6 +189,23 @@ def summary_line(key: str, values: list[float]) -> str:
     return f"{key}: n {len(values)}, mean {ordered.mean().item():.4g}, {parts}"
 
 
+# Values beyond this many interquartile ranges outside the quartiles are drawn as outliers at
+# the edge of the histogram instead of stretching its axis (3: Tukey's "far out").
+OUTLIER_IQRS = 3.0
+
+
+def histogram_range(values: list[float]) -> tuple[float, float]:
+    """The x-range the histogram shows: the data's own range, cut to the quartiles ± 3 IQR so
+    that one far outlier does not squeeze every other pair into one bar."""
+    ordered = torch.tensor(values, dtype=torch.float64)
+    q1, q3 = torch.quantile(ordered, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    low, high = ordered.min().item(), ordered.max().item()
+    spread = q3 - q1
+    if spread > 0:
+        low, high = max(low, q1 - OUTLIER_IQRS * spread), min(high, q3 + OUTLIER_IQRS * spread)
+    return low, high
+
+
 def plot_histograms(scored: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -197,7 +216,23 @@ def plot_histograms(scored: list[dict], path: Path) -> None:
     for ax, key, title in zip(axes, ("ches", "ches_normalized"),
                               ("CHES (sums)", "length-normalised CHES (means)")):  # fmt: skip
         values = [r[key] for r in scored if math.isfinite(r[key])]
-        ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="tab:blue")
+        if not values:
+            ax.set_title(f"{title}: no finite scores")
+            continue
+        low, high = histogram_range(values)
+        shown = [v for v in values if low <= v <= high]
+        ax.hist(shown, bins=min(50, max(5, len(shown) // 4)), range=(low, high), color="tab:blue")
+        # Outliers: counted and marked at the edge they lie beyond, with the extreme value.
+        for outside, edge, extreme, side, align, dx in (
+            ([v for v in values if v < low], low, min(values), "below", "left", 3),
+            ([v for v in values if v > high], high, max(values), "above", "right", -3),
+        ):  # fmt: skip
+            if outside:
+                ax.axvline(edge, color="tab:red", lw=1, ls="--")
+                ax.annotate(f"{len(outside)} {side}\n(to {extreme:.3g})", xy=(edge, 1),
+                            xycoords=("data", "axes fraction"), xytext=(dx, -3),
+                            textcoords="offset points", ha=align, va="top", fontsize=8,
+                            color="tab:red")  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("score (higher: more displacement risk)")
         ax.set_ylabel("pairs")

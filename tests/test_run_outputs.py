@@ -1,0 +1,108 @@
+"""What train/run.py leaves in --output-dir: one run per directory, checked resumes, Ctrl-C as
+one line, strict JSON metrics and a clear stop when training diverges. Run as a user would, in
+subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tests.test_train import FAST, ROOT, _env, metrics, run  # noqa: E402
+
+
+def _one_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def _strict_rows(path) -> list[dict]:
+    """metrics.jsonl read by a parser that refuses NaN and Infinity, as non-Python ones do."""
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_directory_holds_one_run(tmp_path):
+    out = tmp_path / "out"
+    first = ["--max-steps", "2", *FAST, "--save-every", "2", "--output-dir", str(out)]
+    run(first)
+    before = (out / "metrics.jsonl").read_text()
+    assert json.loads((out / "checkpoints" / "step_2" / "run.json").read_text())["beta"] == 0.1
+
+    # Another run into it is refused, with the three ways out, and nothing is touched.
+    line = _one_error_line(run([*first[:-2], "--max-steps", "1", "--output-dir", str(out)],
+                               check=False))  # fmt: skip
+    assert f"--output-dir {out} is not empty" in line
+    assert "--resume" in line and "--overwrite" in line and "new --output-dir" in line
+    assert (out / "metrics.jsonl").read_text() == before
+
+    # A resume with another configuration says what differs.
+    line = _one_error_line(run([*first, "--resume", "--beta", "0.2", "--max-length", "80"],
+                               check=False))  # fmt: skip
+    assert "--beta 0.1 (saved) vs 0.2 (now)" in line and "--max-length 96 (saved) vs 80" in line
+    assert (out / "metrics.jsonl").read_text() == before
+
+    # --overwrite clears the old run first: no stale checkpoint is left to resume from.
+    proc = run(["--max-steps", "1", *FAST, "--output-dir", str(out), "--overwrite"])
+    assert "done: 1 steps" in proc.stdout
+    assert not (out / "checkpoints").exists()
+    assert [r["step"] for r in metrics(out)] == [1]
+    assert json.loads((out / "run.json").read_text())["max_steps"] == 1
+    assert (out / "final" / "model.safetensors").exists()
+    line = _one_error_line(run(["--output-dir", str(out), "--overwrite", "--resume"],
+                               check=False))  # fmt: skip
+    assert "pass one of them" in line
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = ["--max-steps", "4", *FAST, "--save-every", "1", "--output-dir", str(out)]
+    # SIGINT as a terminal's Ctrl-C delivers it; SIG_DFL first, since a shell that starts a job
+    # in the background makes it ignore SIGINT, and the test must not depend on how it was run.
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train" / "run.py"), *args], env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    rows = _strict_rows(out / "metrics.jsonl")
+    saved = max(int(p.parent.name.split("_")[1])
+                for p in (out / "checkpoints").glob("step_*/COMPLETE"))  # fmt: skip
+    expected = (f"interrupted at step {len(rows)}; the last checkpoint is step {saved}; resume "
+                "with --resume")  # fmt: skip
+    assert stderr.strip().splitlines()[-1] == expected, stderr
+    assert not (out / "final").exists()
+
+    run([*args, "--resume"])
+    assert [r["step"] for r in _strict_rows(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_absurd_beta_writes_strict_json_and_stops(tmp_path):
+    out = tmp_path / "out"
+    proc = run(["--beta", "1e30", "--max-steps", "8", *FAST, "--output-dir", str(out)],
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0], proc.stderr
+    assert "--beta 1e+30" in errors[0]
+    rows = _strict_rows(out / "metrics.jsonl")
+    assert 3 <= len(rows) < 8  # stopped after three non-finite steps in a row
+    assert all(r["grad_norm"] is None or r["loss"] is None for r in rows[-3:])
+    assert "written as null in metrics.jsonl" in proc.stderr

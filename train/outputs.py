@@ -1,0 +1,159 @@
+"""What the scripts in train/ write, and the rules that keep one run per output directory.
+
+- ``check_output_dir``: before anything loads, the directory must be one the script can create
+  and write in; nothing is created yet, so a failed start leaves no empty directory behind.
+- ``check_run_dir``: a non-empty directory holds another run. It is refused unless the user
+  resumes it (and the checkpoint was made with the same configuration) or asks to clear it.
+- ``start_run_dir``: once the models and data have loaded, the directory is made (cleared first
+  with ``--overwrite``) and the run's configuration written to ``run.json``; every checkpoint
+  keeps a copy, so a resume compares against the configuration that made the checkpoint.
+- ``MetricsLog``: one strict-JSON row per optimizer step (a non-finite value is written as
+  ``null``, with a warning), appended and flushed as it comes, so an interrupted run loses
+  nothing it has logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from cli import UsageError
+
+RUN_RECORD = "run.json"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(output_dir: str, flag: str = "--output-dir") -> None:
+    """Fail with one line when ``output_dir`` cannot be a directory this process writes in.
+    Creates nothing (a probe file in the nearest existing ancestor is removed at once)."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {output_dir}: exists and is not a directory")
+    probe = _nearest_existing(path.absolute())
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {output_dir}: {probe} is not a directory")
+    try:
+        # As root, permission bits do not say whether a write succeeds (read-only or virtual
+        # file systems); trying one does.
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise UsageError(f"{flag} {output_dir}: cannot write in {probe} ({e.strerror})") from None
+
+
+def _listing(path: Path, most: int = 4) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    return ", ".join(names[:most]) + (", …" if len(names) > most else "")
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    return [
+        f"--{key.replace('_', '-')} {saved.get(key)!r} (saved) vs {current[key]!r} (now)"
+        for key in current
+        if saved.get(key) != current[key]
+    ]
+
+
+def check_run_dir(output_dir: str, record: dict, *, resume: bool | None, overwrite: bool,
+                  checkpoint_record=None) -> None:  # fmt: skip
+    """One run per directory. ``resume`` is None for scripts that cannot resume;
+    ``checkpoint_record``, when given, returns the record of the checkpoint a resume would
+    continue from (None when there is none)."""
+    path = Path(output_dir).expanduser()
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --output-dir and --overwrite clears it: "
+                         "pass one of them")  # fmt: skip
+    if not path.is_dir() or not any(path.iterdir()) or overwrite:
+        return
+    if resume:
+        saved = checkpoint_record() if checkpoint_record is not None else None
+        where = "its latest checkpoint"
+        if saved is None and (path / RUN_RECORD).is_file():
+            saved, where = json.loads((path / RUN_RECORD).read_text()), RUN_RECORD
+        if saved is None:
+            raise UsageError(f"--resume: {output_dir} holds no run of this script (no "
+                             f"{RUN_RECORD}; it has {_listing(path)}); use a new "
+                             "--output-dir")  # fmt: skip
+        differences = _differences(saved, record)
+        if differences:
+            raise UsageError(f"--resume: {output_dir} was run with another configuration "
+                             f"({where}): {'; '.join(differences)}. Resume with the saved "
+                             "values, or start a new --output-dir")  # fmt: skip
+        return
+    resume_hint = "continue it with --resume, " if resume is not None else ""
+    raise UsageError(f"--output-dir {output_dir} is not empty ({_listing(path)}): it holds "
+                     f"another run; {resume_hint}pick a new --output-dir, or pass --overwrite "
+                     "to clear it first")  # fmt: skip
+
+
+def _refuse_to_clear(path: Path) -> None:
+    resolved = path.resolve()
+    protected = {Path("/"), Path.home().resolve()}
+    if resolved in protected or Path.cwd().resolve().is_relative_to(resolved):
+        raise UsageError(f"--overwrite: refusing to clear {path}, which holds the home "
+                         "directory, the working directory or the file system root")  # fmt: skip
+
+
+def check_overwrite(output_dir: str, overwrite: bool) -> None:
+    """Before anything loads: a directory --overwrite would clear must be a safe one."""
+    path = Path(output_dir).expanduser()
+    if overwrite and path.is_dir() and any(path.iterdir()):
+        _refuse_to_clear(path)
+
+
+def start_run_dir(output_dir: Path, record: dict, *, overwrite: bool) -> None:
+    """Make the output directory (cleared first with ``overwrite``) and write ``run.json``.
+    Called by one process, once the run has loaded everything it needs."""
+    if overwrite and output_dir.is_dir():
+        _refuse_to_clear(output_dir)
+        for child in output_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_record(output_dir / RUN_RECORD, record)
+
+
+def write_record(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_record(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def source_id(value: str | None, default: str) -> str:
+    """A --model/--dataset value as a run record keeps it: local paths made absolute, so the
+    same data named two ways compares equal; ids as given; None as the embedded default."""
+    if value is None:
+        return default
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one strict-JSON object per optimizer step (``json.loads`` in any
+    language reads it). Non-finite values become ``null`` and are reported on stderr."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, row: dict) -> list[str]:
+        """Write ``row``; return the names of the values written as null."""
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        clean = {k: (None if k in bad else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if bad:
+            print(f"warning: step {row.get('step')}: non-finite {', '.join(bad)} (written as "
+                  f"null in {self.path.name})", file=sys.stderr, flush=True)  # fmt: skip
+        return bad
