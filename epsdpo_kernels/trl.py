@@ -218,10 +218,24 @@ class EpsilonDPOTrainer(DPOTrainer):
     # -- the loss ------------------------------------------------------------------------------
 
     def _hidden(self, model, inputs):
+        """(hidden states scoring labels[:, 1:], lm_head weight, bias) of ``model``, computed at
+        the precision the Trainer gives the policy's forward: under mixed precision accelerate
+        wraps a prepared model's forward in autocast and casts its outputs to fp32. The
+        reference's forward was wrapped before ``_hidden_state_forward`` replaced it (TRL
+        prepares it in ``__init__``, the policy only in ``train()``), so the same is applied
+        here to both: at policy == reference the two then give bitwise equal hidden states."""
         kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
-        hidden, weight, bias = model(**kwargs, epsdpo_hidden=True)
+        with self.accelerator.autocast():
+            hidden, weight, bias = model(**kwargs, epsdpo_hidden=True)
+        if hidden.dtype in (torch.float16, torch.bfloat16) and self._upcast_outputs():
+            hidden = hidden.float()
         # Prompt-learning PEFT prepends virtual tokens; hidden[:, t] scores labels[:, t + 1].
         return hidden[:, -inputs["input_ids"].shape[1] :][:, :-1], weight, bias
+
+    def _upcast_outputs(self) -> bool:
+        """Whether accelerate casts a prepared model's half-precision outputs to fp32 (it does
+        under native mixed precision, ``bf16=True`` or ``fp16=True``)."""
+        return self.accelerator.native_amp
 
     def _reference_hidden(self, inputs):
         with torch.no_grad():

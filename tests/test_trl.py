@@ -101,6 +101,28 @@ def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
     assert trainer.adaptive_beta.beta == pytest.approx(beta, rel=1e-9)  # eval leaves β alone
 
 
+@pytest.mark.parametrize("explicit_reference", [True, False], ids=["ref_model", "trl-copy"])
+def test_bf16_first_step_sees_policy_equal_to_reference(tmp_path, explicit_reference):
+    """Under bf16 mixed precision (TRL's default on a GPU; CPU autocast does bf16 too) both
+    models' hidden states come at the policy's precision: at step 1 the policy is the
+    reference, so the loss is exactly log 2, no pair steps and β stays."""
+    policy, reference = tiny_models()
+    if not explicit_reference:  # TRL loads the policy and its reference copy from a path
+        policy.save_pretrained(tmp_path / "model")
+        policy, reference = str(tmp_path / "model"), None
+    trainer = EpsilonDPOTrainer(
+        policy, ref_model=reference, train_dataset=pairs(8), processing_class=byte_tokenizer(),
+        args=config(tmp_path, bf16=True, max_steps=1),
+    )  # fmt: skip
+    assert trainer.ref_model is not None
+    trainer.train()
+    (entry,) = step_logs(trainer)
+    assert entry["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert entry["kl/p_epsilon_steps"] == entry["kl/n_epsilon_steps"] == 0.0
+    assert entry["rewards/accuracies"] == 0.0 and entry["rewards/margins"] == 0.0
+    assert trainer.adaptive_beta.beta == 0.1
+
+
 @pytest.mark.parametrize(
     "label_smoothing, rpo_alpha",
     [(0.0, None), (0.2, None), (0.0, 0.5)],
