@@ -78,8 +78,16 @@ class AdaptiveBeta:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore β (and a step's pending observations). The state must come from a controller
+        with this one's ε: a β adapted under one ε and continued under another would follow
+        neither run, so a mismatch is refused rather than one of the two silently kept."""
+        if float(state["epsilon"]) != self.epsilon:
+            raise ValueError(
+                f"the saved β was adapted with epsilon={state['epsilon']!r}, this controller has "
+                f"epsilon={self.epsilon!r}: continue with epsilon={state['epsilon']!r}, or start "
+                "a new run"
+            )
         self.beta = float(state["beta"])
-        self.epsilon = float(state["epsilon"])
         if state.get("pending_count", 0.0) > 0:
             self._pending = torch.tensor(
                 [state["pending_sum"], state["pending_count"]], dtype=torch.float64

@@ -354,7 +354,10 @@ class EpsilonDPOTrainer(DPOTrainer):
                     "run's β cannot be restored (was the checkpoint written by EpsilonDPOTrainer?)"
                 )
             with open(path) as f:
-                self.adaptive_beta.load_state_dict(json.load(f))
+                try:
+                    self.adaptive_beta.load_state_dict(json.load(f))
+                except ValueError as e:
+                    raise ValueError(f"resume_from_checkpoint={checkpoint}: {e}") from None
             self.beta = self.adaptive_beta.beta
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 

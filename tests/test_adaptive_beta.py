@@ -35,10 +35,19 @@ def test_state_dict_round_trip_including_pending():
     a.update()
     a.observe(torch.tensor([1, 1, -1]))
     state = a.state_dict()
-    b = AdaptiveBeta(beta=1.0, epsilon=0.5)
+    b = AdaptiveBeta(beta=1.0, epsilon=0.05)
     b.load_state_dict(state)
     assert b.beta == a.beta and b.epsilon == a.epsilon
     assert b.update() == a.update()
+
+
+def test_state_from_another_epsilon_is_refused():
+    saved = AdaptiveBeta(beta=0.1, epsilon=0.05).state_dict()
+    other = AdaptiveBeta(beta=0.1, epsilon=0.01)
+    with pytest.raises(ValueError, match=r"adapted with epsilon=0.05, this controller has "
+                                         r"epsilon=0.01"):  # fmt: skip
+        other.load_state_dict(saved)
+    assert other.epsilon == 0.01 and other.beta == 0.1
 
 
 def test_invalid_arguments_are_named():

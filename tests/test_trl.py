@@ -179,10 +179,15 @@ def test_resumed_run_reproduces_beta_and_losses(tmp_path):
     assert resumed.adaptive_beta.beta == pytest.approx(straight.adaptive_beta.beta, rel=1e-12)
 
 
-def test_resume_from_a_checkpoint_without_beta_is_refused(tmp_path):
+def test_resume_from_a_checkpoint_without_beta_or_with_another_epsilon_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
+    other = make_trainer(tmp_path, max_steps=4, epsilon=0.02)
+    with pytest.raises(ValueError, match=r"adapted with epsilon=0.05, this controller has "
+                                         r"epsilon=0.02"):  # fmt: skip
+        other.train(resume_from_checkpoint=str(checkpoint))
+    assert other.state.global_step == 0
     (checkpoint / BETA_STATE_FILE).unlink()
     with pytest.raises(ValueError, match="β cannot be restored"):
         make_trainer(tmp_path, max_steps=4).train(resume_from_checkpoint=str(checkpoint))
