@@ -1,9 +1,10 @@
 """Per-token forward and backward in plain torch: the backend CPU users get.
 
 Same contract as token_kernels.py. Only scored rows are touched, a few rows at a time: each
-V-sized fp32 temporary of a sub-chunk stays under ``TORCH_CHUNK_BYTES``, small enough for the
-CPU's L2 cache, so the several elementwise passes torch makes over a sub-chunk run from cache,
-and the extra memory is a constant, not a share of the input. The four log-sum-exps come from
+V-sized fp32 temporary of a sub-chunk stays under ``TORCH_CHUNK_BYTES`` for its device: on a CPU
+small enough for the L2 cache, so the several elementwise passes torch makes over a sub-chunk run
+from cache; on a GPU large enough to fill it. Either way the extra memory is a constant, not a
+share of the input. The four log-sum-exps come from
 ``torch.log_softmax`` (one fused, vectorised kernel per row) rather than composed ops. Nothing
 here builds an autograd graph over V-sized tensors (the autograd Functions call it under
 no_grad). Where every row is scored (the linear path's chunks) rows are sliced as views instead
@@ -16,15 +17,17 @@ import torch
 
 from . import layout as L
 
-# Bytes of one V-sized fp32 temporary of a sub-chunk (the forward keeps about five alive: the
-# upcast rows, h − g, a mix, a log_softmax; the backward two). 512 KiB is 4 rows at V = 32k:
-# measured on 2 cores, 5× faster than 16 MiB sub-chunks, whose passes go to DRAM.
-TORCH_CHUNK_BYTES = 512 * 2**10
-_LIVE_TEMPORARIES = 5
+# Bytes of one V-sized fp32 temporary of a sub-chunk, by device (the forward keeps about five
+# alive: the upcast rows, h − g, a mix, a log_softmax; the backward two). On a CPU, 512 KiB is 4
+# rows at V = 32k: measured on 2 cores, 5× faster than 16 MiB sub-chunks, whose passes go to
+# DRAM. On a GPU each sub-chunk is a handful of kernel launches, so it must be large enough to
+# fill the device: 64 MiB is 130 rows at V = 128k (512 KiB would be one row per launch).
+TORCH_CHUNK_BYTES = {"cpu": 512 * 2**10, "cuda": 64 * 2**20}
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, TORCH_CHUNK_BYTES // (4 * vocab))
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    budget = TORCH_CHUNK_BYTES.get(device.type, TORCH_CHUNK_BYTES["cuda"])
+    return max(1, budget // (4 * vocab))
 
 
 class _ScoredRows:
@@ -40,7 +43,7 @@ class _ScoredRows:
         self.views = self.all_scored and all(x.is_contiguous() for x in (labels, *tensors))
         self.flat = None if self.views else scored.flatten().nonzero().squeeze(1)
         self.count = n * t if self.views else self.flat.numel()
-        self.step = _chunk_rows(vocab)
+        self.step = _chunk_rows(vocab, labels.device)
 
     def chunks(self):
         """Yield (flat row indices or a slice, rows of dim 0, rows of dim 1)."""

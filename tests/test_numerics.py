@@ -192,3 +192,15 @@ def test_split_count_fills_the_gpu_once():
     # Never splits narrower than MIN_BLOCKS_PER_SPLIT blocks.
     assert split_count(rows=1, vocab=32000, block=2048, sm_count=132) == 32000 // (4 * 2048)
     assert split_count(rows=1, vocab=1000, block=2048, sm_count=132) == 1
+
+
+def test_torch_backend_sub_chunks_follow_the_device():
+    """A CPU sub-chunk stays within the cache; a GPU one holds enough rows to fill the device
+    (at V = 128k, 512 KiB would be one row per kernel launch)."""
+    from epsdpo_kernels.token_torch import TORCH_CHUNK_BYTES, _chunk_rows
+
+    vocab = 128256
+    assert _chunk_rows(vocab, torch.device("cpu")) == 1
+    assert _chunk_rows(vocab, torch.device("cuda", 1)) == TORCH_CHUNK_BYTES["cuda"] // (4 * vocab)
+    assert _chunk_rows(vocab, torch.device("cuda")) >= 128
+    assert _chunk_rows(32000, torch.device("cpu")) == 4
