@@ -103,6 +103,13 @@ def resources(compiled, arch: int) -> dict:
     return dict(registers=int(regs[0]) if regs else None, spill_bytes=sum(spills))
 
 
+def fp32_divisions(compiled) -> dict[str, int]:
+    """PTX fp32 division instructions by kind: ``div.rn.f32`` is correctly rounded,
+    ``div.full.f32`` (what Triton's ``/`` gives) and ``div.approx.f32`` are not."""
+    kinds = re.findall(r"\b(div\.(?:rn|full|approx)(?:\.ftz)?\.f32)\b", compiled.asm["ptx"])
+    return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
@@ -253,6 +260,7 @@ def report(
             arch=f"sm_{arch}",
             warps=warps,
             **resources(compiled, arch),
+            fp32_divisions=fp32_divisions(compiled),
         )
         loop = hot_loop(sass(compiled))
         if loop is not None and per_trip:

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from . import layout as L
+from .launch import launch
 
 # Token rows summed per step of the per-row loop: 512 keeps the six fp32 accumulators of a
 # 4-warp program in registers (1024 spills on sm_90; benchmarks/kernel_report.py).
@@ -171,9 +172,9 @@ def pair_head_launch(stats, labels, out, beta, epsilon, label_smoothing, ignore_
 def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
     b = labels.shape[0] // 2
     out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
-    kernel, grid, args, constexprs, warps = pair_head_launch(
+    spec = pair_head_launch(
         stats, labels, out, params.beta, params.epsilon, params.label_smoothing,
         params.ignore_index, params.average_log_prob,
     )  # fmt: skip
-    kernel[grid](*args, **constexprs, num_warps=warps)
+    launch(spec, stats.device)
     return out

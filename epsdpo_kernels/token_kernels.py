@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import layout as L
+from .launch import launch
 
 # Field indices (layout.py) as compile-time constants the kernels can use.
 TOK_LOGP = tl.constexpr(L.TOK_LOGP)
@@ -127,6 +128,13 @@ def _merge_lanes(run_max, run_sum, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _log_ratio(s, s_ref):
+    """ln(s / s_ref), correctly rounded division, exactly 0 where s == s_ref (see _finish)."""
+    ratio = tl.math.div_rn(s, s_ref)
+    return tl.where(ratio == 1.0, 0.0, tl.log2(ratio) * LN2)
+
+
+@triton.jit
 def _finish(stats_ptr, row, n_rows, h_y, g_y, epsilon,
             m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum):  # fmt: skip
     """Write one token row's stats from its four (max, sum) states and the label's logits.
@@ -134,7 +142,12 @@ def _finish(stats_ptr, row, n_rows, h_y, g_y, epsilon,
     u − a = ε·(h_y − g_y) − (lse_p − lse_h), with lse_p − lse_h = (m_p − m_h) + ln(s_p / s_h):
     a small number computed from small numbers, never the difference of two rounded ~log V
     log-sum-exps. A log-probability is ≤ 0: rounding must not make a, r, u or d positive (the
-    clamps are selects, so a NaN stays NaN)."""
+    clamps are selects, so a NaN stays NaN).
+
+    At policy == reference every mix is bitwise h, so s_p == s_h and u − a must be exactly 0:
+    the ratio is divided with round-to-nearest (``/`` compiles to ``div.full.f32``, an
+    approximate reciprocal times s_p, for which x / x need not be 1), and a ratio of exactly 1
+    gives exactly 0 without relying on the approximate ``lg2`` at 1."""
     lse_h = m_h + tl.log2(s_h) * LN2
     lse_g = m_g + tl.log2(s_g) * LN2
     a = h_y - lse_h
@@ -142,8 +155,8 @@ def _finish(stats_ptr, row, n_rows, h_y, g_y, epsilon,
     r = g_y - lse_g
     r = tl.where(r > 0.0, 0.0, r)
     label_diff = epsilon * (h_y - g_y)
-    du = label_diff - ((m_p - m_h) + tl.log2(s_p / s_h) * LN2)
-    dd = -label_diff - ((m_n - m_h) + tl.log2(s_n / s_h) * LN2)
+    du = label_diff - ((m_p - m_h) + _log_ratio(s_p, s_h))
+    dd = -label_diff - ((m_n - m_h) + _log_ratio(s_n, s_h))
     du = tl.where(du > -a, -a, du)
     dd = tl.where(dd > -a, -a, dd)
     tl.store(stats_ptr + TOK_LOGP * n_rows + row, a)
@@ -450,11 +463,11 @@ def token_forward(
     partial = None
     if splits > 1:
         partial = torch.empty((splits, N_PARTIAL, n * t), dtype=torch.float32, device=device)
-    for kernel, grid, args, constexprs, warps in forward_launches(
+    for spec in forward_launches(
         policy_logits, ref_logits, labels, stats, partial, params.epsilon, params.ignore_index,
         splits,
     ):  # fmt: skip
-        kernel[grid](*args, **constexprs, num_warps=warps)
+        launch(spec, device)
     return stats
 
 
@@ -487,11 +500,11 @@ def token_backward(
     vocabulary entry ``vocab_offset + j`` (labels are full-vocabulary indices)."""
     policy_logits = _unit_stride_v(policy_logits)
     grad = policy_logits if inplace else torch.empty_like(policy_logits)
-    kernel, grid, args, constexprs, warps = backward_launch(
+    spec = backward_launch(
         policy_logits, labels, stats, row_coef.float().contiguous(), grad, params.ignore_index,
         vocab_offset=vocab_offset, splits=splits,
     )  # fmt: skip
-    kernel[grid](*args, **constexprs, num_warps=warps)
+    launch(spec, policy_logits.device)
     return grad
 
 

@@ -86,3 +86,16 @@ def test_forward_loop_is_within_its_instruction_budget(compiled, dtype):
     backward = compiled[f"token_backward_kernel-sm90-{dtype}-V128256"]
     assert backward["mufu_per_element"] == pytest.approx(1.0), backward
     assert backward["shuffles_or_barriers_in_loop"] == 0, backward
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_forward_divides_with_round_to_nearest(compiled, arch, dtype):
+    """The forward's step decisions are exact at policy == reference only if s_p / s_h is 1 for
+    s_p == s_h; Triton's ``/`` compiles to div.full.f32 (approximate reciprocal times
+    numerator), which does not promise that, while the interpreter divides exactly. So the PTX
+    of every kernel that finishes a row divides with div.rn.f32 only."""
+    for kernel in ("token_forward_kernel", "token_merge_kernel"):
+        divisions = compiled[f"{kernel}-sm{arch}-{dtype}-V5000"]["fp32_divisions"]
+        assert divisions.get("div.rn.f32", 0) >= 2, divisions
+        assert set(divisions) == {"div.rn.f32"}, divisions

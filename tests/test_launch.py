@@ -1,0 +1,38 @@
+"""Every Triton launch runs on its tensors' device (Triton itself uses the current device)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+
+import epsdpo_kernels
+from epsdpo_kernels import epsilon_dpo_loss, launch
+from tests.utils import make_batch
+
+PACKAGE = Path(epsdpo_kernels.__file__).parent
+
+
+def test_guard_makes_the_tensors_device_current():
+    guard = launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(launch.device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_no_launch_bypasses_the_guard():
+    """``kernel[grid](...)`` appears in launch.py only."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                assert path.name == "launch.py", f"{path.name}:{node.lineno} launches unguarded"
+
+
+def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch):
+    seen = []
+    real = launch.device_guard
+    monkeypatch.setattr(launch, "device_guard", lambda d: seen.append(d) or real(d))
+    policy, ref, labels = make_batch(2, 4, 40)
+    policy.requires_grad_()
+    epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend="triton").loss.backward()
+    assert len(seen) == 3 and set(seen) == {policy.device}  # token forward, pair head, backward
