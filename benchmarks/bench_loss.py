@@ -188,7 +188,8 @@ def _roofline(cfg, inputs, device, fwd_bwd_ms: float) -> dict:
         def loss_only():
             epsilon_dpo_loss(logits, ref_logits, labels, beta=BETA, epsilon=EPSILON).loss.backward()
 
-        ms = triton.testing.do_bench(loss_only, warmup=50, rep=400, grad_to_none=[logits])
+        ms = triton.testing.do_bench(loss_only, warmup=50, rep=400, grad_to_none=[logits],
+                                     return_mode="median")  # fmt: skip
         # Forward reads policy + reference of scored rows; backward reads the policy of scored
         # rows and writes every gradient row (zeros for ignored ones).
         moved = (2 * scored * v + scored * v + rows * v) * elt

@@ -44,10 +44,23 @@ H100 = dict(
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
-def _bin(tool: str) -> str:
-    import triton
+def _tool(name: str, arch: int = 90) -> str:
+    """The path of the CUDA tool Triton itself uses for ``sm_{arch}``. Each Triton release pins
+    its own PTX ISA and ships the ptxas that accepts it (Triton 3.9 emits PTX 9.x, which only its
+    CUDA 13 ``ptxas-blackwell`` reads, also for sm_90): a fixed path would feed one release's PTX
+    to another's ptxas."""
+    from triton.backends.nvidia import compiler
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    if name == "ptxas" and hasattr(compiler, "get_ptxas"):
+        return compiler.get_ptxas(arch).path
+    try:
+        from triton import knobs
+
+        return getattr(knobs.nvidia, name).path
+    except (ImportError, AttributeError):  # releases before knobs: the bundled binaries
+        import triton
+
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def compile_launch(kernel, args, constexprs: dict, num_warps: int, arch: int):
@@ -92,15 +105,20 @@ def resources(compiled, arch: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    out = subprocess.run(
-        [_bin("ptxas"), "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+    ptxas = _tool("ptxas", arch)
+    proc = subprocess.run(
+        [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
         capture_output=True,
         text=True,
-    ).stderr
+    )
     os.unlink(f.name)
+    out = proc.stderr
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
     regs = re.findall(r"Used (\d+) registers", out)
-    return dict(registers=int(regs[0]) if regs else None, spill_bytes=sum(spills))
+    if proc.returncode != 0 or not regs:
+        # Without a register count "0 spills" would mean nothing: stop here, saying why.
+        raise RuntimeError(f"{ptxas} gave no register count for {gpu}: {out.strip()[-2000:]}")
+    return dict(registers=int(regs[0]), spill_bytes=sum(spills))
 
 
 def fp32_divisions(compiled) -> dict[str, int]:
@@ -118,7 +136,7 @@ def sass(compiled) -> list[tuple[int, str, str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     text = subprocess.run(
-        [_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True
+        [_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True
     ).stdout
     os.unlink(f.name)
     return [(int(a, 16), op, rest) for a, op, rest in _INSTR.findall(text)]

@@ -55,3 +55,39 @@ def test_kernel_benchmark_dry_run_exercises_every_path(tmp_path):
     assert len(result["sweep"]) == 9
     assert all("error" not in r and r["fwd_ms"] > 0 for r in result["sweep"]), result["sweep"]
     assert "epsilon_dpo_loss fwd+bwd" in (tmp_path / "profile.txt").read_text()
+
+
+def test_sweep_agreement_check_allows_reordering_and_nothing_more():
+    """What a launch configuration may change: the stats' rounding (V-term sums in another
+    order), not one bit of the gradient."""
+    import pytest
+    import torch
+
+    from benchmarks.bench_kernels import _abs_logit_sums, check_layout_agreement
+    from epsdpo_kernels import layout as L
+    from epsdpo_kernels.token_torch import token_forward
+    from epsdpo_kernels.validation import loss_params
+    from tests.utils import make_batch
+
+    policy, ref, labels = make_batch(2, 8, 1000, dtype=torch.bfloat16, ragged=False,
+                                     prompt_frac=0.0)  # fmt: skip
+    params = loss_params(dict(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
+                              average_log_prob=False, backend="torch"), policy.device)  # fmt: skip
+    stats = token_forward(policy, ref, labels, params)
+    grad = torch.randn(policy.shape).to(torch.bfloat16)
+    sums = _abs_logit_sums(policy)
+    check_layout_agreement("same", stats, stats, grad.clone(), grad, sums, 1000)
+    # Another summation order: the log-sum-exp and the logit sum from float64 sums.
+    reordered = stats.clone()
+    reordered[L.TOK_LSE] = torch.logsumexp(policy.double(), -1).flatten().float()
+    reordered[L.TOK_LOGIT_SUM] = policy.double().sum(-1).flatten().float()
+    assert not torch.equal(reordered, stats)
+    check_layout_agreement("reordered", reordered, stats, grad.clone(), grad, sums, 1000)
+    moved = stats.clone()
+    moved[L.TOK_P_EPS_DELTA, 3] += 1e-3
+    with pytest.raises(AssertionError, match="stats field 2 row 3"):
+        check_layout_agreement("off", moved, stats, grad.clone(), grad, sums, 1000)
+    one_ulp = grad.clone()
+    one_ulp[1, 2, 3] = one_ulp[1, 2, 3] * (1 + 2**-7)  # the next bf16 value
+    with pytest.raises(AssertionError, match="sequence row 1 differs"):
+        check_layout_agreement("grad", stats, stats, one_ulp, grad, sums, 1000)
