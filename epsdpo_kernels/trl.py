@@ -135,14 +135,39 @@ def _hidden_state_forward(model: torch.nn.Module) -> None:
         outputs = self.base_model(*args, **kwargs)
         head = self.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
-        # FSDP2 shards the head as DTensors; full_tensor() is differentiable (its backward
-        # reduce-scatters the weight gradient back to the shards).
-        if hasattr(weight, "full_tensor"):
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
+        if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head: gather it
+            weight = _gather_data_parallel(weight)
+            bias = _gather_data_parallel(bias) if bias is not None else None
         return outputs.last_hidden_state, weight, bias
 
     model.forward = forward.__get__(model)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _gather_data_parallel(param):
+    """The whole of an FSDP2-sharded parameter (a DTensor sharded over data-parallel ranks),
+    differentiably. Each rank's gradient of it comes from that rank's own batch, so the
+    gradient is a partial one: ``grad_placements=Partial`` makes the backward reduce-scatter it
+    (without it, full_tensor() assumes a replicated gradient and only slices, so each shard
+    would miss the other ranks' contributions), and 1/ranks makes the sum a mean, as FSDP2's own
+    reduce-scatter of the parameters it gathers is (gloo has no averaging collective)."""
+    from torch.distributed.tensor import Partial
+
+    mesh = param.device_mesh
+    scaled = _ScaleGradient.apply(param, 1.0 / mesh.size())
+    return scaled.full_tensor(grad_placements=[Partial()] * mesh.ndim)
 
 
 class EpsilonDPOTrainer(DPOTrainer):

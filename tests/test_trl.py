@@ -560,3 +560,67 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     trainer.train()
     assert len(step_logs(trainer)) == 3
     assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-9)
+
+
+def _sharded_head_worker(rank, world, port, results):
+    """The trainer's hidden-state forward on a model whose lm_head is its own FSDP2 unit, so the
+    forward reads it as a sharded DTensor; each rank trains on its own half of the pairs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from epsdpo_kernels import linear_epsilon_dpo_loss
+    from epsdpo_kernels.trl import _hidden_state_forward
+    from tests.test_linear import gloo_group
+
+    with gloo_group(rank, world, port):
+        policy, batch = _sharded_head_case()
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(policy.lm_head, mesh=mesh)
+        for layer in policy.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(policy, mesh=mesh)
+        _hidden_state_forward(policy)
+        rows = _rank_rows(rank, world, batch["labels"].shape[0] // 2)
+        hidden, weight, _ = policy(input_ids=batch["input_ids"][rows], epsdpo_hidden=True)
+        assert not hasattr(weight, "full_tensor")  # gathered to a plain tensor
+        linear_epsilon_dpo_loss(hidden, weight, 0.9 * hidden.detach(), weight.detach(),
+                                batch["labels"][rows], beta=0.5).loss.backward()  # fmt: skip
+        results[rank] = policy.lm_head.weight.grad.full_tensor().clone()
+
+
+def _sharded_head_case():
+    policy, _ = tiny_models(seed=3, tied=False)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 256, (8, 12), generator=gen)
+    labels = torch.cat([input_ids[:, 1:], torch.full((8, 1), -100)], 1)
+    labels[:, :4] = -100
+    return policy, dict(input_ids=input_ids, labels=labels)
+
+
+def _rank_rows(rank, world, pairs):
+    """Rank ``rank``'s pairs (chosen and rejected rows) of a (2B, T) batch."""
+    mine = torch.arange(pairs).chunk(world)[rank]
+    return torch.cat([mine, mine + pairs])
+
+
+def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
+    """Two gloo ranks, each on half the pairs, with the lm_head gathered from its FSDP2 shards
+    in the hidden-state forward: the lm_head gradient equals one process's on all the pairs (the
+    mean loss), on both ranks."""
+    import torch.multiprocessing as mp
+
+    from epsdpo_kernels import linear_epsilon_dpo_loss
+    from epsdpo_kernels.trl import _hidden_state_forward
+
+    results = mp.Manager().dict()
+    mp.spawn(_sharded_head_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    policy, batch = _sharded_head_case()
+    _hidden_state_forward(policy)
+    hidden, weight, _ = policy(input_ids=batch["input_ids"], epsdpo_hidden=True)
+    linear_epsilon_dpo_loss(hidden, weight, 0.9 * hidden.detach(), weight.detach(),
+                            batch["labels"], beta=0.5).loss.backward()  # fmt: skip
+    expected = policy.lm_head.weight.grad
+    assert expected.abs().max() > 1e-4
+    for rank in (0, 1):
+        torch.testing.assert_close(results[rank], expected, rtol=1e-5, atol=1e-7,
+                                   msg=f"lm_head gradient on rank {rank}")  # fmt: skip
