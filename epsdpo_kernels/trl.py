@@ -224,6 +224,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         self.adaptive_beta = AdaptiveBeta(args.beta, args.epsilon)
         self.loss_weights = dict(zip(args.loss_type, self.loss_weights))
         self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
+        self._train_tokens = 0  # attention-mask tokens of the training batches, all processes
         self.add_callback(_BetaUpdate(self))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -300,24 +301,26 @@ class EpsilonDPOTrainer(DPOTrainer):
             loss = loss + self.loss_weights["sft"] * (-out.chosen_logps.sum() / chosen_tokens)
         if mode == "train":
             self.adaptive_beta.observe(out.steps)
-        self._accumulate(mode, out)
+        self._accumulate(mode, out, inputs["attention_mask"].sum())
         if return_outputs:
             return loss, out
         return loss
 
     # -- metrics: per-pair sums kept on the device, reduced over processes when logged ---------
 
-    def _accumulate(self, mode, out):
+    def _accumulate(self, mode, out, tokens):
         """Add one micro-batch to ``mode``'s sums, one float64 tensor on the device: per-pair
-        metrics summed over pairs, the per-batch values once, and the pair and batch counts."""
+        metrics summed over pairs, the per-batch values once, the pair and batch counts, and
+        the batch's tokens (attention mask), for TRL's running ``num_tokens``."""
         per_pair = out.pair_metrics()
         row = torch.cat([
             torch.stack([v.detach().double().sum() for v in per_pair.values()]),
             torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
             torch.tensor([out.beta, out.losses.numel(), 1.0], dtype=torch.float64,
                          device=out.losses.device),
+            tokens.detach().double().reshape(1).to(out.losses.device),
         ])  # fmt: skip
-        names = [*per_pair, *_PER_BATCH, "_pairs", "_batches"]
+        names = [*per_pair, *_PER_BATCH, "_pairs", "_batches", "_tokens"]
         previous = self._metric_sums[mode]
         self._metric_sums[mode] = (names, row if previous is None else previous[1] + row)
 
@@ -327,9 +330,13 @@ class EpsilonDPOTrainer(DPOTrainer):
         names, sums = self._metric_sums[mode]
         self._metric_sums[mode] = None
         totals = dict(zip(names, self.accelerator.reduce(sums, "sum").tolist()))
-        pairs, batches = totals.pop("_pairs"), totals.pop("_batches")
+        pairs, batches, tokens = totals.pop("_pairs"), totals.pop("_batches"), totals.pop("_tokens")
         metrics = {k: v / (batches if k in _PER_BATCH else pairs) for k, v in totals.items()}
         metrics.pop("loss", None)  # Trainer logs the optimised loss itself
+        # As TRL: the training tokens seen so far, all processes (logged with eval metrics too).
+        if mode == "train":
+            self._train_tokens += int(tokens)
+        metrics["num_tokens"] = self._train_tokens
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

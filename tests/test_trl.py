@@ -95,9 +95,13 @@ def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
         beta = beta / (1 + 0.05 * entry["kl/avg_steps"])
     assert trainer.adaptive_beta.beta == pytest.approx(beta, rel=1e-9)
 
+    # TRL's running count of training tokens: every logged step adds its batch's tokens.
+    tokens = [entry["num_tokens"] for entry in logs]
+    assert tokens[0] > 0 and all(b > a for a, b in zip(tokens, tokens[1:])), tokens
     metrics = trainer.evaluate()
     for name in ("eval_loss", "eval_rewards/accuracies", "eval_logps/chosen", "eval_kl/avg_steps"):
         assert name in metrics, sorted(metrics)
+    assert metrics["eval_num_tokens"] == tokens[-1]
     assert trainer.adaptive_beta.beta == pytest.approx(beta, rel=1e-9)  # eval leaves β alone
 
 
