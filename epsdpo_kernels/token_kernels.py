@@ -54,8 +54,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # counts for sm_90 with zero spills; see kernel_report.py). VEC = 16 bytes / element size.
 FWD_WARPS, FWD_LANES_PER_THREAD = 8, 1
 BWD_WARPS, BWD_LANES_PER_THREAD = 8, 2
-# Programs an SM holds at once (register-limited: the forward's 73 registers × 256 threads fit
-# three times in 64K), for the split heuristic.
+# Programs an SM holds at once, for the split heuristic: register-limited, 256 threads of up to
+# 85 registers fit three times in 64K (ptxas gives the forward 76 under Triton 3.6 and 64 under
+# 3.9, where four would fit; benchmarks/kernel_report.py).
 PROGRAMS_PER_SM = 3
 # A V-split spans at least this many blocks, so that its loop, not its merge, dominates.
 MIN_BLOCKS_PER_SPLIT = 4
