@@ -107,6 +107,16 @@ def _fold_block(h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _first_aligned_column(row_offset, col_start, col_end, VEC: tl.constexpr):
+    """The first column ≥ col_start (at most col_end) whose element sits on a 16-byte boundary,
+    for a row starting ``row_offset`` elements after a 16-byte-aligned base. A row whose stride
+    is not a multiple of VEC (V = 50257, 32001, 128257) starts mid-vector; the columns before
+    this one are a masked head block, and whole vector-aligned blocks follow."""
+    head = (VEC - (row_offset + col_start) % VEC) % VEC
+    return tl.minimum(col_start + head, col_end)
+
+
+@triton.jit
 def _unstack(x):
     """(h, g, mix_p, mix_n) values of a [2, 2] stacked state (see _fold_block)."""
     hg, mixes = tl.split(x)
@@ -196,6 +206,7 @@ def token_forward_kernel(
     VEC: tl.constexpr,  # consecutive columns per lane: 16 bytes of the input dtype
     SPLIT: tl.constexpr,  # write partial states for token_merge_kernel instead of stats
     FAST_MATH: tl.constexpr,  # GPU: ftz ex2 and max-based NaN removal (False: interpreter)
+    ALIGN_ROWS: tl.constexpr,  # rows may start mid-vector: align each before its main loop
 ):
     """Program (row, split) owns columns [split·cols_per_split, …) of one token row: it streams h
     and g once and folds the policy, the reference and the two ε-mixes into running
@@ -212,8 +223,10 @@ def token_forward_kernel(
                 tl.store(out_ptr + field * n_rows + row, 0.0)
         return
 
-    policy_row = policy_ptr + n * stride_pn + t * stride_pt
-    ref_row = ref_ptr + n * stride_rn + t * stride_rt
+    policy_offset = n * stride_pn + t * stride_pt
+    ref_offset = n * stride_rn + t * stride_rt
+    policy_row = policy_ptr + policy_offset
+    ref_row = ref_ptr + ref_offset
     col_start = split * cols_per_split
     col_end = tl.minimum(V, col_start + cols_per_split)
     # Column (lane, k) of a block sits at lane·VEC + k: each thread's VEC columns are adjacent
@@ -225,17 +238,36 @@ def token_forward_kernel(
     # fp32 tensors of their final shape.
     zeros = tl.zeros([LANES, 2, 2], dtype=tl.float32)
     state = (zeros - float("inf"), zeros, tl.zeros([LANES, VEC], dtype=tl.float32))
-    full_end = col_start + (col_end - col_start) // (LANES * VEC) * (LANES * VEC)
-    for start in range(col_start, full_end, LANES * VEC):
-        h = tl.load(policy_row + start + tile).to(tl.float32)
-        g = tl.load(ref_row + start + tile).to(tl.float32)
+    first = col_start
+    if ALIGN_ROWS:
+        # h and g rows start equally far from a 16-byte boundary (the launcher checked): a
+        # masked head block up to the boundary, then the vector loop from there on.
+        first = _first_aligned_column(policy_offset, col_start, col_end, VEC)
+        if first > col_start:
+            cols = col_start + tile
+            valid = cols < first
+            # Masked columns are −inf in both: an absent entry, which contributes nothing.
+            h = tl.load(policy_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            g = tl.load(ref_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH)
+        policy_block = policy_ptr + tl.multiple_of(policy_offset + first, VEC)
+        ref_block = ref_ptr + tl.multiple_of(ref_offset + first, VEC)
+    else:
+        policy_block = policy_row + first
+        ref_block = ref_row + first
+    # Whole blocks from `first` on, unmasked, at offsets the compiler sees as multiples of the
+    # block (so the loads are 16-byte vectors); then one masked tail block.
+    full_blocks = (col_end - first) // (LANES * VEC)
+    for k in range(0, full_blocks):
+        h = tl.load(policy_block + k * (LANES * VEC) + tile).to(tl.float32)
+        g = tl.load(ref_block + k * (LANES * VEC) + tile).to(tl.float32)
         state = _fold_block(h, g, h, state, epsilon, FAST_MATH)
-    if full_end < col_end:
-        cols = full_end + tile
-        valid = cols < col_end
-        # Masked columns are −inf in both: an absent entry, which contributes nothing.
-        h = tl.load(policy_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
-        g = tl.load(ref_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
+    rest = col_end - first - full_blocks * (LANES * VEC)
+    if rest > 0:
+        cols = full_blocks * (LANES * VEC) + tile
+        valid = tile < rest
+        h = tl.load(policy_block + cols, mask=valid, other=-float("inf")).to(tl.float32)
+        g = tl.load(ref_block + cols, mask=valid, other=-float("inf")).to(tl.float32)
         state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH)
 
     run_max, run_sum, logit_sum = state
@@ -335,6 +367,7 @@ def token_backward_kernel(
     LANES: tl.constexpr,
     VEC: tl.constexpr,
     FAST_MATH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,  # rows may start mid-vector: align each before its main loop
 ):
     """Program (row, split) writes the gradient of one token row's columns [split·cols_per_split,
     …): zeros for an ignored row (without reading its logits), c·(onehot(y) − exp(h − lse))
@@ -344,35 +377,77 @@ def token_backward_kernel(
     n = row // T
     t = row % T
     label = tl.load(labels_ptr + n * stride_ln + t * stride_lt).to(tl.int64)
-    grad_row = grad_ptr + n * stride_gn + t * stride_gt
+    policy_offset = n * stride_pn + t * stride_pt
+    grad_offset = n * stride_gn + t * stride_gt
     col_start = split * cols_per_split
     col_end = tl.minimum(V, col_start + cols_per_split)
-    tile = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    out_ty = grad_ptr.dtype.element_ty
     if label == ignore_index:
-        for start in range(col_start, col_end, LANES * VEC):
-            cols = start + tile
-            tl.store(grad_row + cols, tl.zeros([LANES, VEC], dtype=out_ty), mask=cols < col_end)
-        return
+        _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, col_end,
+                      0, 0.0, 0.0, LANES, VEC, FAST_MATH, ALIGN_ROWS, ZEROS=True)  # fmt: skip
+    else:
+        shift = tl.load(stats_ptr + TOK_LSE * n_rows + row) * LOG2E
+        coef = tl.load(row_coef_ptr + n)
+        _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, col_end,
+                      label - vocab_offset, shift, coef, LANES, VEC, FAST_MATH, ALIGN_ROWS,
+                      ZEROS=False)  # fmt: skip
 
-    policy_row = policy_ptr + n * stride_pn + t * stride_pt
-    shift = tl.load(stats_ptr + TOK_LSE * n_rows + row) * LOG2E
-    coef = tl.load(row_coef_ptr + n)
-    label_col = label - vocab_offset
-    full_end = col_start + (col_end - col_start) // (LANES * VEC) * (LANES * VEC)
-    for start in range(col_start, full_end, LANES * VEC):
-        cols = start + tile
-        h = tl.load(policy_row + cols).to(tl.float32)
+
+@triton.jit
+def _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, col_end,
+                  label_col, shift, coef, LANES: tl.constexpr, VEC: tl.constexpr,
+                  FAST_MATH: tl.constexpr, ALIGN_ROWS: tl.constexpr,
+                  ZEROS: tl.constexpr):  # fmt: skip
+    """Columns [col_start, col_end) of one row's gradient: a masked head block up to a 16-byte
+    boundary (``ALIGN_ROWS``, as in the forward), whole blocks at offsets the compiler sees as
+    block multiples (vector loads and stores), a masked tail. ``ZEROS``: an ignored row, whose
+    logits are not read."""
+    tile = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    first = col_start
+    if ALIGN_ROWS:
+        first = _first_aligned_column(grad_offset, col_start, col_end, VEC)
+        if first > col_start:
+            cols = col_start + tile
+            _gradient_block(policy_ptr + policy_offset, grad_ptr + grad_offset, cols,
+                            cols < first, cols, label_col, shift, coef, FAST_MATH, ZEROS,
+                            MASKED=True)  # fmt: skip
+        policy_block = policy_ptr + tl.multiple_of(policy_offset + first, VEC)
+        grad_block = grad_ptr + tl.multiple_of(grad_offset + first, VEC)
+    else:
+        policy_block = policy_ptr + policy_offset + first
+        grad_block = grad_ptr + grad_offset + first
+    full_blocks = (col_end - first) // (LANES * VEC)
+    for k in range(0, full_blocks):
+        cols = k * (LANES * VEC) + tile
+        _gradient_block(policy_block, grad_block, cols, cols, first + cols, label_col, shift,
+                        coef, FAST_MATH, ZEROS, MASKED=False)  # fmt: skip
+    rest = col_end - first - full_blocks * (LANES * VEC)
+    if rest > 0:
+        cols = full_blocks * (LANES * VEC) + tile
+        _gradient_block(policy_block, grad_block, cols, tile < rest, first + cols, label_col,
+                        shift, coef, FAST_MATH, ZEROS, MASKED=True)  # fmt: skip
+
+
+@triton.jit
+def _gradient_block(policy_base, grad_base, cols, valid, row_cols, label_col, shift, coef,
+                    FAST_MATH: tl.constexpr, ZEROS: tl.constexpr,
+                    MASKED: tl.constexpr):  # fmt: skip
+    """One block at ``cols`` from the bases, masked by ``valid`` when ``MASKED``:
+    c·(onehot(y) − exp(h − lse)), or zeros. ``row_cols``: the same columns counted from the
+    row's start, where the label's column is."""
+    if ZEROS:
+        grad = tl.zeros(cols.shape, dtype=tl.float32)
+    else:
+        if MASKED:
+            h = tl.load(policy_base + cols, mask=valid, other=-float("inf")).to(tl.float32)
+        else:
+            h = tl.load(policy_base + cols).to(tl.float32)
         grad = -coef * _exp2(h * LOG2E - shift, FAST_MATH)
-        grad = tl.where(cols == label_col, grad + coef, grad)
-        tl.store(grad_row + cols, grad.to(out_ty))
-    if full_end < col_end:
-        cols = full_end + tile
-        valid = cols < col_end
-        h = tl.load(policy_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
-        grad = -coef * _exp2(h * LOG2E - shift, FAST_MATH)
-        grad = tl.where(cols == label_col, grad + coef, grad)
-        tl.store(grad_row + cols, grad.to(out_ty), mask=valid)
+        grad = tl.where(row_cols == label_col, grad + coef, grad)
+    out = grad.to(grad_base.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_base + cols, out, mask=valid)
+    else:
+        tl.store(grad_base + cols, out)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -417,6 +492,26 @@ def _split_plan(x: torch.Tensor, block: int, splits: int | None) -> tuple[int, i
     return splits, -(-per_split // block) * block
 
 
+def align_rows(vec: int, *tensors: torch.Tensor) -> bool:
+    """Whether the kernels take the ``ALIGN_ROWS`` path for these ``(N, T, V)`` tensors.
+
+    Triton vectorises the loads of a row only if it can prove the row starts on a 16-byte
+    boundary: from its specialisation, that holds when both row strides are multiples of 16
+    elements (V = 128256) and nothing more is needed. Otherwise (V = 50257, 32001, 128257, or
+    50264 in bf16) the kernels align each row themselves: a masked head block up to the
+    boundary, then the vector loop. One head serves all the tensors only if every row starts
+    equally far from a boundary in each (16-byte-aligned bases, equal strides modulo VEC;
+    size-1 dimensions do not count); tensors misaligned differently take the plain loop,
+    correct without vector loads."""
+    if any(x.data_ptr() % 16 for x in tensors):
+        return False
+    if all(x.stride(d) % 16 == 0 for x in tensors for d in (0, 1)):
+        return False
+    residues = {tuple(x.stride(d) % vec if x.shape[d] > 1 else 0 for d in (0, 1))
+                for x in tensors}  # fmt: skip
+    return len(residues) == 1
+
+
 def forward_launches(policy_logits, ref_logits, labels, stats, partial, epsilon, ignore_index,
                      splits: int):  # fmt: skip
     """[(kernel, grid, args, constexprs, num_warps)] of the forward: one launch, or the split
@@ -433,7 +528,8 @@ def forward_launches(policy_logits, ref_logits, labels, stats, partial, epsilon,
     forward = (token_forward_kernel, (rows, splits),
                (policy_logits, ref_logits, labels, stats if splits == 1 else partial,
                 t, v, rows, cols_per_split, *strides, epsilon, ignore_index),
-               dict(LANES=lanes, VEC=vec, SPLIT=splits > 1, FAST_MATH=fast), FWD_WARPS)  # fmt: skip
+               dict(LANES=lanes, VEC=vec, SPLIT=splits > 1, FAST_MATH=fast,
+                    ALIGN_ROWS=align_rows(vec, policy_logits, ref_logits)), FWD_WARPS)  # fmt: skip
     if splits == 1:
         return [forward]
     merge = (token_merge_kernel, (rows,),
@@ -483,7 +579,8 @@ def backward_launch(policy_logits, labels, stats, row_coef, grad, ignore_index, 
             (policy_logits, labels, stats, row_coef, grad, t, v, n * t, cols_per_split,
              vocab_offset, policy_logits.stride(0), policy_logits.stride(1), labels.stride(0),
              labels.stride(1), grad.stride(0), grad.stride(1), ignore_index),
-            dict(LANES=lanes, VEC=vec, FAST_MATH=_fast_math()), BWD_WARPS)  # fmt: skip
+            dict(LANES=lanes, VEC=vec, FAST_MATH=_fast_math(),
+                 ALIGN_ROWS=align_rows(vec, policy_logits, grad)), BWD_WARPS)  # fmt: skip
 
 
 def token_backward(
@@ -500,13 +597,24 @@ def token_backward(
     """Gradient of the loss w.r.t. the ``(N, T, V)`` policy logits, in their dtype; column j is
     vocabulary entry ``vocab_offset + j`` (labels are full-vocabulary indices)."""
     policy_logits = _unit_stride_v(policy_logits)
-    grad = policy_logits if inplace else torch.empty_like(policy_logits)
+    grad = policy_logits if inplace else _gradient_like(policy_logits)
     spec = backward_launch(
         policy_logits, labels, stats, row_coef.float().contiguous(), grad, params.ignore_index,
         vocab_offset=vocab_offset, splits=splits,
     )  # fmt: skip
     launch(spec, policy_logits.device)
     return grad
+
+
+def _gradient_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like ``x`` with ``x``'s strides where its rows do not overlap
+    (a ``logits[:, :-1]`` slice keeps its row layout, so rows of both start equally far from a
+    16-byte boundary and the backward's aligned loop serves them; it costs the one unused row
+    per sequence that the slice skipped); ``empty_like`` otherwise."""
+    n, t, v = x.shape
+    if x.stride(1) >= v and x.stride(0) >= t * x.stride(1):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return torch.empty_like(x)
 
 
 def _unit_stride_v(x: torch.Tensor) -> torch.Tensor:

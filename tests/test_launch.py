@@ -36,3 +36,24 @@ def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch):
     policy.requires_grad_()
     epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend="triton").loss.backward()
     assert len(seen) == 3 and set(seen) == {policy.device}  # token forward, pair head, backward
+
+
+def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
+    """Which loop each layout gets (meta tensors: shapes and strides, no memory)."""
+    from epsdpo_kernels.token_kernels import _gradient_like, align_rows
+
+    def logits(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+    vec = 8  # bf16: 16 bytes
+    assert not align_rows(vec, logits(4, 9, 128256), logits(4, 9, 128256))  # Triton sees it
+    assert align_rows(vec, logits(4, 9, 50257), logits(4, 9, 50257))
+    assert align_rows(vec, logits(4, 9, 50264), logits(4, 9, 50264))  # 8 but not 16 elements
+    # The linear path's (C, 1, V) chunks: the size-1 dimension's stride does not count.
+    assert align_rows(vec, logits(64, 1, 50257), logits(64, 1, 50257))
+    # A logits[:, :-1] slice and a contiguous tensor: rows equally far from a boundary...
+    sliced = logits(4, 10, 50257)[:, :-1]
+    assert not align_rows(vec, sliced, logits(4, 9, 50257))  # ...only where the strides agree
+    assert align_rows(vec, sliced, _gradient_like(sliced))  # the backward allocates alike
+    assert _gradient_like(sliced).stride() == sliced.stride()
+    assert not align_rows(vec, logits(4, 10, 50257)[:, 1:], logits(4, 9, 50257))  # base moved
