@@ -96,3 +96,46 @@ def test_sweep_agreement_check_allows_reordering_and_nothing_more():
     one_ulp[1, 2, 3] = one_ulp[1, 2, 3] * (1 + 2**-7)  # the next bf16 value
     with pytest.raises(AssertionError, match="sequence row 1 differs"):
         check_layout_agreement("grad", stats, stats, one_ulp, grad, sums, 1000)
+
+
+def test_kernel_time_model_terms():
+    """The predicted range's terms (benchmarks/kernel_report.py), on cases worked by hand."""
+    import pytest
+
+    from benchmarks.kernel_report import (
+        H100,
+        calibrate,
+        loop_load_bytes,
+        programs_per_sm,
+        time_range,
+    )
+
+    fit = calibrate()
+    # Liger's A100 points: 84.6% of the datasheet bandwidth and 65 µs per call, exact at the two
+    # end points the line goes through; the mid-V points run faster (cache reuse).
+    assert fit["efficiency"] == pytest.approx(0.846, abs=0.002)
+    assert fit["fixed_s"] == pytest.approx(65e-6, abs=2e-6)
+    ends = (fit["residuals"][4096], fit["residuals"][131072])
+    assert ends == pytest.approx((0.0, 0.0), abs=1e-12)
+    assert all(r <= 1e-12 for r in fit["residuals"].values())
+
+    # Registers are allocated per warp in units of 256: 76 → 2432 per warp, 3 programs of 8.
+    assert [programs_per_sm(r, 8) for r in (32, 40, 64, 76, 255)] == [8, 6, 4, 3, 1]
+    assert loop_load_bytes([(0, "LDG.E.128", ""), (16, "LDG.E.U16", ""), (32, "FADD", "")]) == 18
+
+    sms = H100["sms"]
+    common = dict(elements=10**9, bytes_per_element=2, mufu=0.0, instr=1.0, warps=8)
+    # Memory-bound, 4 programs of 256 threads × 32 bytes in flight (32 KB ≥ 22 KB needed), whole
+    # waves: the high end is the calibrated bandwidth plus the fixed cost.
+    fast = time_range(**common, registers=64, load_bytes=32, programs=sms * 4 * 100)
+    assert fast["low_ms"] == pytest.approx(2e9 / 3.0e12 * 1e3, abs=1e-3)
+    expected = 2e9 / (fit["efficiency"] * 3.35e12) + fit["fixed_s"]
+    assert fast["high_ms"] == pytest.approx(expected * 1e3, abs=1e-3)
+    assert fast["in_flight_kb_per_sm"] == 32 and fast["wave_tail"] == 1.0
+    # One program per SM with 4-byte loads: 1 KB in flight sustains 132 KB/µs = 0.135 TB/s.
+    starved = time_range(**common, registers=255, load_bytes=4, programs=sms * 100)
+    assert starved["high_ms"] == pytest.approx((2e9 / (sms * 1024 / 1e-6) + fit["fixed_s"]) * 1e3,
+                                               rel=1e-3)  # fmt: skip
+    # One and a half waves take two.
+    tail = time_range(**common, registers=64, load_bytes=32, programs=sms * 4 * 3 // 2)
+    assert tail["wave_tail"] == pytest.approx(4 / 3, abs=1e-3)

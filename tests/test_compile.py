@@ -93,6 +93,8 @@ def test_forward_loop_is_within_its_instruction_budget(compiled, dtype, vocab):
         assert row["shuffles_or_barriers_in_loop"] == 0, row
         vec = 4 if dtype == "fp32" else 8
         assert row["mufu_per_element"] == pytest.approx(4 + 4 / vec), row
+        # Enough loads in flight per SM to cover latency × bandwidth, with margin (32 KB).
+        assert row["in_flight_kb_per_sm"] >= 32, row
     backward = compiled[f"token_backward_kernel-sm90-{dtype}-V{vocab}"]
     assert backward["mufu_per_element"] == pytest.approx(1.0), backward
     assert backward["shuffles_or_barriers_in_loop"] == 0, backward
