@@ -139,3 +139,14 @@ def test_kernel_time_model_terms():
     # One and a half waves take two.
     tail = time_range(**common, registers=64, load_bytes=32, programs=sms * 4 * 3 // 2)
     assert tail["wave_tail"] == pytest.approx(4 / 3, abs=1e-3)
+
+
+def test_missing_register_count_is_an_error_not_a_silent_none():
+    """ptxas that rejects the PTX (Triton 3.9's PTX before the matching ptxas was used) must
+    stop the report: "0 spills" without a register count would mean nothing."""
+    from types import SimpleNamespace
+
+    from benchmarks.kernel_report import resources
+
+    with pytest.raises(RuntimeError, match="gave no register count"):
+        resources(SimpleNamespace(asm={"ptx": "this is not PTX"}), 90)

@@ -57,3 +57,29 @@ def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
     assert align_rows(vec, sliced, _gradient_like(sliced))  # the backward allocates alike
     assert _gradient_like(sliced).stride() == sliced.stride()
     assert not align_rows(vec, logits(4, 10, 50257)[:, 1:], logits(4, 9, 50257))  # base moved
+
+
+def test_only_the_interpreters_numpy_incompatibility_is_turned_into_a_skip():
+    """conftest reports a test as skipped only for Triton's interpreter failing on NumPy ≥ 2.3
+    (directly, as a cause, or in every member of an exception group), never for other errors."""
+    from tests.conftest import _interpreter_incompatibility
+
+    class InterpreterError(Exception):
+        pass
+
+    numpy_error = InterpreterError(
+        "TypeError('only 0-dimensional arrays can be converted to Python scalars')"
+    )
+    assert _interpreter_incompatibility(numpy_error)
+    wrapped = RuntimeError("launch failed")
+    wrapped.__cause__ = numpy_error
+    assert _interpreter_incompatibility(wrapped)
+    assert not _interpreter_incompatibility(InterpreterError("IndexError('out of range')"))
+    assert not _interpreter_incompatibility(AssertionError("loss differs"))
+
+    class Group(Exception):
+        def __init__(self, exceptions):
+            self.exceptions = exceptions
+
+    assert _interpreter_incompatibility(Group([numpy_error, numpy_error]))
+    assert not _interpreter_incompatibility(Group([numpy_error, AssertionError("real")]))
