@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from epsdpo_kernels import AdaptiveBeta
-from tests.utils import free_port
+from tests.utils import gloo_group, rendezvous_file
 
 
 def test_update_uses_mean_over_micro_batches():
@@ -59,20 +56,16 @@ def test_invalid_arguments_are_named():
         AdaptiveBeta(beta=0.1).observe([1, 0])
 
 
-def _worker(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+def _worker(rank, world, store, results):
+    with gloo_group(rank, world, store):
         controller = AdaptiveBeta(beta=0.1, epsilon=0.1)
         # Rank 0 sees 3 pairs with s = +1, rank 1 one pair with s = -1: global mean = 0.5.
         controller.observe(torch.tensor([1, 1, 1]) if rank == 0 else torch.tensor([-1]))
         results[rank] = controller.update()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_update_all_reduces_across_ranks():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
     expected = 0.1 / (1 + 0.1 * 0.5)
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)

@@ -13,8 +13,8 @@ from epsdpo_kernels import (
     epsilon_dpo_loss,
     linear_epsilon_dpo_loss,
 )
-from tests.test_linear import gloo_group, head_case, make_linear_batch, rank_rows, run_head
-from tests.utils import assert_close, free_port, make_batch
+from tests.test_linear import head_case, make_linear_batch, rank_rows, run_head
+from tests.utils import assert_close, gloo_group, make_batch, rendezvous_file
 
 
 def test_output_is_a_pytree_of_its_tensors():
@@ -32,11 +32,11 @@ def test_output_is_a_pytree_of_its_tensors():
     assert rebuilt.loss is out.loss
 
 
-def _fsdp_worker(rank, world, port, results):
+def _fsdp_worker(rank, world, store, results):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    with gloo_group(rank, world, port):
+    with gloo_group(rank, world, store):
         head, data = head_case()
         # The head sharded on its own, resharded after forward: its backward must gather the
         # weight again, which FSDP2 does only if it found the loss among the output's tensors.
@@ -63,7 +63,7 @@ def test_head_sharded_by_its_own_fsdp2_matches_one_process():
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_fsdp_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
 
     head, data = head_case()
     run_head(head, data).loss.backward()

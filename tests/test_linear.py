@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 from epsdpo_kernels import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
 from tests.parity import check_outputs, grad_coef_atol, objective, on_device, upstream_weights
-from tests.utils import assert_close, free_port, grad_rtol
+from tests.utils import assert_close, gloo_group, grad_rtol, rendezvous_file
 
 BACKENDS = ["torch", "triton"]
 
@@ -407,22 +406,10 @@ def rank_rows(rank: int, world: int, pairs: int = 4) -> torch.Tensor:
     return torch.cat([mine, pairs + mine])
 
 
-@contextlib.contextmanager
-def gloo_group(rank: int, world: int, port: int):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def _ddp_worker(rank, world, port, results):
+def _ddp_worker(rank, world, store, results):
     from torch.nn.parallel import DistributedDataParallel
 
-    with gloo_group(rank, world, port):
+    with gloo_group(rank, world, store):
         head, data = head_case()
         model = DistributedDataParallel(head)  # held: its reducer must outlive the backward
         run_head(model, data, rank_rows(rank, world)).loss.backward()
@@ -435,7 +422,7 @@ def test_works_under_ddp():
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
 
     head, data = head_case()
     run_head(head, data).loss.backward()

@@ -19,8 +19,6 @@ sys.path.insert(0, str(ROOT / "train"))
 
 from tokenizer import byte_tokenizer  # noqa: E402
 
-from tests.utils import free_port  # noqa: E402
-
 FAST = ["--eval-every", "0", "--save-every", "0", "--micro-batch-size", "4",
         "--global-batch-size", "8", "--max-length", "96"]  # fmt: skip
 
@@ -40,8 +38,9 @@ def run(args, nproc=1, timeout=600, check=True, script="run.py"):
     if nproc == 1:
         cmd = [sys.executable, path, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", path, *args]  # fmt: skip
+        # --standalone: torchrun's own rendezvous on a port it binds itself (no port race).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", path, *args]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from epsdpo_kernels import epsilon_dpo_loss  # noqa: E402
 from epsdpo_kernels.trl import BETA_STATE_FILE, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
 from tests.parity import loss_disagreement  # noqa: E402
-from tests.utils import free_port  # noqa: E402
+from tests.utils import gloo_group, rendezvous_file  # noqa: E402
 from train.tokenizer import byte_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,8 +220,8 @@ def _run_ddp(tmp_path, processes: int, batch: int) -> dict:
     script.write_text(_DDP_SCRIPT)
     command = [sys.executable, str(script), str(out), str(batch)]
     if processes > 1:
-        command[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                        f"--master_port={free_port()}"]  # fmt: skip
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={processes}"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "logs.json").read_text())
@@ -427,8 +427,8 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
         out = tmp_path / mode
         out.mkdir()
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-             f"--master_port={free_port()}", str(script), str(out), mode],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+             str(script), str(out), mode],
             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -566,7 +566,7 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-9)
 
 
-def _sharded_head_worker(rank, world, port, results):
+def _sharded_head_worker(rank, world, store, results):
     """The trainer's hidden-state forward on a model whose lm_head is its own FSDP2 unit, so the
     forward reads it as a sharded DTensor; each rank trains on its own half of the pairs."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -574,9 +574,8 @@ def _sharded_head_worker(rank, world, port, results):
 
     from epsdpo_kernels import linear_epsilon_dpo_loss
     from epsdpo_kernels.trl import _hidden_state_forward
-    from tests.test_linear import gloo_group
 
-    with gloo_group(rank, world, port):
+    with gloo_group(rank, world, store):
         policy, batch = _sharded_head_case()
         mesh = init_device_mesh("cpu", (world,))
         fully_shard(policy.lm_head, mesh=mesh)
@@ -617,7 +616,7 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     from epsdpo_kernels.trl import _hidden_state_forward
 
     results = mp.Manager().dict()
-    mp.spawn(_sharded_head_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    mp.spawn(_sharded_head_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
     policy, batch = _sharded_head_case()
     _hidden_state_forward(policy)
     hidden, weight, _ = policy(input_ids=batch["input_ids"], epsdpo_hidden=True)

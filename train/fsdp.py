@@ -10,7 +10,6 @@ that returns only its last hidden states (``ReferenceHidden``).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -32,19 +31,16 @@ from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsi
 def init_distributed() -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE; a plain `python train/run.py` becomes a group of one, so
     that one code path (FSDP2, all-reduces, sharded checkpoints) serves both."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))  # fmt: skip
+    # A group of one meets in an in-process store: no TCP port to pick (and lose to another
+    # process between picking and binding it).
+    alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **alone)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **alone)
     return dist.get_rank(), dist.get_world_size(), device
 
 
