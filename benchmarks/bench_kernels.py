@@ -54,11 +54,13 @@ def main(argv=None) -> int:
         parser.error("needs a CUDA device (or --dry-run, through Triton's CPU interpreter)")
     import triton
 
-    from epsdpo_kernels import validation as V
+    from epsdpo_kernels.params import LossParams
 
     device = torch.device("cpu" if args.dry_run else "cuda")
-    params = V.loss_params(dict(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
-                                average_log_prob=False, backend="triton"), device)  # fmt: skip
+    # Every row is scored (see the module docstring); the per-token kernels read the rest.
+    params = LossParams(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
+                        average_log_prob=False, backend="triton",
+                        scored_count=args.rows)  # fmt: skip
     result = dict(
         device="dry run (CPU interpreter)" if args.dry_run else torch.cuda.get_device_name(0),
         torch=torch.__version__, triton=triton.__version__,
@@ -95,7 +97,7 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
     import torch
 
     from benchmarks import baseline_token_kernels as old
-    from epsdpo_kernels import token_kernels as new
+    from epsdpo_kernels import token_triton as new
 
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (16, max(1, rows // 16), vocab)

@@ -83,8 +83,3 @@ def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.de
 
         return liger_step
     raise ValueError(f"unknown impl {name!r}; choose from {IMPLS}")
-
-
-def expected_loss_epsilon(name: str, epsilon: float) -> float:
-    """The ε whose eager loss a row must agree with: Liger computes plain DPO (ε = 0)."""
-    return 0.0 if name == "liger-dpo" else epsilon

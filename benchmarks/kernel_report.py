@@ -3,7 +3,7 @@
     python benchmarks/kernel_report.py [--arch 90] [--rows 16384] [--vocab V ...] [--json PATH]
 
 Every kernel is compiled exactly as a real launch at the given shape would compile it: the
-launchers in token_kernels.py build the arguments (on meta tensors: real shapes, no memory) and
+launchers in token_triton.py build the arguments (on meta tensors: real shapes, no memory) and
 Triton's own specialisation function turns them into the signature, the constexprs and the
 16-byte alignment/divisibility attributes. For each kernel and dtype the report gives ptxas's
 registers and spill bytes, the SASS of the steady-state loop (the backward branch whose body
@@ -261,8 +261,8 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
     kernel at this shape, with the launchers' own arguments."""
     import torch
 
-    from epsdpo_kernels import token_kernels as K
-    from epsdpo_kernels.pair_head_kernel import pair_head_launch
+    from epsdpo_kernels import token_triton as K
+    from epsdpo_kernels.pair_head_triton import pair_head_launch
 
     dtype = getattr(torch, DTYPES[dtype_name])
     # The logits path's layout: (2B, T, V) with T = 2048.

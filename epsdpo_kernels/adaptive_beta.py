@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .validation import check_scalars
+from .params import check_beta, check_epsilon
 
 
 class AdaptiveBeta:
@@ -24,10 +24,8 @@ class AdaptiveBeta:
     """
 
     def __init__(self, beta: float, epsilon: float = 0.01):
-        check_scalars(
-            beta=beta, epsilon=epsilon, label_smoothing=0.0, ignore_index=-100,
-            average_log_prob=False, backend="auto",
-        )  # fmt: skip
+        check_beta(beta)
+        check_epsilon(epsilon)
         self.beta = float(beta)
         self.epsilon = float(epsilon)
         self._pending: torch.Tensor | None = None  # float64 [Σs, count] on the steps' device

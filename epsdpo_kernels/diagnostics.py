@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as V
+from .params import check_ignore_index
 
 # fp32 working set of one token slice of the accumulation (the input may be bf16).
 _SLICE_BYTES = 64 * 2**20
@@ -55,7 +56,7 @@ def ches_scores(
     rows, tokens, _ = hidden.shape
     V.check_pair_rows("hidden", rows)
     V.check_labels(labels, rows=rows, tokens=tokens)
-    V.check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index)
     if not isinstance(length_normalized, bool):
         raise TypeError(f"length_normalized must be a bool, got {type(length_normalized).__name__}")
     V.check_same_device(hidden=hidden, labels=labels)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .validation import LossParams
+from .params import LossParams
 
 
 def token_forward(policy_logits, ref_logits, labels, params: LossParams) -> torch.Tensor:
     """``(TOKEN_FIELDS, N·T)`` fp32 stats of ``(N, T, V)`` logits (docs/SPEC.md, Per scored
     token)."""
     if params.backend == "triton":
-        from .token_kernels import token_forward as impl
+        from .token_triton import token_forward as impl
     else:
         from .token_torch import token_forward as impl
     return impl(policy_logits, ref_logits, labels, params)
@@ -29,7 +29,7 @@ def token_backward(
     """∂L/∂policy_logits from c_n per sequence row; ``inplace`` writes over the logits; column
     j of the logits is vocabulary entry ``vocab_offset + j``."""
     if params.backend == "triton":
-        from .token_kernels import token_backward as impl
+        from .token_triton import token_backward as impl
     else:
         from .token_torch import token_backward as impl
     return impl(policy_logits, labels, stats, row_coef, params, inplace=inplace,
@@ -39,7 +39,7 @@ def token_backward(
 def pair_head(stats: torch.Tensor, labels: torch.Tensor, params: LossParams) -> torch.Tensor:
     """``(PAIR_FIELDS, B)`` per-pair buffer from the token stats (docs/SPEC.md, Per pair)."""
     if params.backend == "triton":
-        from .pair_head_kernel import pair_head as impl
+        from .pair_head_triton import pair_head as impl
     else:
-        from .pair_head import pair_head as impl
+        from .pair_head_torch import pair_head as impl
     return impl(stats, labels, params)

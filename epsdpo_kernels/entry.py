@@ -7,19 +7,21 @@ inputs and their autograd Function; from checked inputs to ``EpsilonDPOOutput`` 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from . import validation as V
-from .output import EpsilonDPOOutput, build_output, split_pair
+from .autograd import split_pair
+from .output import EpsilonDPOOutput, build_output
+from .params import loss_params
 
 
 def compute_loss(
-    function, inputs: tuple, *, n_policy: int, labels: torch.Tensor, vocab: int,
-    params: V.LossParams,
+    function, inputs: tuple, *, n_policy: int, labels: torch.Tensor, vocab: int, options: dict,
+    backend: str, path_option,
 ) -> EpsilonDPOOutput:  # fmt: skip
-    """Run ``function`` (an autograd Function with an ``evaluate`` twin) on ``inputs``.
+    """Run ``function`` (an autograd Function with an ``evaluate`` twin, autograd.py) on
+    ``inputs`` with the call's ``LossParams``, built here once the labels are counted, and the
+    Function's own ``path_option`` (the logits path's in-place flag, the linear path's chunks).
 
     The first ``n_policy`` inputs are the policy's (they may receive gradients); the rest are
     detached. Checking the labels syncs the host once; nothing else in a call does (on the
@@ -27,14 +29,14 @@ def compute_loss(
     ``torch.no_grad()``), the forward runs without building a Function, so nothing is saved for
     a backward that will not come.
     """
-    count = V.count_scored_labels(labels, vocab=vocab, ignore_index=params.ignore_index)
-    params = dataclasses.replace(params, scored_count=count)
+    count = V.count_scored_labels(labels, vocab=vocab, ignore_index=options["ignore_index"])
+    params = loss_params(options, backend, count)
     policy = inputs[:n_policy]
     rest = tuple(None if x is None else x.detach() for x in inputs[n_policy:])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in policy):
-        losses, chosen, rejected, pair = function.apply(*policy, *rest, params)
+        losses, chosen, rejected, pair = function.apply(*policy, *rest, params, path_option)
     else:
         detached = tuple(None if x is None else x.detach() for x in policy)
-        pair = function.evaluate(*detached, *rest, params)
+        pair = function.evaluate(*detached, *rest, params, path_option)
         losses, chosen, rejected = split_pair(pair)
     return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from . import params as P
 from . import validation as V
+from .autograd import LinearEpsilonDPOFunction
 from .entry import compute_loss
-from .linear_function import LinearEpsilonDPOFunction, default_chunk_rows
+from .linear_chunks import LinearChunks, default_chunk_rows
 from .output import EpsilonDPOOutput
 
 
@@ -85,7 +86,7 @@ def linear_epsilon_dpo_loss(
         beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
         average_log_prob=average_log_prob, backend=backend,
     )  # fmt: skip
-    V.check_scalars(**options)
+    P.check_loss_options(**options)
     V.check_not_sharded(policy_hidden=policy_hidden, policy_weight=policy_weight,
                         policy_bias=policy_bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
                         ref_bias=ref_bias)  # fmt: skip
@@ -122,16 +123,18 @@ def linear_epsilon_dpo_loss(
         policy_hidden=policy_hidden, policy_weight=policy_weight, policy_bias=policy_bias,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, labels=labels,
     )  # fmt: skip
-    params = V.loss_params(options, device)
+    backend = P.resolve_backend(backend, device)
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
-    chunk_rows = chunk_size or default_chunk_rows(vocab, element_size, device.type)
-    params = dataclasses.replace(params, chunk_rows=chunk_rows,
-                                 vocab_chunk_rows=vocab_chunk_size or 0)  # fmt: skip
+    chunks = LinearChunks(
+        chunk_rows=chunk_size or default_chunk_rows(vocab, element_size, device.type),
+        vocab_chunk_rows=vocab_chunk_size or 0,
+    )
     with torch.autocast(device.type, enabled=False) if autocast_dtype else nullcontext():
         return compute_loss(
             LinearEpsilonDPOFunction,
             (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
-            n_policy=3, labels=labels, vocab=vocab, params=params,
+            n_policy=3, labels=labels, vocab=vocab, options=options, backend=backend,
+            path_option=chunks,
         )  # fmt: skip
 
 

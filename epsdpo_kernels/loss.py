@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from . import params as P
 from . import validation as V
+from .autograd import EpsilonDPOLogitsFunction
 from .entry import compute_loss
-from .logits_function import EpsilonDPOLogitsFunction
 from .output import EpsilonDPOOutput
 
 
@@ -68,9 +69,8 @@ def epsilon_dpo_loss(
         beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
         average_log_prob=average_log_prob, backend=backend,
     )  # fmt: skip
-    V.check_scalars(**options)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    P.check_loss_options(**options)
+    P.check_flag("inplace_backward", inplace_backward)
     V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
     V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
     V.check_tensor("ref_logits", ref_logits, ndim=3, float_dtype=True)
@@ -87,8 +87,8 @@ def epsilon_dpo_loss(
         )
     V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
-    params = V.loss_params(options, device, inplace_backward=inplace_backward)
     return compute_loss(
         EpsilonDPOLogitsFunction, (policy_logits, ref_logits, labels), n_policy=1,
-        labels=labels, vocab=vocab, params=params,
+        labels=labels, vocab=vocab, options=options,
+        backend=P.resolve_backend(backend, device), path_option=inplace_backward,
     )  # fmt: skip

@@ -88,16 +88,6 @@ pytree.register_pytree_node(EpsilonDPOOutput, _flatten, _unflatten,
                             serialized_type_name="epsdpo_kernels.EpsilonDPOOutput")  # fmt: skip
 
 
-def split_pair(pair: torch.Tensor):
-    """The differentiable outputs (losses, chosen_logps, rejected_logps), as tensors of their
-    own rather than views of the pair buffer."""
-    return (
-        pair[L.PAIR_LOSS].clone(),
-        pair[L.PAIR_CHOSEN_LOGPS].clone(),
-        pair[L.PAIR_REJECTED_LOGPS].clone(),
-    )
-
-
 def build_output(
     losses: torch.Tensor,
     chosen_logps: torch.Tensor,

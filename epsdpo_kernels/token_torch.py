@@ -1,6 +1,6 @@
 """Per-token forward and backward in plain torch: the backend CPU users get.
 
-Same contract as token_kernels.py. Only scored rows are touched, a few rows at a time: each
+Same contract as token_triton.py. Only scored rows are touched, a few rows at a time: each
 V-sized fp32 temporary of a sub-chunk stays under ``TORCH_CHUNK_BYTES`` for its device: on a CPU
 small enough for the L2 cache, so the several elementwise passes torch makes over a sub-chunk run
 from cache; on a GPU large enough to fill it. Either way the extra memory is a constant, not a

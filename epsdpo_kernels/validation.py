@@ -1,4 +1,5 @@
-"""Argument checks shared by both entry points, run before any kernel is launched.
+"""Checks of the tensor arguments both entry points share, run before any kernel is launched
+(the scalar options are params.py's).
 
 Every error names the argument and says what was expected, so a mistake in a training script
 fails on the first call with a message instead of a NaN or an illegal memory access later.
@@ -6,66 +7,9 @@ fails on the first call with a message instead of a NaN or an illegal memory acc
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = ("auto", "triton", "torch")
-
-
-@dataclass(frozen=True)
-class LossParams:
-    """Non-tensor options of one loss call: what the dispatch functions and the autograd
-    Functions receive, as one object."""
-
-    beta: float
-    epsilon: float
-    label_smoothing: float
-    ignore_index: int
-    average_log_prob: bool
-    backend: str  # resolved: "triton" or "torch"
-    inplace_backward: bool = False  # logits path: write the gradient over the logits
-    chunk_rows: int = 0  # linear path: scored rows per forward chunk
-    vocab_chunk_rows: int = 0  # linear path: vocabulary rows per backward slice
-    scored_count: int = -1  # labels != ignore_index, counted by count_scored_labels
-
-
-def loss_params(options: dict, device: torch.device, **extra) -> LossParams:
-    """``LossParams`` from checked options (see ``check_scalars``), the backend resolved for
-    ``device``; ``extra`` sets the entry point's own fields."""
-    options = dict(options, backend=resolve_backend(options["backend"], device))
-    for name in ("beta", "epsilon", "label_smoothing"):
-        options[name] = float(options[name])
-    return LossParams(**options, **extra)
-
-
-def _is_real_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def check_scalars(
-    *, beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend
-) -> None:
-    if isinstance(beta, torch.Tensor):
-        raise TypeError("beta must be a Python float (use AdaptiveBeta.beta), got a torch.Tensor")
-    if not _is_real_number(beta) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not _is_real_number(epsilon) or not (0 <= epsilon < 1):
-        raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
-    if not _is_real_number(label_smoothing) or not (0 <= label_smoothing < 0.5):
-        raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
-    check_ignore_index(ignore_index)
-    if not isinstance(average_log_prob, bool):
-        raise TypeError(f"average_log_prob must be a bool, got {type(average_log_prob).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def check_ignore_index(ignore_index) -> None:
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def check_tensor(name: str, x, *, ndim: int, float_dtype: bool) -> None:
@@ -141,37 +85,3 @@ def check_same_device(**tensors) -> torch.device:
                 f"all tensors must be on one device: {first_name} is on {first}, {name} is on {dev}"
             )
     return first
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` → Triton on CUDA, torch elsewhere; ``triton`` on CPU needs the interpreter."""
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if not triton_available():
-        raise ValueError("backend='triton' needs the triton package, which is not importable")
-    if device.type != "cuda" and not triton_interpreter_active():
-        raise ValueError(
-            f"backend='triton' got tensors on {device}; Triton runs on CUDA tensors, or on CPU "
-            "tensors only when TRITON_INTERPRET=1 was set before triton was imported. "
-            "Use backend='torch' (or 'auto') for CPU tensors."
-        )
-    return "triton"
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_interpreter_active() -> bool:
-    """True when our kernels were built by the interpreter (TRITON_INTERPRET=1 before import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from .token_kernels import token_forward_kernel
-
-    return isinstance(token_forward_kernel, InterpretedFunction)

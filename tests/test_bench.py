@@ -70,14 +70,21 @@ def test_sweep_agreement_check_allows_reordering_and_nothing_more():
 
     from benchmarks.bench_kernels import _abs_logit_sums, check_layout_agreement
     from epsdpo_kernels import layout as L
+    from epsdpo_kernels.params import LossParams
     from epsdpo_kernels.token_torch import token_forward
-    from epsdpo_kernels.validation import loss_params
     from tests.utils import make_batch
 
     policy, ref, labels = make_batch(2, 8, 1000, dtype=torch.bfloat16, ragged=False,
                                      prompt_frac=0.0)  # fmt: skip
-    params = loss_params(dict(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
-                              average_log_prob=False, backend="torch"), policy.device)  # fmt: skip
+    params = LossParams(
+        beta=0.1,
+        epsilon=0.01,
+        label_smoothing=0.0,
+        ignore_index=-100,
+        average_log_prob=False,
+        backend="torch",
+        scored_count=labels.numel(),
+    )
     stats = token_forward(policy, ref, labels, params)
     grad = torch.randn(policy.shape).to(torch.bfloat16)
     sums = _abs_logit_sums(policy)

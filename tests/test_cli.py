@@ -22,7 +22,7 @@ def _error_lines(proc) -> list[str]:
     "args, match",
     [
         (["--beta", "0"], "error: --beta must be a finite number > 0"),
-        (["--epsilon", "1.5"], "error: --epsilon must be in [0, 1)"),
+        (["--epsilon", "1.5"], "error: --epsilon must be a number in [0, 1), got 1.5"),
         (["--beta", "abc"], "argument --beta: invalid float value: 'abc'"),
         (["--loss", "eager"], "argument --loss: invalid choice"),
         (["--model", "./no-such-model"], "error: --model ./no-such-model: no such file"),

@@ -24,7 +24,7 @@ DTYPES = ["fp32", "bf16", "fp16"]
 # vocabularies whose rows start mid-vector (GPT-2's 50257; 128257, a pad token added to 128k).
 VOCABS = [507, 5000, 50257, 128256, 128257]
 # The vocabularies the steady-state loops are held to their budget at: aligned rows and rows the
-# kernels must align themselves (token_kernels.align_rows).
+# kernels must align themselves (token_triton.align_rows).
 BUDGET_VOCABS = [50257, 128256, 128257]
 KERNELS = ["token_forward_kernel", "token_forward_kernel-split", "token_merge_kernel",
            "token_backward_kernel", "pair_head_kernel"]  # fmt: skip

@@ -4,6 +4,7 @@ that both care about."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -151,12 +152,30 @@ def test_one_host_sync_per_call(path, device, monkeypatch):
     if path == "logits":
         policy, ref, labels = make_batch(2, 5, 40, device=device, seed=3)
         leaf = policy.requires_grad_()
-        epsilon_dpo_loss(leaf, ref, labels, beta=0.1, backend="triton").loss.backward()
+
+        def step():
+            epsilon_dpo_loss(leaf, ref, labels, beta=0.1, backend="triton").loss.backward()
     else:
         data = make_linear_batch(2, 5, 8, 40, dtype=torch.float32, device=device, bias=True)
         hidden = data["policy_hidden"].requires_grad_()
-        linear_epsilon_dpo_loss(hidden, data["policy_weight"], data["ref_hidden"],
-                                data["ref_weight"], data["labels"], beta=0.1,
-                                policy_bias=data["policy_bias"], ref_bias=data["ref_bias"],
-                                backend="triton").loss.backward()  # fmt: skip
+
+        def step():
+            linear_epsilon_dpo_loss(hidden, data["policy_weight"], data["ref_hidden"],
+                                    data["ref_weight"], data["labels"], beta=0.1,
+                                    policy_bias=data["policy_bias"], ref_bias=data["ref_bias"],
+                                    backend="triton").loss.backward()  # fmt: skip
+
+    cuda = device.type == "cuda"
+    if cuda:  # torch reports every synchronising CUDA call as a warning
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
     assert calls == ["epsdpo_kernels.validation.tolist"], calls
+    if cuda:  # the loss call syncs once, where the count above says
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]

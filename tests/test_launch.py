@@ -40,7 +40,7 @@ def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch):
 
 def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
     """Which loop each layout gets (meta tensors: shapes and strides, no memory)."""
-    from epsdpo_kernels.token_kernels import _gradient_like, align_rows
+    from epsdpo_kernels.token_triton import _gradient_like, align_rows
 
     def logits(*shape):
         return torch.empty(*shape, dtype=torch.bfloat16, device="meta")

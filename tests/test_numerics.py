@@ -10,15 +10,16 @@ import torch
 from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels import layout as L
 from epsdpo_kernels.dispatch import token_forward
-from epsdpo_kernels.validation import LossParams
+from epsdpo_kernels.params import LossParams
 from tests.utils import VALUE_TOL, assert_close, make_batch
 
 BACKENDS = ["torch", "triton"]
 
 
 def _params(backend, epsilon=0.01):
+    # scored_count is the linear path's; the per-token steps tested here do not read it.
     return LossParams(beta=0.1, epsilon=epsilon, label_smoothing=0.0, ignore_index=-100,
-                      average_log_prob=False, backend=backend)  # fmt: skip
+                      average_log_prob=False, backend=backend, scored_count=0)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,7 +163,7 @@ def test_entries_minus_inf_in_both_are_absent(backend, device, dtype):
 def test_split_v_matches_one_program_per_row(device):
     """Few rows: the forward splits V across programs and merges partial (max, sum) states;
     the backward splits the columns. Both equal the unsplit kernels."""
-    from epsdpo_kernels import token_kernels as K
+    from epsdpo_kernels import token_triton as K
 
     policy, ref, labels = make_batch(2, 3, 9000, device=device, seed=6)
     params = _params("triton", 0.1)
@@ -183,7 +184,7 @@ def test_split_v_matches_one_program_per_row(device):
 
 
 def test_split_count_fills_the_gpu_once():
-    from epsdpo_kernels.token_kernels import PROGRAMS_PER_SM, split_count
+    from epsdpo_kernels.token_triton import PROGRAMS_PER_SM, split_count
 
     slots = 132 * PROGRAMS_PER_SM
     assert split_count(rows=16384, vocab=128256, block=2048, sm_count=132) == 1
@@ -204,3 +205,29 @@ def test_torch_backend_sub_chunks_follow_the_device():
     assert _chunk_rows(vocab, torch.device("cuda", 1)) == TORCH_CHUNK_BYTES["cuda"] // (4 * vocab)
     assert _chunk_rows(vocab, torch.device("cuda")) >= 128
     assert _chunk_rows(32000, torch.device("cpu")) == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["normal", "logits-1e4"])
+def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
+    """Each of the four per-token log-probabilities is ≤ 0, even where rounding of the
+    log-sum-exp could push the label's term above it (a shipped kernel elsewhere got this
+    wrong and its training collapsed)."""
+    from epsdpo_kernels import layout
+    from epsdpo_kernels.dispatch import token_forward
+
+    gen = torch.Generator().manual_seed(0)
+    policy = torch.randn(8, 16, 333, generator=gen) * scale
+    policy[:, :, 7] += 40 * scale  # one dominant logit: its log-prob is within rounding of 0
+    ref = policy + torch.randn(8, 16, 333, generator=gen) * scale * 0.01
+    labels = torch.full((8, 16), 7)
+    labels[:, ::2] = torch.randint(0, 333, (8, 8), generator=gen)
+    params = LossParams(beta=0.1, epsilon=0.3, label_smoothing=0.0, ignore_index=-100,
+                        average_log_prob=False, backend=backend,
+                        scored_count=int((labels != -100).sum()))  # fmt: skip
+    stats = token_forward(policy.to(device), ref.to(device), labels.to(device), params)
+    a = stats[layout.TOK_LOGP]
+    # The perturbed streams are stored as u − a and d − a (layout.py).
+    logps = torch.stack([a, stats[layout.TOK_REF_LOGP], a + stats[layout.TOK_P_EPS_DELTA],
+                         a + stats[layout.TOK_N_EPS_DELTA]])  # fmt: skip
+    assert torch.isfinite(logps).all() and (logps <= 0).all()

@@ -464,7 +464,9 @@ def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
     assert again.returncode == 2 and "is not empty" in again.stderr
     bad = run(args + ["--epsilon", "1.5"], check=False, script="run_trl.py")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["error: --epsilon must be in [0, 1), got 1.5"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: --epsilon must be a number in [0, 1), got 1.5"
+    ]
 
 
 def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path):
@@ -573,7 +575,7 @@ def _sharded_head_worker(rank, world, store, results):
     from torch.distributed.fsdp import fully_shard
 
     from epsdpo_kernels import linear_epsilon_dpo_loss
-    from epsdpo_kernels.trl import _hidden_state_forward
+    from epsdpo_kernels.integrations.trl import _hidden_state_forward
 
     with gloo_group(rank, world, store):
         policy, batch = _sharded_head_case()
@@ -613,7 +615,7 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     import torch.multiprocessing as mp
 
     from epsdpo_kernels import linear_epsilon_dpo_loss
-    from epsdpo_kernels.trl import _hidden_state_forward
+    from epsdpo_kernels.integrations.trl import _hidden_state_forward
 
     results = mp.Manager().dict()
     mp.spawn(_sharded_head_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)

@@ -66,16 +66,21 @@ def test_mixed_devices_are_named():
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    from epsdpo_kernels import validation
+    from epsdpo_kernels import params
 
-    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: False)
+    monkeypatch.setattr(params, "triton_interpreter_active", lambda: False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        validation.resolve_backend("triton", torch.device("cpu"))
+        params.resolve_backend("triton", torch.device("cpu"))
 
 
 def test_ignore_index_inside_vocab_is_allowed(device):
+    """ignore_index may be a vocabulary entry: positions holding it are unscored, exactly as
+    with -100."""
     args = _good(device)
     labels = args["labels"]
+    labels[labels == 3] = 4  # no scored label is 3
+    expected = _call(args)
     labels[labels == -100] = 3
     out = _call(args, ignore_index=3)
-    assert torch.isfinite(out.loss)
+    assert torch.equal(out.losses, expected.losses) and torch.equal(out.steps, expected.steps)
+    assert torch.equal(out.chosen_logps, expected.chosen_logps)

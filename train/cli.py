@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -68,11 +67,15 @@ def option(default, help, **metadata):
 
 
 def check_beta_epsilon(beta: float, epsilon: float) -> None:
-    """The loss flags every script shares, checked before anything loads."""
-    if not (math.isfinite(beta) and beta > 0):
-        raise UsageError(f"--beta must be a finite number > 0, got {beta}")
-    if not 0 <= epsilon < 1:
-        raise UsageError(f"--epsilon must be in [0, 1), got {epsilon}")
+    """The loss flags every script shares, checked before anything loads, by the loss's own
+    checks (their messages name the argument; here it is a flag)."""
+    from epsdpo_kernels.params import check_beta, check_epsilon
+
+    for check, value in ((check_beta, beta), (check_epsilon, epsilon)):
+        try:
+            check(value)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:

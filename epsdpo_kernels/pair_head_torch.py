@@ -68,32 +68,3 @@ def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor
     out[L.PAIR_P_EPS_LOGRATIO] = logratio + p_gap
     out[L.PAIR_N_EPS_LOGRATIO] = logratio + n_gap
     return out
-
-
-def row_coefficients(
-    pair: torch.Tensor,
-    grad_losses: torch.Tensor | None,
-    grad_chosen_logps: torch.Tensor | None,
-    grad_rejected_logps: torch.Tensor | None,
-    *,
-    average_log_prob: bool,
-) -> torch.Tensor:
-    """c_n = ∂(upstream)/∂A_n for the 2B sequence rows, from the head's ∂L_i/∂ℓ_i.
-
-    ℓ_i = A_chosen − A_rejected, so the chosen row gets +g·∂L/∂ℓ and the rejected row −g·∂L/∂ℓ;
-    gradients that reach chosen_logps/rejected_logps directly (an NLL term, say) add on top.
-    With averaging, A_n is a mean, so every token of row n carries c_n / count_n.
-    """
-    dloss = pair[L.PAIR_DLOSS_DLOGRATIO]
-    through_loss = dloss * grad_losses if grad_losses is not None else torch.zeros_like(dloss)
-    chosen = through_loss.clone()
-    rejected = -through_loss
-    if grad_chosen_logps is not None:
-        chosen = chosen + grad_chosen_logps.float()
-    if grad_rejected_logps is not None:
-        rejected = rejected + grad_rejected_logps.float()
-    coef = torch.cat([chosen, rejected])
-    if average_log_prob:
-        counts = torch.cat([pair[L.PAIR_CHOSEN_COUNT], pair[L.PAIR_REJECTED_COUNT]])
-        coef = coef / counts.clamp(min=1)
-    return coef

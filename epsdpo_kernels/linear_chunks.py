@@ -1,4 +1,4 @@
-"""Chunked ε-DPO from hidden states: the autograd Function and its two drivers.
+"""Chunked ε-DPO from hidden states: the forward and backward drivers of the linear path.
 
 Only the S scored rows (label ≠ ignore_index) are computed. With W the (V, H) lm_head weight
 and X the (S, H) scored hidden states (sizes at the 8B scale: S = 8192, H = 4096, V = 128256):
@@ -35,13 +35,13 @@ plus one read-modify-write of the S × H fp32 accumulator per slice (8 slices ×
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import layout as L
 from .dispatch import pair_head, token_backward, token_forward
-from .output import split_pair
-from .pair_head import row_coefficients
-from .validation import LossParams
+from .params import LossParams
 
 # Budget for one chunk's or slice's temporaries. On CUDA, 256 MiB holds 512 rows of bf16
 # policy + reference logits at V = 128k, or an 8192 × 16384 bf16 slice: enough for the GEMMs
@@ -51,6 +51,15 @@ DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
 ROW_MULTIPLE = 256
 # fp32 copies per logit where the GEMM cannot accumulate a bf16/fp16 product into fp32 (CPU).
 _UPCAST_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LinearChunks:
+    """How the linear path walks its work: scored rows per forward chunk, and vocabulary rows
+    per backward slice (0: as many as the budget allows, see ``slice_plan``)."""
+
+    chunk_rows: int
+    vocab_chunk_rows: int = 0
 
 
 def _round_rows(rows: int, limit: int) -> int:
@@ -133,7 +142,7 @@ def _chunks(n: int, size: int):
 @torch.no_grad()
 def linear_forward(
     policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params: LossParams,
+    params: LossParams, chunks: LinearChunks,
 ):  # fmt: skip
     """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, 2B·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
@@ -143,7 +152,7 @@ def linear_forward(
     flat_policy = policy_hidden.reshape(two_b * t, -1)
     flat_ref = ref_hidden.reshape(two_b * t, -1)
     flat_labels = labels.reshape(two_b * t)
-    for sl in _chunks(scored.numel(), params.chunk_rows):
+    for sl in _chunks(scored.numel(), chunks.chunk_rows):
         idx = scored[sl]
         policy_logits = _logits(flat_policy[idx], policy_weight, policy_bias)
         ref_logits = _logits(flat_ref[idx], ref_weight, ref_bias)
@@ -160,7 +169,7 @@ def linear_forward(
 @torch.no_grad()
 def linear_backward(
     policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
-    params: LossParams, needs: tuple[bool, bool, bool],
+    params: LossParams, chunks: LinearChunks, needs: tuple[bool, bool, bool],
 ):  # fmt: skip
     """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed,
     walking vocabulary slices (see the module docstring)."""
@@ -174,7 +183,7 @@ def linear_backward(
     token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
     token_coef = row_coef[scored // t].float().contiguous()  # c_n of each token's sequence
     slice_rows, token_rows = slice_plan(
-        n_scored, vocab, policy_weight.element_size(), hidden.device.type, params.vocab_chunk_rows,
+        n_scored, vocab, policy_weight.element_size(), hidden.device.type, chunks.vocab_chunk_rows,
     )  # fmt: skip
 
     grad_hidden = torch.zeros((n_scored, h), dtype=torch.float32, device=hidden.device)
@@ -218,51 +227,3 @@ def linear_backward(
     if grad_bias is not None:
         grad_bias = grad_bias.to(policy_bias.dtype)
     return full_grad_hidden, grad_weight, grad_bias
-
-
-class LinearEpsilonDPOFunction(torch.autograd.Function):
-    """(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params) → (losses, chosen_logps, rejected_logps, pair).
-
-    Saves the policy hidden states, weight and bias (references, no copies), the labels, the
-    scored indices, the token stats (6 floats per token) and the pair buffer; nothing V-sized.
-    """
-
-    @staticmethod
-    def evaluate(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
-                 labels, params: LossParams):  # fmt: skip
-        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return linear_forward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
-                              ref_bias, labels, params)[1]  # fmt: skip
-
-    @staticmethod
-    def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
-                labels, params: LossParams):  # fmt: skip
-        stats, pair, scored = linear_forward(
-            policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-            params,
-        )  # fmt: skip
-        ctx.params = params
-        ctx.has_bias = policy_bias is not None
-        ctx.save_for_backward(
-            policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair
-        )
-        ctx.mark_non_differentiable(pair)
-        return (*split_pair(pair), pair)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
-        policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair = ctx.saved_tensors
-        params: LossParams = ctx.params
-        row_coef = row_coefficients(
-            pair, grad_losses, grad_chosen_logps, grad_rejected_logps,
-            average_log_prob=params.average_log_prob,
-        )  # fmt: skip
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 ctx.has_bias and ctx.needs_input_grad[2])  # fmt: skip
-        grads = linear_backward(
-            policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
-            params, needs,
-        )  # fmt: skip
-        return (*grads, None, None, None, None, None)

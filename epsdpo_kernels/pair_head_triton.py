@@ -1,4 +1,4 @@
-"""Triton version of the per-pair head (see pair_head.py for what it computes and why)."""
+"""Triton version of the per-pair head (see pair_head_torch.py for what it computes and why)."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from . import layout as L
 from .launch import launch
+from .triton_mode import triton_interpreter_active
 
 # Field indices (layout.py) as compile-time constants the kernels can use.
 TOK_LOGP = tl.constexpr(L.TOK_LOGP)
@@ -473,8 +474,6 @@ def split_count(rows: int, vocab: int, block: int, sm_count: int) -> int:
 
 
 def _fast_math() -> bool:
-    from .validation import triton_interpreter_active
-
     return not triton_interpreter_active()
 
 

@@ -1,0 +1,145 @@
+"""The two autograd Functions, one per input kind, and what they share.
+
+``EpsilonDPOLogitsFunction`` (materialised logits) and ``LinearEpsilonDPOFunction`` (hidden states
+and lm_head weights) both return ``(losses, chosen_logps, rejected_logps, pair)``: the first three
+differentiable, the pair buffer (layout.py) not. Their backward passes both start from the same
+per-row coefficient c_n = ∂(upstream)/∂A_n (``row_coefficients``, docs/SPEC.md, Gradients), then go
+to the per-token backward directly (logits) or through the vocabulary-sliced driver (linear).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import layout as L
+from .dispatch import pair_head, token_backward, token_forward
+from .linear_chunks import LinearChunks, linear_backward, linear_forward
+from .params import LossParams
+
+
+def split_pair(pair: torch.Tensor):
+    """The differentiable outputs (losses, chosen_logps, rejected_logps), as tensors of their
+    own rather than views of the pair buffer."""
+    return (
+        pair[L.PAIR_LOSS].clone(),
+        pair[L.PAIR_CHOSEN_LOGPS].clone(),
+        pair[L.PAIR_REJECTED_LOGPS].clone(),
+    )
+
+
+def row_coefficients(
+    pair: torch.Tensor,
+    grad_losses: torch.Tensor | None,
+    grad_chosen_logps: torch.Tensor | None,
+    grad_rejected_logps: torch.Tensor | None,
+    *,
+    average_log_prob: bool,
+) -> torch.Tensor:
+    """c_n = ∂(upstream)/∂A_n for the 2B sequence rows, from the head's ∂L_i/∂ℓ_i.
+
+    ℓ_i = A_chosen − A_rejected, so the chosen row gets +g·∂L/∂ℓ and the rejected row −g·∂L/∂ℓ;
+    gradients that reach chosen_logps/rejected_logps directly (an NLL term, say) add on top.
+    With averaging, A_n is a mean, so every token of row n carries c_n / count_n.
+    """
+    dloss = pair[L.PAIR_DLOSS_DLOGRATIO]
+    through_loss = dloss * grad_losses if grad_losses is not None else torch.zeros_like(dloss)
+    chosen = through_loss.clone()
+    rejected = -through_loss
+    if grad_chosen_logps is not None:
+        chosen = chosen + grad_chosen_logps.float()
+    if grad_rejected_logps is not None:
+        rejected = rejected + grad_rejected_logps.float()
+    coef = torch.cat([chosen, rejected])
+    if average_log_prob:
+        counts = torch.cat([pair[L.PAIR_CHOSEN_COUNT], pair[L.PAIR_REJECTED_COUNT]])
+        coef = coef / counts.clamp(min=1)
+    return coef
+
+
+def logits_forward(policy_logits, ref_logits, labels, params: LossParams):
+    """Token pass + pair head: (token stats, pair buffer). No autograd involved."""
+    stats = token_forward(policy_logits, ref_logits, labels, params)
+    return stats, pair_head(stats, labels, params)
+
+
+class EpsilonDPOLogitsFunction(torch.autograd.Function):
+    """(policy_logits, ref_logits, labels, params, inplace) → (losses, chosen_logps,
+    rejected_logps, pair).
+
+    Saves the policy logits (by reference, no copy), the labels, the token stats (6 floats per
+    token) and the pair buffer. Only ``policy_logits`` gets a gradient; ``inplace`` writes it
+    over the logits' storage.
+    """
+
+    @staticmethod
+    def evaluate(policy_logits, ref_logits, labels, params: LossParams, inplace: bool):
+        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
+        return logits_forward(policy_logits, ref_logits, labels, params)[1]
+
+    @staticmethod
+    def forward(ctx, policy_logits, ref_logits, labels, params: LossParams, inplace: bool):
+        stats, pair = logits_forward(policy_logits, ref_logits, labels, params)
+        ctx.params, ctx.inplace = params, inplace
+        ctx.save_for_backward(policy_logits, labels, stats, pair)
+        ctx.mark_non_differentiable(pair)
+        return (*split_pair(pair), pair)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
+        params: LossParams = ctx.params
+        policy_logits, labels, stats, pair = ctx.saved_tensors
+        row_coef = row_coefficients(
+            pair, grad_losses, grad_chosen_logps, grad_rejected_logps,
+            average_log_prob=params.average_log_prob,
+        )  # fmt: skip
+        grad = token_backward(policy_logits, labels, stats, row_coef, params, inplace=ctx.inplace)
+        return grad, None, None, None, None
+
+
+class LinearEpsilonDPOFunction(torch.autograd.Function):
+    """(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
+    params, chunks) → (losses, chosen_logps, rejected_logps, pair).
+
+    Saves the policy hidden states, weight and bias (references, no copies), the labels, the
+    scored indices, the token stats (6 floats per token) and the pair buffer; nothing V-sized.
+    """
+
+    @staticmethod
+    def evaluate(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
+                 labels, params: LossParams, chunks: LinearChunks):  # fmt: skip
+        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
+        return linear_forward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
+                              ref_bias, labels, params, chunks)[1]  # fmt: skip
+
+    @staticmethod
+    def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
+                labels, params: LossParams, chunks: LinearChunks):  # fmt: skip
+        stats, pair, scored = linear_forward(
+            policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
+            params, chunks,
+        )  # fmt: skip
+        ctx.params, ctx.chunks = params, chunks
+        ctx.has_bias = policy_bias is not None
+        ctx.save_for_backward(
+            policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair
+        )
+        ctx.mark_non_differentiable(pair)
+        return (*split_pair(pair), pair)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
+        policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair = ctx.saved_tensors
+        params: LossParams = ctx.params
+        row_coef = row_coefficients(
+            pair, grad_losses, grad_chosen_logps, grad_rejected_logps,
+            average_log_prob=params.average_log_prob,
+        )  # fmt: skip
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 ctx.has_bias and ctx.needs_input_grad[2])  # fmt: skip
+        grads = linear_backward(
+            policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
+            params, ctx.chunks, needs,
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None, None)

@@ -1,0 +1,106 @@
+"""Parameters of one loss call: each scalar checked on its own, then one typed object.
+
+The checks are per argument, so that everything else that takes the same values (``AdaptiveBeta``,
+the TRL config, the command-line scripts) runs the same check and says the same thing. A call's
+``LossParams`` is built once, by ``entry.compute_loss``, after the labels have been counted; the
+backend is resolved for the inputs' device at the same moment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .triton_mode import triton_available, triton_interpreter_active
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The non-tensor inputs every per-token and per-pair step of one call reads."""
+
+    beta: float
+    epsilon: float
+    label_smoothing: float
+    ignore_index: int
+    average_log_prob: bool
+    backend: str  # resolved: "triton" or "torch"
+    scored_count: int  # labels != ignore_index
+
+
+def _is_real_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_beta(beta) -> None:
+    if isinstance(beta, torch.Tensor):
+        raise TypeError("beta must be a Python float (use AdaptiveBeta.beta), got a torch.Tensor")
+    if not _is_real_number(beta) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def check_epsilon(epsilon) -> None:
+    if not _is_real_number(epsilon) or not (0 <= epsilon < 1):
+        raise ValueError(f"epsilon must be a number in [0, 1), got {epsilon!r}")
+
+
+def check_label_smoothing(label_smoothing) -> None:
+    if not _is_real_number(label_smoothing) or not (0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {label_smoothing!r}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_loss_options(*, beta, epsilon, label_smoothing, ignore_index, average_log_prob,
+                       backend) -> None:  # fmt: skip
+    """Every scalar option both entry points share, before any tensor is looked at."""
+    check_beta(beta)
+    check_epsilon(epsilon)
+    check_label_smoothing(label_smoothing)
+    check_ignore_index(ignore_index)
+    check_flag("average_log_prob", average_log_prob)
+    check_backend(backend)
+
+
+def loss_params(options: dict, backend: str, scored_count: int) -> LossParams:
+    """``LossParams`` from checked options (``check_loss_options``), the backend resolved for
+    the inputs' device (``resolve_backend``) and the count of scored labels."""
+    return LossParams(
+        beta=float(options["beta"]), epsilon=float(options["epsilon"]),
+        label_smoothing=float(options["label_smoothing"]), ignore_index=options["ignore_index"],
+        average_log_prob=options["average_log_prob"], backend=backend,
+        scored_count=scored_count,
+    )  # fmt: skip
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` → Triton on CUDA, torch elsewhere; ``triton`` on CPU needs the interpreter."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package, which is not importable")
+    if device.type != "cuda" and not triton_interpreter_active():
+        raise ValueError(
+            f"backend='triton' got tensors on {device}; Triton runs on CUDA tensors, or on CPU "
+            "tensors only when TRITON_INTERPRET=1 was set before triton was imported. "
+            "Use backend='torch' (or 'auto') for CPU tensors."
+        )
+    return "triton"
