@@ -199,14 +199,24 @@ def token_forward(
     stats = torch.empty((TOKEN_FIELDS, n * t), dtype=torch.float32, device=policy_logits.device)
     block_v, num_warps = launch_config(v, MAX_BLOCK_V_FWD)
     token_forward_kernel[(n * t,)](
-        policy_logits, ref_logits, labels, stats,
-        t, v, n * t,
-        policy_logits.stride(0), policy_logits.stride(1),
-        ref_logits.stride(0), ref_logits.stride(1),
-        labels.stride(0), labels.stride(1),
-        float(epsilon), int(ignore_index),
-        BLOCK_V=block_v, num_warps=num_warps,
-    )  # fmt: skip
+        policy_logits,
+        ref_logits,
+        labels,
+        stats,
+        t,
+        v,
+        n * t,
+        policy_logits.stride(0),
+        policy_logits.stride(1),
+        ref_logits.stride(0),
+        ref_logits.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+        float(epsilon),
+        int(ignore_index),
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     return stats
 
 
@@ -225,14 +235,24 @@ def token_backward(
     grad = policy_logits if inplace else torch.empty_like(policy_logits)
     block_v, num_warps = launch_config(v, MAX_BLOCK_V_BWD)
     token_backward_kernel[(n * t,)](
-        policy_logits, labels, stats, row_coef.float().contiguous(), grad,
-        t, v, n * t,
-        policy_logits.stride(0), policy_logits.stride(1),
-        labels.stride(0), labels.stride(1),
-        grad.stride(0), grad.stride(1),
+        policy_logits,
+        labels,
+        stats,
+        row_coef.float().contiguous(),
+        grad,
+        t,
+        v,
+        n * t,
+        policy_logits.stride(0),
+        policy_logits.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+        grad.stride(0),
+        grad.stride(1),
         int(ignore_index),
-        BLOCK_V=block_v, num_warps=num_warps,
-    )  # fmt: skip
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
     return grad
 
 

@@ -36,9 +36,12 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
     parser.add_argument("--no-sweep", action="store_true", help="default configuration only")
     parser.add_argument("--json", default=None, help="write results as JSON here")
-    parser.add_argument("--profile", default=None,
-                        help="write a torch.profiler table of one epsilon_dpo_loss fwd+bwd "
-                             "at --rows × the largest --vocab here")  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a torch.profiler table of one epsilon_dpo_loss fwd+bwd "
+        "at --rows × the largest --vocab here",
+    )
     dry_help = (
         "CPU tensors through Triton's interpreter, one timed call each: the plumbing "
         "without a GPU (times meaningless)"
@@ -58,20 +61,32 @@ def main(argv=None) -> int:
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     # Every row is scored (see the module docstring); the per-token kernels read the rest.
-    params = LossParams(beta=0.1, epsilon=0.01, label_smoothing=0.0, ignore_index=-100,
-                        average_log_prob=False, backend="triton",
-                        scored_count=args.rows)  # fmt: skip
+    params = LossParams(
+        beta=0.1,
+        epsilon=0.01,
+        label_smoothing=0.0,
+        ignore_index=-100,
+        average_log_prob=False,
+        backend="triton",
+        scored_count=args.rows,
+    )
     result = dict(
         device="dry run (CPU interpreter)" if args.dry_run else torch.cuda.get_device_name(0),
-        torch=torch.__version__, triton=triton.__version__,
-        driver="n/a" if args.dry_run else _driver(), date=datetime.date.today().isoformat(),
-        rows=args.rows, copy=[], kernels=[], sweep=[],
-    )  # fmt: skip
+        torch=torch.__version__,
+        triton=triton.__version__,
+        driver="n/a" if args.dry_run else _driver(),
+        date=datetime.date.today().isoformat(),
+        rows=args.rows,
+        copy=[],
+        kernels=[],
+        sweep=[],
+    )
     if args.dry_run:
         bench = _time_once
     else:
-        bench = lambda f: triton.testing.do_bench(f, warmup=50, rep=300,  # noqa: E731
-                                                  return_mode="median")  # fmt: skip
+
+        def bench(f):
+            return triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median")
 
     for vocab in args.vocab:
         _bench_vocab(vocab, args.rows, not args.no_sweep, params, bench, result, device)
@@ -112,20 +127,26 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
     copy_ms = bench(lambda: scratch.copy_(policy))
     copy_bw = 2 * nbytes / (copy_ms * 1e-3)
     result["copy"].append(dict(vocab=vocab, ms=copy_ms, bytes_per_s=copy_bw))
-    print(f"V={vocab}: copy {2 * nbytes / 1e9:.2f} GB in {copy_ms:.3f} ms = "
-          f"{copy_bw / 1e12:.2f} TB/s", flush=True)  # fmt: skip
+    print(
+        f"V={vocab}: copy {2 * nbytes / 1e9:.2f} GB in {copy_ms:.3f} ms = "
+        f"{copy_bw / 1e12:.2f} TB/s",
+        flush=True,
+    )
 
     stats = new.token_forward(policy, ref, labels, params)
     grad = new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
     runs = {
-        "new": (lambda: new.token_forward(policy, ref, labels, params),
-                lambda: new.token_backward(policy, labels, stats, row_coef, params,
-                                           inplace=False)),
-        "old": (lambda: old.token_forward(policy, ref, labels, epsilon=0.01,
-                                          ignore_index=-100),
-                lambda: old.token_backward(policy, labels, old_stats, row_coef,
-                                           ignore_index=-100, inplace=False)),
-    }  # fmt: skip
+        "new": (
+            lambda: new.token_forward(policy, ref, labels, params),
+            lambda: new.token_backward(policy, labels, stats, row_coef, params, inplace=False),
+        ),
+        "old": (
+            lambda: old.token_forward(policy, ref, labels, epsilon=0.01, ignore_index=-100),
+            lambda: old.token_backward(
+                policy, labels, old_stats, row_coef, ignore_index=-100, inplace=False
+            ),
+        ),
+    }
     old_stats = old.token_forward(policy, ref, labels, epsilon=0.01, ignore_index=-100)
     for name, (forward, backward) in runs.items():
         fwd_ms, bwd_ms = bench(forward), bench(backward)
@@ -134,39 +155,59 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
         print(_describe(row), flush=True)
 
     if sweep:
-        default = (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS,
-                   new.BWD_LANES_PER_THREAD)  # fmt: skip
+        default = (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS, new.BWD_LANES_PER_THREAD)
         try:
             for warps in WARPS:
                 for lanes in LANES_PER_THREAD:
                     new.FWD_WARPS = new.BWD_WARPS = warps
                     new.FWD_LANES_PER_THREAD = new.BWD_LANES_PER_THREAD = lanes
-                    row = _sweep_point(new, policy, ref, labels, row_coef, params, stats, grad,
-                                       bench, nbytes, copy_bw, vocab, warps, lanes)  # fmt: skip
+                    row = _sweep_point(
+                        new,
+                        policy,
+                        ref,
+                        labels,
+                        row_coef,
+                        params,
+                        stats,
+                        grad,
+                        bench,
+                        nbytes,
+                        copy_bw,
+                        vocab,
+                        warps,
+                        lanes,
+                    )
                     result["sweep"].append(row)
                     print(_describe(row), flush=True)
         finally:
-            (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS,
-             new.BWD_LANES_PER_THREAD) = default  # fmt: skip
+            (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS, new.BWD_LANES_PER_THREAD) = (
+                default
+            )
 
 
 def _row(name, vocab, fwd_ms, bwd_ms, bytes_each, copy_bw):
     return dict(
-        kernels=name, vocab=vocab, fwd_ms=fwd_ms, bwd_ms=bwd_ms,
+        kernels=name,
+        vocab=vocab,
+        fwd_ms=fwd_ms,
+        bwd_ms=bwd_ms,
         fwd_copy_fraction=bytes_each / (fwd_ms * 1e-3) / copy_bw,
         bwd_copy_fraction=bytes_each / (bwd_ms * 1e-3) / copy_bw,
         total_copy_fraction=2 * bytes_each / ((fwd_ms + bwd_ms) * 1e-3) / copy_bw,
-    )  # fmt: skip
+    )
 
 
 def _describe(row) -> str:
-    label = row["kernels"] + (f" warps={row['warps']} lanes={row['lanes']}" if "warps" in row
-                              else "")  # fmt: skip
+    label = row["kernels"] + (
+        f" warps={row['warps']} lanes={row['lanes']}" if "warps" in row else ""
+    )
     if "error" in row:
         return f"  {label}: {row['error']}"
-    return (f"  {label}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_copy_fraction']:.0%} of copy), "
-            f"bwd {row['bwd_ms']:.3f} ms ({row['bwd_copy_fraction']:.0%}), fwd+bwd "
-            f"{row['total_copy_fraction']:.0%}")  # fmt: skip
+    return (
+        f"  {label}: fwd {row['fwd_ms']:.3f} ms ({row['fwd_copy_fraction']:.0%} of copy), "
+        f"bwd {row['bwd_ms']:.3f} ms ({row['bwd_copy_fraction']:.0%}), fwd+bwd "
+        f"{row['total_copy_fraction']:.0%}"
+    )
 
 
 # fp32 unit roundoff and the probabilistic bound's confidence factor (Higham & Mary 2019): an
@@ -201,8 +242,10 @@ def check_layout_agreement(layout, got_stats, stats, got_grad, grad, abs_logit_s
         bad = (got - want).abs() > atol
         if bad.any():
             i = int(bad.nonzero()[0])
-            raise AssertionError(f"{layout}: stats field {field} row {i}: {got[i].item()!r} vs "
-                                 f"{want[i].item()!r} (atol {atol[i].item():.3g})")  # fmt: skip
+            raise AssertionError(
+                f"{layout}: stats field {field} row {i}: {got[i].item()!r} vs "
+                f"{want[i].item()!r} (atol {atol[i].item():.3g})"
+            )
 
 
 def _abs_logit_sums(policy):
@@ -212,20 +255,42 @@ def _abs_logit_sums(policy):
     return torch.cat([row.float().abs().sum(-1) for row in policy]).flatten()
 
 
-def _sweep_point(new, policy, ref, labels, row_coef, params, stats, grad, bench, nbytes,
-                 copy_bw, vocab, warps, lanes):  # fmt: skip
+def _sweep_point(
+    new,
+    policy,
+    ref,
+    labels,
+    row_coef,
+    params,
+    stats,
+    grad,
+    bench,
+    nbytes,
+    copy_bw,
+    vocab,
+    warps,
+    lanes,
+):
     point = dict(kernels="new", warps=warps, lanes=lanes, vocab=vocab)
     try:
         got_stats = new.token_forward(policy, ref, labels, params)
         got_grad = new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
-        check_layout_agreement(f"warps={warps} lanes={lanes}", got_stats, stats, got_grad, grad,
-                               _abs_logit_sums(policy), vocab)  # fmt: skip
+        check_layout_agreement(
+            f"warps={warps} lanes={lanes}",
+            got_stats,
+            stats,
+            got_grad,
+            grad,
+            _abs_logit_sums(policy),
+            vocab,
+        )
         del got_grad
     except Exception as e:  # a configuration that does not compile or disagrees: recorded
         return dict(point, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     fwd_ms = bench(lambda: new.token_forward(policy, ref, labels, params))
-    bwd_ms = bench(lambda: new.token_backward(policy, labels, stats, row_coef, params,
-                                              inplace=False))  # fmt: skip
+    bwd_ms = bench(
+        lambda: new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
+    )
     return dict(point, **_row("new", vocab, fwd_ms, bwd_ms, 2 * nbytes, copy_bw))
 
 
@@ -247,8 +312,9 @@ def _profile(path: str, rows: int, vocab: int, device) -> None:
 
     def step():
         logits = policy.detach().requires_grad_()
-        epsilon_dpo_loss(logits, ref, labels, beta=0.1, epsilon=0.01,
-                         backend="triton").loss.backward()  # fmt: skip
+        epsilon_dpo_loss(
+            logits, ref, labels, beta=0.1, epsilon=0.01, backend="triton"
+        ).loss.backward()
 
     for _ in range(3 if cuda else 1):
         step()
@@ -260,8 +326,9 @@ def _profile(path: str, rows: int, vocab: int, device) -> None:
         sync()
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25)
-    Path(path).write_text(f"epsilon_dpo_loss fwd+bwd ×5, logits {shape} bf16, half prompt\n\n"
-                          + table)  # fmt: skip
+    Path(path).write_text(
+        f"epsilon_dpo_loss fwd+bwd ×5, logits {shape} bf16, half prompt\n\n" + table
+    )
     print(table, flush=True)
 
 
@@ -269,8 +336,12 @@ def _driver() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 else "unknown"
     except (OSError, IndexError, subprocess.SubprocessError):
         return "unknown"

@@ -136,9 +136,12 @@ def worker(cfg: dict) -> dict:
         import triton
 
         ms = lambda fn: triton.testing.do_bench(  # noqa: E731
-            fn, warmup=50, rep=400, quantiles=[0.5, 0.2, 0.8],
+            fn,
+            warmup=50,
+            rep=400,
+            quantiles=[0.5, 0.2, 0.8],
             grad_to_none=[inputs["hidden"], inputs["weight"]],
-        )  # fmt: skip
+        )
         row["fwd_ms"], row["fwd_ms_p20"], row["fwd_ms_p80"] = ms(fwd)
         row["fwd_bwd_ms"], row["fwd_bwd_ms_p20"], row["fwd_bwd_ms_p80"] = ms(fwd_bwd)
         row.update(_roofline(cfg, inputs, device, row["fwd_bwd_ms"]))
@@ -158,9 +161,17 @@ def worker(cfg: dict) -> dict:
         from benchmarks.impls import eager_loss
 
         with torch.no_grad():
-            row["loss_eps0"] = float(eager_loss(inputs["hidden"], inputs["weight"],
-                                                inputs["ref_hidden"], inputs["ref_weight"],
-                                                inputs["labels"], BETA, 0.0))  # fmt: skip
+            row["loss_eps0"] = float(
+                eager_loss(
+                    inputs["hidden"],
+                    inputs["weight"],
+                    inputs["ref_hidden"],
+                    inputs["ref_weight"],
+                    inputs["labels"],
+                    BETA,
+                    0.0,
+                )
+            )
     return row
 
 
@@ -188,8 +199,9 @@ def _roofline(cfg, inputs, device, fwd_bwd_ms: float) -> dict:
         def loss_only():
             epsilon_dpo_loss(logits, ref_logits, labels, beta=BETA, epsilon=EPSILON).loss.backward()
 
-        ms = triton.testing.do_bench(loss_only, warmup=50, rep=400, grad_to_none=[logits],
-                                     return_mode="median")  # fmt: skip
+        ms = triton.testing.do_bench(
+            loss_only, warmup=50, rep=400, grad_to_none=[logits], return_mode="median"
+        )
         # Forward reads policy + reference of scored rows; backward reads the policy of scored
         # rows and writes every gradient row (zeros for ignored ones).
         moved = (2 * scored * v + scored * v + rows * v) * elt
@@ -200,8 +212,10 @@ def _roofline(cfg, inputs, device, fwd_bwd_ms: float) -> dict:
         # recompute), so the figure compares implementations on useful work.
         useful = 4 * 2 * scored * cfg["H"] * v
         achieved = useful / (fwd_bwd_ms * 1e-3)
-        return dict(useful_tflops_per_s=round(achieved / 1e12, 1),
-                    tensor_core_fraction=round(achieved / flops, 3))  # fmt: skip
+        return dict(
+            useful_tflops_per_s=round(achieved / 1e12, 1),
+            tensor_core_fraction=round(achieved / flops, 3),
+        )
     return {}
 
 
@@ -210,12 +224,14 @@ def _run_row(cfg: dict) -> dict:
     env = dict(os.environ)
     # Return freed memory to the OS at once, so RSS follows live memory (glibc's defaults keep
     # up to 32 MiB blocks in the heap, hiding reuse from the peak).
-    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))  # fmt: skip
+    env.update(
+        MALLOC_MMAP_THRESHOLD_="131072",
+        MALLOC_TRIM_THRESHOLD_="131072",
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    )
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=ROW_TIMEOUT_S)  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=ROW_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return dict(skipped=f"timed out after {ROW_TIMEOUT_S} s")
     if proc.returncode == 0:
@@ -248,8 +264,13 @@ def _device_name(device: str) -> str:
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=ROOT, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -282,8 +303,10 @@ def markdown_table(result: dict) -> str:
         if "hbm_fraction" in r:  # CUDA only: the logits kernels alone, against HBM bandwidth
             check += f"; kernels {r['hbm_fraction']:.0%} of HBM bandwidth"
         if "tensor_core_fraction" in r:
-            check += (f"; {r['useful_tflops_per_s']} useful TFLOP/s "
-                      f"({r['tensor_core_fraction']:.0%} of bf16 peak)")  # fmt: skip
+            check += (
+                f"; {r['useful_tflops_per_s']} useful TFLOP/s "
+                f"({r['tensor_core_fraction']:.0%} of bf16 peak)"
+            )
         lines.append(
             f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['V']} | {r['dtype']} | "
             f"{_fmt(r.get('fwd_ms'))} | {_fmt(r.get('fwd_bwd_ms'))} | {_fmt(r.get('peak_mb'))} | "
@@ -294,8 +317,13 @@ def markdown_table(result: dict) -> str:
 
 
 # One colour per implementation, the same in every plot.
-COLORS = {"eager": "tab:gray", "compiled": "tab:purple", "epsdpo-logits": "tab:blue",
-          "epsdpo-linear": "tab:green", "liger-dpo": "tab:orange"}  # fmt: skip
+COLORS = {
+    "eager": "tab:gray",
+    "compiled": "tab:purple",
+    "epsdpo-logits": "tab:blue",
+    "epsdpo-linear": "tab:green",
+    "liger-dpo": "tab:orange",
+}
 
 
 def _bar_text(y: float) -> str:
@@ -327,10 +355,10 @@ def plot(result: dict, path: str) -> None:
                     xs.append(i - 0.4 + width / 2 + k * width)
                     ys.append(max(match[0][field], 1e-3))
             bars = ax.bar(xs, ys, width=width, label=impl, color=COLORS.get(impl))
-            ax.bar_label(bars, labels=[_bar_text(y) for y in ys], fontsize=7, rotation=90,
-                         padding=2)  # fmt: skip
-        ax.set_xticks(range(len(shapes)),
-                      [f"{2 * b * t} tokens\nV = {v}" for b, t, v in shapes])  # fmt: skip
+            ax.bar_label(
+                bars, labels=[_bar_text(y) for y in ys], fontsize=7, rotation=90, padding=2
+            )
+        ax.set_xticks(range(len(shapes)), [f"{2 * b * t} tokens\nV = {v}" for b, t, v in shapes])
         ax.set_yscale("log")
         ax.margins(y=0.25)
         ax.set_ylabel(unit)
@@ -406,11 +434,15 @@ def main(argv=None) -> int:
     machine = machine_note()
     print(f"[bench] {machine}", file=sys.stderr, flush=True)
     result = dict(
-        device=_device_name(device), torch=torch.__version__, triton=triton.__version__,
-        commit=_commit(), date=datetime.date.today().isoformat(),
-        mode="quick" if args.quick else "full", machine=machine,
+        device=_device_name(device),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        commit=_commit(),
+        date=datetime.date.today().isoformat(),
+        mode="quick" if args.quick else "full",
+        machine=machine,
         rows=[],
-    )  # fmt: skip
+    )
     for shape in shapes:
         eager_row = None
         for impl in ordered:
@@ -421,8 +453,12 @@ def main(argv=None) -> int:
                 else:
                     key = "loss_eps0" if impl == "liger-dpo" else "loss"
                     cfg["expected_loss"] = eager_row[key]
-            print(f"[bench] {impl:14s} B={shape['B']} T={shape['T']} H={shape['H']} "
-                  f"V={shape['V']} {dtype} ...", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[bench] {impl:14s} B={shape['B']} T={shape['T']} H={shape['H']} "
+                f"V={shape['V']} {dtype} ...",
+                file=sys.stderr,
+                flush=True,
+            )
             t0 = time.perf_counter()
             row = _run_row(cfg)
             row = dict(impl=impl, **shape, dtype=dtype, **row)
@@ -432,8 +468,11 @@ def main(argv=None) -> int:
                 f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):.1f} ms, peak "
                 f"{row['peak_mb']:.0f} MB, {row.get('check')}"
             )
-            print(f"[bench]   {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"[bench]   {status} ({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             if impl in impls:
                 result["rows"].append(row)
         for row in result["rows"]:

@@ -47,8 +47,13 @@ def eager_loss(hidden, weight, ref_hidden, ref_weight, labels, beta, epsilon):
 
 def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.device):
     """A zero-argument callable returning the scalar loss (differentiable)."""
-    args = (inputs["hidden"], inputs["weight"], inputs["ref_hidden"], inputs["ref_weight"],
-            inputs["labels"])  # fmt: skip
+    args = (
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["ref_hidden"],
+        inputs["ref_weight"],
+        inputs["labels"],
+    )
     if name == "eager":
         return lambda: eager_loss(*args, beta, epsilon)
     if name == "compiled":
@@ -61,8 +66,14 @@ def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.de
             with torch.no_grad():
                 ref_logits = inputs["ref_hidden"] @ inputs["ref_weight"].t()
             # The logits come from a matmul and feed only this loss: in-place backward is safe.
-            return epsilon_dpo_loss(logits, ref_logits, inputs["labels"], beta=beta,
-                                    epsilon=epsilon, inplace_backward=True).loss  # fmt: skip
+            return epsilon_dpo_loss(
+                logits,
+                ref_logits,
+                inputs["labels"],
+                beta=beta,
+                epsilon=epsilon,
+                inplace_backward=True,
+            ).loss
 
         return logits_step
     if name == "epsdpo-linear":
@@ -71,14 +82,18 @@ def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.de
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
         # Plain DPO (no ε-step): less work than ε-DPO. torch.compile only on CUDA.
-        loss_fn = LigerFusedLinearDPOLoss(beta=beta, compiled=device.type == "cuda",
-                                          use_ref_model=True)  # fmt: skip
+        loss_fn = LigerFusedLinearDPOLoss(
+            beta=beta, compiled=device.type == "cuda", use_ref_model=True
+        )
 
         def liger_step():
             out = loss_fn(
-                inputs["weight"], inputs["hidden"], inputs["labels"],
-                ref_input=inputs["ref_hidden"], ref_weight=inputs["ref_weight"],
-            )  # fmt: skip
+                inputs["weight"],
+                inputs["hidden"],
+                inputs["labels"],
+                ref_input=inputs["ref_hidden"],
+                ref_weight=inputs["ref_weight"],
+            )
             return out[0] if isinstance(out, tuple) else out
 
         return liger_step

@@ -70,9 +70,15 @@ CALIBRATION = dict(
     rows=16384,
     bytes_per_element=3 * 4,
     datasheet_bytes_per_s=2.039e12,
-    ms_by_vocab={4096: 0.5324, 8192: 0.8101, 16384: 1.4321, 32768: 2.8378, 65536: 6.8051,
-                 131072: 15.0094},
-)  # fmt: skip
+    ms_by_vocab={
+        4096: 0.5324,
+        8192: 0.8101,
+        16384: 1.4321,
+        32768: 2.8378,
+        65536: 6.8051,
+        131072: 15.0094,
+    },
+)
 
 
 def calibrate(data=CALIBRATION) -> dict:
@@ -83,10 +89,15 @@ def calibrate(data=CALIBRATION) -> dict:
     nbytes = lambda v: data["rows"] * v * data["bytes_per_element"]  # noqa: E731
     bandwidth = (nbytes(v1) - nbytes(v0)) / ((t1 - t0) * 1e-3)
     fixed_s = t0 * 1e-3 - nbytes(v0) / bandwidth
-    residuals = {v: t * 1e-3 / (nbytes(v) / bandwidth + fixed_s) - 1
-                 for v, t in data["ms_by_vocab"].items()}  # fmt: skip
-    return dict(efficiency=bandwidth / data["datasheet_bytes_per_s"], fixed_s=fixed_s,
-                residuals=residuals, bandwidth=bandwidth)  # fmt: skip
+    residuals = {
+        v: t * 1e-3 / (nbytes(v) / bandwidth + fixed_s) - 1 for v, t in data["ms_by_vocab"].items()
+    }
+    return dict(
+        efficiency=bandwidth / data["datasheet_bytes_per_s"],
+        fixed_s=fixed_s,
+        residuals=residuals,
+        bandwidth=bandwidth,
+    )
 
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -155,9 +166,7 @@ def resources(compiled, arch: int) -> dict:
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     ptxas = _tool("ptxas", arch)
     proc = subprocess.run(
-        [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-        capture_output=True,
-        text=True,
+        [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True, text=True
     )
     os.unlink(f.name)
     out = proc.stderr
@@ -223,8 +232,19 @@ def programs_per_sm(registers: int, warps: int, gpu=H100) -> int:
     return max(1, min(by_registers, gpu["threads_per_sm"] // (32 * warps), gpu["programs_per_sm"]))
 
 
-def time_range(*, elements, bytes_per_element, mufu, instr, registers, warps, load_bytes,
-               programs, gpu=H100, calibration=None) -> dict:  # fmt: skip
+def time_range(
+    *,
+    elements,
+    bytes_per_element,
+    mufu,
+    instr,
+    registers,
+    warps,
+    load_bytes,
+    programs,
+    gpu=H100,
+    calibration=None,
+) -> dict:
     """The predicted range for one kernel: the roofline (low) and the calibrated bound (high),
     with the terms and margins that make it (see the module docstring)."""
     calibration = calibration or calibrate()
@@ -244,16 +264,20 @@ def time_range(*, elements, bytes_per_element, mufu, instr, registers, warps, lo
     high = max(elements * bytes_per_element / bandwidth, sfu_s, issue_s) * tail
     high += calibration["fixed_s"]
     return dict(
-        memory_ms=round(memory_s * 1e3, 3), sfu_ms=round(sfu_s * 1e3, 3),
+        memory_ms=round(memory_s * 1e3, 3),
+        sfu_ms=round(sfu_s * 1e3, 3),
         issue_ms=round(issue_s * 1e3, 3),
         bound=("memory", "SFU", "issue")[[memory_s, sfu_s, issue_s].index(low)],
         roofline_fraction=round(memory_s / low, 3),
-        low_ms=round(low * 1e3, 3), high_ms=round(high * 1e3, 3),
+        low_ms=round(low * 1e3, 3),
+        high_ms=round(high * 1e3, 3),
         copy_fraction_range=(round(memory_s / high, 3), round(memory_s / low, 3)),
         sfu_share_of_memory=round(sfu_s / memory_s, 3),
-        programs_per_sm=resident, in_flight_kb_per_sm=round(in_flight / 1024, 1),
-        needed_kb_per_sm=round(needed / 1024, 1), wave_tail=round(tail, 3),
-    )  # fmt: skip
+        programs_per_sm=resident,
+        in_flight_kb_per_sm=round(in_flight / 1024, 1),
+        needed_kb_per_sm=round(needed / 1024, 1),
+        wave_tail=round(tail, 3),
+    )
 
 
 def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
@@ -398,14 +422,22 @@ def report(
                 elements_per_trip=per_trip,
                 instructions_per_element=round(instr, 2),
                 mufu_per_element=round(mufu, 3),
-                shuffles_or_barriers_in_loop=sum(op.startswith(("SHFL", "BAR"))
-                                                 for _, op, _ in loop),  # fmt: skip
+                shuffles_or_barriers_in_loop=sum(
+                    op.startswith(("SHFL", "BAR")) for _, op, _ in loop
+                ),
                 loop_load_bytes_per_thread=loop_load_bytes(loop),
-                **time_range(elements=elements, bytes_per_element=bytes_per_element, mufu=mufu,
-                             instr=instr, registers=row["registers"], warps=warps,
-                             load_bytes=loop_load_bytes(loop), programs=_programs(_grid),
-                             gpu=gpu),
-            )  # fmt: skip
+                **time_range(
+                    elements=elements,
+                    bytes_per_element=bytes_per_element,
+                    mufu=mufu,
+                    instr=instr,
+                    registers=row["registers"],
+                    warps=warps,
+                    load_bytes=loop_load_bytes(loop),
+                    programs=_programs(_grid),
+                    gpu=gpu,
+                ),
+            )
         results.append(row)
     return results
 
@@ -441,14 +473,20 @@ def markdown(results: list[dict], rows: int, vocabs, gpu=H100) -> str:
             f"({r['programs_per_sm']} programs) | {r['low_ms']}-{r['high_ms']} | "
             f"{low:.0%}-{high:.0%} | {r['bound']} |"
         )
-    lines += ["", "Resources of every kernel (spills must be 0):", "",
-              "| V | kernel | dtype | arch | warps | regs | spill B | fp32 divisions |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Resources of every kernel (spills must be 0):",
+        "",
+        "| V | kernel | dtype | arch | warps | regs | spill B | fp32 divisions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         divisions = ", ".join(f"{k} ×{n}" for k, n in r["fp32_divisions"].items()) or "none"
-        lines.append(f"| {r['vocab']} | {r['kernel']} | {r['dtype']} | {r['arch']} | "
-                     f"{r['warps']} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{divisions} |")  # fmt: skip
+        lines.append(
+            f"| {r['vocab']} | {r['kernel']} | {r['dtype']} | {r['arch']} | "
+            f"{r['warps']} | {r['registers']} | {r['spill_bytes']} | "
+            f"{divisions} |"
+        )
     return "\n".join(lines)
 
 

@@ -90,9 +90,12 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
         params: LossParams = ctx.params
         policy_logits, labels, stats, pair = ctx.saved_tensors
         row_coef = row_coefficients(
-            pair, grad_losses, grad_chosen_logps, grad_rejected_logps,
+            pair,
+            grad_losses,
+            grad_chosen_logps,
+            grad_rejected_logps,
             average_log_prob=params.average_log_prob,
-        )  # fmt: skip
+        )
         grad = token_backward(policy_logits, labels, stats, row_coef, params, inplace=ctx.inplace)
         return grad, None, None, None, None
 
@@ -106,19 +109,54 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def evaluate(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
-                 labels, params: LossParams, chunks: LinearChunks):  # fmt: skip
+    def evaluate(
+        policy_hidden,
+        policy_weight,
+        policy_bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        labels,
+        params: LossParams,
+        chunks: LinearChunks,
+    ):
         """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return linear_forward(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight,
-                              ref_bias, labels, params, chunks)[1]  # fmt: skip
+        return linear_forward(
+            policy_hidden,
+            policy_weight,
+            policy_bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            labels,
+            params,
+            chunks,
+        )[1]
 
     @staticmethod
-    def forward(ctx, policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias,
-                labels, params: LossParams, chunks: LinearChunks):  # fmt: skip
+    def forward(
+        ctx,
+        policy_hidden,
+        policy_weight,
+        policy_bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        labels,
+        params: LossParams,
+        chunks: LinearChunks,
+    ):
         stats, pair, scored = linear_forward(
-            policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-            params, chunks,
-        )  # fmt: skip
+            policy_hidden,
+            policy_weight,
+            policy_bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            labels,
+            params,
+            chunks,
+        )
         ctx.params, ctx.chunks = params, chunks
         ctx.has_bias = policy_bias is not None
         ctx.save_for_backward(
@@ -133,13 +171,27 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
         policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair = ctx.saved_tensors
         params: LossParams = ctx.params
         row_coef = row_coefficients(
-            pair, grad_losses, grad_chosen_logps, grad_rejected_logps,
+            pair,
+            grad_losses,
+            grad_chosen_logps,
+            grad_rejected_logps,
             average_log_prob=params.average_log_prob,
-        )  # fmt: skip
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 ctx.has_bias and ctx.needs_input_grad[2])  # fmt: skip
+        )
+        needs = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        )
         grads = linear_backward(
-            policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
-            params, ctx.chunks, needs,
-        )  # fmt: skip
+            policy_hidden,
+            policy_weight,
+            policy_bias,
+            labels,
+            stats,
+            scored,
+            row_coef,
+            params,
+            ctx.chunks,
+            needs,
+        )
         return (*grads, None, None, None, None, None, None)

@@ -23,17 +23,24 @@ def token_forward(policy_logits, ref_logits, labels, params: LossParams) -> torc
 
 
 def token_backward(
-    policy_logits, labels, stats, row_coef, params: LossParams, *, inplace: bool,
+    policy_logits,
+    labels,
+    stats,
+    row_coef,
+    params: LossParams,
+    *,
+    inplace: bool,
     vocab_offset: int = 0,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """∂L/∂policy_logits from c_n per sequence row; ``inplace`` writes over the logits; column
     j of the logits is vocabulary entry ``vocab_offset + j``."""
     if params.backend == "triton":
         from .token_triton import token_backward as impl
     else:
         from .token_torch import token_backward as impl
-    return impl(policy_logits, labels, stats, row_coef, params, inplace=inplace,
-                vocab_offset=vocab_offset)  # fmt: skip
+    return impl(
+        policy_logits, labels, stats, row_coef, params, inplace=inplace, vocab_offset=vocab_offset
+    )
 
 
 def pair_head(stats: torch.Tensor, labels: torch.Tensor, params: LossParams) -> torch.Tensor:

@@ -16,9 +16,16 @@ from .params import loss_params
 
 
 def compute_loss(
-    function, inputs: tuple, *, n_policy: int, labels: torch.Tensor, vocab: int, options: dict,
-    backend: str, path_option,
-) -> EpsilonDPOOutput:  # fmt: skip
+    function,
+    inputs: tuple,
+    *,
+    n_policy: int,
+    labels: torch.Tensor,
+    vocab: int,
+    options: dict,
+    backend: str,
+    path_option,
+) -> EpsilonDPOOutput:
     """Run ``function`` (an autograd Function with an ``evaluate`` twin, autograd.py) on
     ``inputs`` with the call's ``LossParams``, built here once the labels are counted, and the
     Function's own ``path_option`` (the logits path's in-place flag, the linear path's chunks).

@@ -80,8 +80,9 @@ def default_chunk_rows(vocab: int, element_size: int, device_type: str) -> int:
     return _round_rows(_budget(device_type) // (2 * vocab * element_size), 2**31)
 
 
-def slice_plan(scored: int, vocab: int, element_size: int, device_type: str,
-               vocab_rows: int = 0) -> tuple[int, int]:  # fmt: skip
+def slice_plan(
+    scored: int, vocab: int, element_size: int, device_type: str, vocab_rows: int = 0
+) -> tuple[int, int]:
     """(vocabulary rows per backward slice, scored tokens per step within a slice).
 
     A slice covers every scored token when its logits (and an fp32 upcast where the GEMM needs
@@ -141,9 +142,16 @@ def _chunks(n: int, size: int):
 
 @torch.no_grad()
 def linear_forward(
-    policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params: LossParams, chunks: LinearChunks,
-):  # fmt: skip
+    policy_hidden,
+    policy_weight,
+    policy_bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    labels,
+    params: LossParams,
+    chunks: LinearChunks,
+):
     """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, 2B·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
     two_b, t, _ = policy_hidden.shape
@@ -158,9 +166,11 @@ def linear_forward(
         ref_logits = _logits(flat_ref[idx], ref_weight, ref_bias)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
         stats[:, idx] = token_forward(
-            policy_logits.unsqueeze(1), ref_logits.unsqueeze(1), flat_labels[idx].unsqueeze(1),
+            policy_logits.unsqueeze(1),
+            ref_logits.unsqueeze(1),
+            flat_labels[idx].unsqueeze(1),
             params,
-        )  # fmt: skip
+        )
         del policy_logits, ref_logits
     pair = pair_head(stats, labels, params)
     return stats, pair, scored
@@ -168,9 +178,17 @@ def linear_forward(
 
 @torch.no_grad()
 def linear_backward(
-    policy_hidden, policy_weight, policy_bias, labels, stats, scored, row_coef,
-    params: LossParams, chunks: LinearChunks, needs: tuple[bool, bool, bool],
-):  # fmt: skip
+    policy_hidden,
+    policy_weight,
+    policy_bias,
+    labels,
+    stats,
+    scored,
+    row_coef,
+    params: LossParams,
+    chunks: LinearChunks,
+    needs: tuple[bool, bool, bool],
+):
     """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed,
     walking vocabulary slices (see the module docstring)."""
     two_b, t, h = policy_hidden.shape
@@ -183,15 +201,14 @@ def linear_backward(
     token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
     token_coef = row_coef[scored // t].float().contiguous()  # c_n of each token's sequence
     slice_rows, token_rows = slice_plan(
-        n_scored, vocab, policy_weight.element_size(), hidden.device.type, chunks.vocab_chunk_rows,
-    )  # fmt: skip
+        n_scored, vocab, policy_weight.element_size(), hidden.device.type, chunks.vocab_chunk_rows
+    )
 
     grad_hidden = torch.zeros((n_scored, h), dtype=torch.float32, device=hidden.device)
     # Every slice writes its rows of the weight gradient, unless no token is scored.
     new_weight = torch.empty_like if n_scored else torch.zeros_like
     grad_weight = new_weight(policy_weight) if need_weight else None
-    grad_bias = (torch.empty(vocab, dtype=torch.float32, device=hidden.device)
-                 if need_bias else None)  # fmt: skip
+    grad_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
     for vs in _chunks(vocab, slice_rows):
         weight = policy_weight[vs]
         bias = policy_bias[vs] if policy_bias is not None else None
@@ -204,9 +221,14 @@ def linear_backward(
             logits = _logits(hidden[ts], weight, bias).unsqueeze(1)
             # In place: the recomputed logits become their own gradient.
             grad = token_backward(
-                logits, token_labels[ts], token_stats[:, ts].contiguous(), token_coef[ts],
-                params, inplace=True, vocab_offset=vs.start,
-            ).squeeze(1)  # fmt: skip
+                logits,
+                token_labels[ts],
+                token_stats[:, ts].contiguous(),
+                token_coef[ts],
+                params,
+                inplace=True,
+                vocab_offset=vs.start,
+            ).squeeze(1)
             if need_hidden:
                 _accumulate_fp32(grad_hidden[ts], grad, weight)
             if need_weight:

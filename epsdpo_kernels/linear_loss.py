@@ -83,13 +83,22 @@ def linear_epsilon_dpo_loss(
         (torch.Size([4, 6, 16]), torch.Size([301, 16]))
     """
     options = dict(
-        beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        average_log_prob=average_log_prob, backend=backend,
-    )  # fmt: skip
+        beta=beta,
+        epsilon=epsilon,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        average_log_prob=average_log_prob,
+        backend=backend,
+    )
     P.check_loss_options(**options)
-    V.check_not_sharded(policy_hidden=policy_hidden, policy_weight=policy_weight,
-                        policy_bias=policy_bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                        ref_bias=ref_bias)  # fmt: skip
+    V.check_not_sharded(
+        policy_hidden=policy_hidden,
+        policy_weight=policy_weight,
+        policy_bias=policy_bias,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+    )
     V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
@@ -100,8 +109,9 @@ def linear_epsilon_dpo_loss(
     autocast_dtype = _autocast_dtype(policy_hidden.device.type)
     if autocast_dtype is not None:
         cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
-        policy_hidden, policy_weight, policy_bias = map(cast, (policy_hidden, policy_weight,
-                                                               policy_bias))  # fmt: skip
+        policy_hidden, policy_weight, policy_bias = map(
+            cast, (policy_hidden, policy_weight, policy_bias)
+        )
         ref_hidden, ref_weight, ref_bias = map(cast, (ref_hidden, ref_weight, ref_bias))
     rows, tokens, hidden_size = policy_hidden.shape
     vocab = policy_weight.shape[0]
@@ -120,9 +130,14 @@ def linear_epsilon_dpo_loss(
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(
-        policy_hidden=policy_hidden, policy_weight=policy_weight, policy_bias=policy_bias,
-        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, labels=labels,
-    )  # fmt: skip
+        policy_hidden=policy_hidden,
+        policy_weight=policy_weight,
+        policy_bias=policy_bias,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        labels=labels,
+    )
     backend = P.resolve_backend(backend, device)
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
     chunks = LinearChunks(
@@ -133,9 +148,13 @@ def linear_epsilon_dpo_loss(
         return compute_loss(
             LinearEpsilonDPOFunction,
             (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
-            n_policy=3, labels=labels, vocab=vocab, options=options, backend=backend,
+            n_policy=3,
+            labels=labels,
+            vocab=vocab,
+            options=options,
+            backend=backend,
             path_option=chunks,
-        )  # fmt: skip
+        )
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -226,6 +245,12 @@ class LinearEpsilonDPOHead(nn.Module):
         **loss_kwargs,
     ) -> EpsilonDPOOutput:
         return linear_epsilon_dpo_loss(
-            policy_hidden, self.weight, ref_hidden, ref_weight, labels,
-            policy_bias=self.bias, ref_bias=ref_bias, **loss_kwargs,
-        )  # fmt: skip
+            policy_hidden,
+            self.weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            policy_bias=self.bias,
+            ref_bias=ref_bias,
+            **loss_kwargs,
+        )

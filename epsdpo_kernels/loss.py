@@ -66,9 +66,13 @@ def epsilon_dpo_loss(
         (torch.Size([2]), torch.Size([4, 8, 507]))
     """
     options = dict(
-        beta=beta, epsilon=epsilon, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        average_log_prob=average_log_prob, backend=backend,
-    )  # fmt: skip
+        beta=beta,
+        epsilon=epsilon,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        average_log_prob=average_log_prob,
+        backend=backend,
+    )
     P.check_loss_options(**options)
     P.check_flag("inplace_backward", inplace_backward)
     V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
@@ -88,7 +92,12 @@ def epsilon_dpo_loss(
     V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
     return compute_loss(
-        EpsilonDPOLogitsFunction, (policy_logits, ref_logits, labels), n_policy=1,
-        labels=labels, vocab=vocab, options=options,
-        backend=P.resolve_backend(backend, device), path_option=inplace_backward,
-    )  # fmt: skip
+        EpsilonDPOLogitsFunction,
+        (policy_logits, ref_logits, labels),
+        n_policy=1,
+        labels=labels,
+        vocab=vocab,
+        options=options,
+        backend=P.resolve_backend(backend, device),
+        path_option=inplace_backward,
+    )

@@ -61,11 +61,13 @@ class EpsilonDPOOutput:
     def metrics(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The batch means TRL logs, under TRL's names (detached 0-dim tensors, no sync)."""
         values = {k: v.mean() for k, v in self.pair_metrics().items()}
-        values.update({
-            "logits/chosen": self.mean_chosen_logits,
-            "logits/rejected": self.mean_rejected_logits,
-            "kl/beta": torch.tensor(self.beta, device=self.losses.device),
-        })  # fmt: skip
+        values.update(
+            {
+                "logits/chosen": self.mean_chosen_logits,
+                "logits/rejected": self.mean_rejected_logits,
+                "kl/beta": torch.tensor(self.beta, device=self.losses.device),
+            }
+        )
         return {prefix + k: v for k, v in values.items()}
 
 
@@ -84,8 +86,9 @@ def _unflatten(values, beta) -> EpsilonDPOOutput:
     return EpsilonDPOOutput(**dict(zip(_TENSOR_FIELDS, values)), beta=beta)
 
 
-pytree.register_pytree_node(EpsilonDPOOutput, _flatten, _unflatten,
-                            serialized_type_name="epsdpo_kernels.EpsilonDPOOutput")  # fmt: skip
+pytree.register_pytree_node(
+    EpsilonDPOOutput, _flatten, _unflatten, serialized_type_name="epsdpo_kernels.EpsilonDPOOutput"
+)
 
 
 def build_output(

@@ -30,8 +30,9 @@ def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor
     scored = labels != params.ignore_index
     sums, counts = _sequence_sums(stats, scored, params.average_log_prob)
     b = scored.shape[0] // 2
-    A, R, dU, dD = (sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_DELTA,
-                                       L.TOK_N_EPS_DELTA))  # fmt: skip
+    A, R, dU, dD = (
+        sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_DELTA, L.TOK_N_EPS_DELTA)
+    )
 
     logratio = A[:b] - A[b:]
     ref_logratio = R[:b] - R[b:]

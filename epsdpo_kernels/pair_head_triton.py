@@ -40,8 +40,9 @@ PAIR_N_EPS_LOGRATIO = tl.constexpr(L.PAIR_N_EPS_LOGRATIO)
 
 
 @triton.jit
-def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignore_index,
-              BLOCK_T: tl.constexpr):  # fmt: skip
+def _row_sums(
+    stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignore_index, BLOCK_T: tl.constexpr
+):
     """Σ_t of the four log-probability fields (a, r, u − a, d − a) and the logit sum over one
     sequence row, and its scored-token count; blocks are visited in order, so the sums are
     deterministic."""
@@ -66,8 +67,14 @@ def _row_sums(stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignor
         u += tl.load(stats_ptr + TOK_P_EPS_DELTA * n_rows + idx, mask=valid, other=0.0)
         d += tl.load(stats_ptr + TOK_N_EPS_DELTA * n_rows + idx, mask=valid, other=0.0)
         logit_sum += tl.load(stats_ptr + TOK_LOGIT_SUM * n_rows + idx, mask=valid, other=0.0)
-    return (tl.sum(a, 0), tl.sum(r, 0), tl.sum(u, 0), tl.sum(d, 0), tl.sum(logit_sum, 0),
-            tl.sum(count, 0))  # fmt: skip
+    return (
+        tl.sum(a, 0),
+        tl.sum(r, 0),
+        tl.sum(u, 0),
+        tl.sum(d, 0),
+        tl.sum(logit_sum, 0),
+        tl.sum(count, 0),
+    )
 
 
 @triton.jit
@@ -157,24 +164,48 @@ def pair_head_kernel(
     tl.store(out_ptr + PAIR_N_EPS_LOGRATIO * B + i, logratio + n_gap)
 
 
-def pair_head_launch(stats, labels, out, beta, epsilon, label_smoothing, ignore_index,
-                     average_log_prob):  # fmt: skip
+def pair_head_launch(
+    stats, labels, out, beta, epsilon, label_smoothing, ignore_index, average_log_prob
+):
     """(kernel, grid, args, constexprs, num_warps), shared by the launch and the compile check."""
     two_b, t = labels.shape
     b = two_b // 2
-    return (pair_head_kernel, (b,),
-            (stats, labels, out, b, t, two_b * t, labels.stride(0), labels.stride(1), beta,
-             epsilon, label_smoothing, ignore_index),
-            dict(AVERAGE_LOG_PROB=average_log_prob,
-                 BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t))), 4)  # fmt: skip
+    return (
+        pair_head_kernel,
+        (b,),
+        (
+            stats,
+            labels,
+            out,
+            b,
+            t,
+            two_b * t,
+            labels.stride(0),
+            labels.stride(1),
+            beta,
+            epsilon,
+            label_smoothing,
+            ignore_index,
+        ),
+        dict(
+            AVERAGE_LOG_PROB=average_log_prob, BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t))
+        ),
+        4,
+    )
 
 
 def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
     b = labels.shape[0] // 2
     out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
     spec = pair_head_launch(
-        stats, labels, out, params.beta, params.epsilon, params.label_smoothing,
-        params.ignore_index, params.average_log_prob,
-    )  # fmt: skip
+        stats,
+        labels,
+        out,
+        params.beta,
+        params.epsilon,
+        params.label_smoothing,
+        params.ignore_index,
+        params.average_log_prob,
+    )
     launch(spec, stats.device)
     return out

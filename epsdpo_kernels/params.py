@@ -67,8 +67,9 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_loss_options(*, beta, epsilon, label_smoothing, ignore_index, average_log_prob,
-                       backend) -> None:  # fmt: skip
+def check_loss_options(
+    *, beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend
+) -> None:
     """Every scalar option both entry points share, before any tensor is looked at."""
     check_beta(beta)
     check_epsilon(epsilon)
@@ -82,11 +83,14 @@ def loss_params(options: dict, backend: str, scored_count: int) -> LossParams:
     """``LossParams`` from checked options (``check_loss_options``), the backend resolved for
     the inputs' device (``resolve_backend``) and the count of scored labels."""
     return LossParams(
-        beta=float(options["beta"]), epsilon=float(options["epsilon"]),
-        label_smoothing=float(options["label_smoothing"]), ignore_index=options["ignore_index"],
-        average_log_prob=options["average_log_prob"], backend=backend,
+        beta=float(options["beta"]),
+        epsilon=float(options["epsilon"]),
+        label_smoothing=float(options["label_smoothing"]),
+        ignore_index=options["ignore_index"],
+        average_log_prob=options["average_log_prob"],
+        backend=backend,
         scored_count=scored_count,
-    )  # fmt: skip
+    )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

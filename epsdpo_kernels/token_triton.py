@@ -102,8 +102,7 @@ def _fold_block(h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr):
     new_max = tl.maximum(run_max, tl.max(x, axis=1))
     shift = tl.where(new_max == -float("inf"), 0.0, new_max) * LOG2E
     rescale = _exp2(run_max * LOG2E - shift, FAST_MATH)
-    run_sum = run_sum * rescale + tl.sum(_exp2(x * LOG2E - shift[:, None, :, :], FAST_MATH),
-                                         axis=1)  # fmt: skip
+    run_sum = run_sum * rescale + tl.sum(_exp2(x * LOG2E - shift[:, None, :, :], FAST_MATH), axis=1)
     return new_max, run_sum, logit_sum + h_to_sum
 
 
@@ -147,8 +146,9 @@ def _log_ratio(s, s_ref):
 
 
 @triton.jit
-def _finish(stats_ptr, row, n_rows, h_y, g_y, epsilon,
-            m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum):  # fmt: skip
+def _finish(
+    stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
+):
     """Write one token row's stats from its four (max, sum) states and the label's logits.
 
     u − a = ε·(h_y − g_y) − (lse_p − lse_h), with lse_p − lse_h = (m_p − m_h) + ln(s_p / s_h):
@@ -290,21 +290,46 @@ def token_forward_kernel(
     else:
         h_y = tl.load(policy_row + label).to(tl.float32)
         g_y = tl.load(ref_row + label).to(tl.float32)
-        _finish(out_ptr, row, n_rows, h_y, g_y, epsilon,
-                m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum)  # fmt: skip
+        _finish(
+            out_ptr,
+            row,
+            n_rows,
+            h_y,
+            g_y,
+            epsilon,
+            m_h,
+            s_h,
+            m_g,
+            s_g,
+            m_p,
+            s_p,
+            m_n,
+            s_n,
+            logit_sum,
+        )
 
 
 @triton.jit
 def token_merge_kernel(
-    policy_ptr, ref_ptr, labels_ptr,  # as token_forward_kernel
+    policy_ptr,
+    ref_ptr,
+    labels_ptr,  # as token_forward_kernel
     partial_ptr,  # (splits, PARTIAL_FIELDS, N·T) fp32 from token_forward_kernel
     stats_ptr,  # (TOKEN_FIELDS, N·T) fp32 out
-    T, n_rows, n_splits,
-    stride_pn, stride_pt, stride_rn, stride_rt, stride_ln, stride_lt,
-    epsilon, ignore_index,
+    T,
+    n_rows,
+    n_splits,
+    stride_pn,
+    stride_pt,
+    stride_rn,
+    stride_rt,
+    stride_ln,
+    stride_lt,
+    epsilon,
+    ignore_index,
     BLOCK_S: tl.constexpr,
     FAST_MATH: tl.constexpr,
-):  # fmt: skip
+):
     """One program owns one token row: it combines the row's per-split states exactly as the
     unsplit kernel combines its lanes, then writes the row's stats."""
     row = tl.program_id(0).to(tl.int64)
@@ -319,22 +344,27 @@ def token_merge_kernel(
     valid = splits < n_splits
     base = partial_ptr + splits.to(tl.int64) * PARTIAL_FIELDS * n_rows + row
     neg_inf = -float("inf")
-    split_max = _stack(tl.load(base + 0 * n_rows, mask=valid, other=neg_inf),
-                       tl.load(base + 2 * n_rows, mask=valid, other=neg_inf),
-                       tl.load(base + 4 * n_rows, mask=valid, other=neg_inf),
-                       tl.load(base + 6 * n_rows, mask=valid, other=neg_inf))  # fmt: skip
-    split_sum = _stack(tl.load(base + 1 * n_rows, mask=valid, other=0.0),
-                       tl.load(base + 3 * n_rows, mask=valid, other=0.0),
-                       tl.load(base + 5 * n_rows, mask=valid, other=0.0),
-                       tl.load(base + 7 * n_rows, mask=valid, other=0.0))  # fmt: skip
+    split_max = _stack(
+        tl.load(base + 0 * n_rows, mask=valid, other=neg_inf),
+        tl.load(base + 2 * n_rows, mask=valid, other=neg_inf),
+        tl.load(base + 4 * n_rows, mask=valid, other=neg_inf),
+        tl.load(base + 6 * n_rows, mask=valid, other=neg_inf),
+    )
+    split_sum = _stack(
+        tl.load(base + 1 * n_rows, mask=valid, other=0.0),
+        tl.load(base + 3 * n_rows, mask=valid, other=0.0),
+        tl.load(base + 5 * n_rows, mask=valid, other=0.0),
+        tl.load(base + 7 * n_rows, mask=valid, other=0.0),
+    )
     row_max, row_sum = _merge_lanes(split_max, split_sum, FAST_MATH)
     m_h, m_g, m_p, m_n = _unstack(row_max)
     s_h, s_g, s_p, s_n = _unstack(row_sum)
     logit_sum = tl.sum(tl.load(base + 8 * n_rows, mask=valid, other=0.0), axis=0)
     h_y = tl.load(policy_ptr + n * stride_pn + t * stride_pt + label).to(tl.float32)
     g_y = tl.load(ref_ptr + n * stride_rn + t * stride_rt + label).to(tl.float32)
-    _finish(stats_ptr, row, n_rows, h_y, g_y, epsilon,
-            m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum)  # fmt: skip
+    _finish(
+        stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
+    )
 
 
 # ----------------------------------------------------------------------------- backward
@@ -383,21 +413,60 @@ def token_backward_kernel(
     col_start = split * cols_per_split
     col_end = tl.minimum(V, col_start + cols_per_split)
     if label == ignore_index:
-        _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, col_end,
-                      0, 0.0, 0.0, LANES, VEC, FAST_MATH, ALIGN_ROWS, ZEROS=True)  # fmt: skip
+        _gradient_row(
+            policy_ptr,
+            grad_ptr,
+            policy_offset,
+            grad_offset,
+            col_start,
+            col_end,
+            0,
+            0.0,
+            0.0,
+            LANES,
+            VEC,
+            FAST_MATH,
+            ALIGN_ROWS,
+            ZEROS=True,
+        )
     else:
         shift = tl.load(stats_ptr + TOK_LSE * n_rows + row) * LOG2E
         coef = tl.load(row_coef_ptr + n)
-        _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, col_end,
-                      label - vocab_offset, shift, coef, LANES, VEC, FAST_MATH, ALIGN_ROWS,
-                      ZEROS=False)  # fmt: skip
+        _gradient_row(
+            policy_ptr,
+            grad_ptr,
+            policy_offset,
+            grad_offset,
+            col_start,
+            col_end,
+            label - vocab_offset,
+            shift,
+            coef,
+            LANES,
+            VEC,
+            FAST_MATH,
+            ALIGN_ROWS,
+            ZEROS=False,
+        )
 
 
 @triton.jit
-def _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, col_end,
-                  label_col, shift, coef, LANES: tl.constexpr, VEC: tl.constexpr,
-                  FAST_MATH: tl.constexpr, ALIGN_ROWS: tl.constexpr,
-                  ZEROS: tl.constexpr):  # fmt: skip
+def _gradient_row(
+    policy_ptr,
+    grad_ptr,
+    policy_offset,
+    grad_offset,
+    col_start,
+    col_end,
+    label_col,
+    shift,
+    coef,
+    LANES: tl.constexpr,
+    VEC: tl.constexpr,
+    FAST_MATH: tl.constexpr,
+    ALIGN_ROWS: tl.constexpr,
+    ZEROS: tl.constexpr,
+):
     """Columns [col_start, col_end) of one row's gradient: a masked head block up to a 16-byte
     boundary (``ALIGN_ROWS``, as in the forward), whole blocks at offsets the compiler sees as
     block multiples (vector loads and stores), a masked tail. ``ZEROS``: an ignored row, whose
@@ -408,9 +477,19 @@ def _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, c
         first = _first_aligned_column(grad_offset, col_start, col_end, VEC)
         if first > col_start:
             cols = col_start + tile
-            _gradient_block(policy_ptr + policy_offset, grad_ptr + grad_offset, cols,
-                            cols < first, cols, label_col, shift, coef, FAST_MATH, ZEROS,
-                            MASKED=True)  # fmt: skip
+            _gradient_block(
+                policy_ptr + policy_offset,
+                grad_ptr + grad_offset,
+                cols,
+                cols < first,
+                cols,
+                label_col,
+                shift,
+                coef,
+                FAST_MATH,
+                ZEROS,
+                MASKED=True,
+            )
         policy_block = policy_ptr + tl.multiple_of(policy_offset + first, VEC)
         grad_block = grad_ptr + tl.multiple_of(grad_offset + first, VEC)
     else:
@@ -419,19 +498,51 @@ def _gradient_row(policy_ptr, grad_ptr, policy_offset, grad_offset, col_start, c
     full_blocks = (col_end - first) // (LANES * VEC)
     for k in range(0, full_blocks):
         cols = k * (LANES * VEC) + tile
-        _gradient_block(policy_block, grad_block, cols, cols, first + cols, label_col, shift,
-                        coef, FAST_MATH, ZEROS, MASKED=False)  # fmt: skip
+        _gradient_block(
+            policy_block,
+            grad_block,
+            cols,
+            cols,
+            first + cols,
+            label_col,
+            shift,
+            coef,
+            FAST_MATH,
+            ZEROS,
+            MASKED=False,
+        )
     rest = col_end - first - full_blocks * (LANES * VEC)
     if rest > 0:
         cols = full_blocks * (LANES * VEC) + tile
-        _gradient_block(policy_block, grad_block, cols, tile < rest, first + cols, label_col,
-                        shift, coef, FAST_MATH, ZEROS, MASKED=True)  # fmt: skip
+        _gradient_block(
+            policy_block,
+            grad_block,
+            cols,
+            tile < rest,
+            first + cols,
+            label_col,
+            shift,
+            coef,
+            FAST_MATH,
+            ZEROS,
+            MASKED=True,
+        )
 
 
 @triton.jit
-def _gradient_block(policy_base, grad_base, cols, valid, row_cols, label_col, shift, coef,
-                    FAST_MATH: tl.constexpr, ZEROS: tl.constexpr,
-                    MASKED: tl.constexpr):  # fmt: skip
+def _gradient_block(
+    policy_base,
+    grad_base,
+    cols,
+    valid,
+    row_cols,
+    label_col,
+    shift,
+    coef,
+    FAST_MATH: tl.constexpr,
+    ZEROS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block at ``cols`` from the bases, masked by ``valid`` when ``MASKED``:
     c·(onehot(y) − exp(h − lse)), or zeros. ``row_cols``: the same columns counted from the
     row's start, where the label's column is."""
@@ -506,13 +617,13 @@ def align_rows(vec: int, *tensors: torch.Tensor) -> bool:
         return False
     if all(x.stride(d) % 16 == 0 for x in tensors for d in (0, 1)):
         return False
-    residues = {tuple(x.stride(d) % vec if x.shape[d] > 1 else 0 for d in (0, 1))
-                for x in tensors}  # fmt: skip
+    residues = {tuple(x.stride(d) % vec if x.shape[d] > 1 else 0 for d in (0, 1)) for x in tensors}
     return len(residues) == 1
 
 
-def forward_launches(policy_logits, ref_logits, labels, stats, partial, epsilon, ignore_index,
-                     splits: int):  # fmt: skip
+def forward_launches(
+    policy_logits, ref_logits, labels, stats, partial, epsilon, ignore_index, splits: int
+):
     """[(kernel, grid, args, constexprs, num_warps)] of the forward: one launch, or the split
     forward into ``partial`` and the merge. The real launch and the compile check
     (benchmarks/kernel_report.py) both build their arguments here."""
@@ -522,19 +633,60 @@ def forward_launches(policy_logits, ref_logits, labels, stats, partial, epsilon,
     vec = vec_of(policy_logits.dtype)
     splits, cols_per_split = _split_plan(policy_logits, lanes * vec, splits)
     fast = _fast_math()
-    strides = (policy_logits.stride(0), policy_logits.stride(1), ref_logits.stride(0),
-               ref_logits.stride(1), labels.stride(0), labels.stride(1))  # fmt: skip
-    forward = (token_forward_kernel, (rows, splits),
-               (policy_logits, ref_logits, labels, stats if splits == 1 else partial,
-                t, v, rows, cols_per_split, *strides, epsilon, ignore_index),
-               dict(LANES=lanes, VEC=vec, SPLIT=splits > 1, FAST_MATH=fast,
-                    ALIGN_ROWS=align_rows(vec, policy_logits, ref_logits)), FWD_WARPS)  # fmt: skip
+    strides = (
+        policy_logits.stride(0),
+        policy_logits.stride(1),
+        ref_logits.stride(0),
+        ref_logits.stride(1),
+        labels.stride(0),
+        labels.stride(1),
+    )
+    forward = (
+        token_forward_kernel,
+        (rows, splits),
+        (
+            policy_logits,
+            ref_logits,
+            labels,
+            stats if splits == 1 else partial,
+            t,
+            v,
+            rows,
+            cols_per_split,
+            *strides,
+            epsilon,
+            ignore_index,
+        ),
+        dict(
+            LANES=lanes,
+            VEC=vec,
+            SPLIT=splits > 1,
+            FAST_MATH=fast,
+            ALIGN_ROWS=align_rows(vec, policy_logits, ref_logits),
+        ),
+        FWD_WARPS,
+    )
     if splits == 1:
         return [forward]
-    merge = (token_merge_kernel, (rows,),
-             (policy_logits, ref_logits, labels, partial, stats, t, rows, splits, *strides,
-              epsilon, ignore_index),
-             dict(BLOCK_S=triton.next_power_of_2(splits), FAST_MATH=fast), 1)  # fmt: skip
+    merge = (
+        token_merge_kernel,
+        (rows,),
+        (
+            policy_logits,
+            ref_logits,
+            labels,
+            partial,
+            stats,
+            t,
+            rows,
+            splits,
+            *strides,
+            epsilon,
+            ignore_index,
+        ),
+        dict(BLOCK_S=triton.next_power_of_2(splits), FAST_MATH=fast),
+        1,
+    )
     return [forward, merge]
 
 
@@ -545,9 +697,13 @@ def forward_splits(policy_logits: torch.Tensor) -> int:
 
 
 def token_forward(
-    policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, params,
-    *, splits: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    params,
+    *,
+    splits: int | None = None,
+) -> torch.Tensor:
     """Launch the forward over all N·T token rows; returns the ``(TOKEN_FIELDS, N·T)`` stats.
     ``splits`` overrides the V-split heuristic (tests)."""
     policy_logits = _unit_stride_v(policy_logits)
@@ -560,26 +716,65 @@ def token_forward(
     if splits > 1:
         partial = torch.empty((splits, N_PARTIAL, n * t), dtype=torch.float32, device=device)
     for spec in forward_launches(
-        policy_logits, ref_logits, labels, stats, partial, params.epsilon, params.ignore_index,
+        policy_logits,
+        ref_logits,
+        labels,
+        stats,
+        partial,
+        params.epsilon,
+        params.ignore_index,
         splits,
-    ):  # fmt: skip
+    ):
         launch(spec, device)
     return stats
 
 
-def backward_launch(policy_logits, labels, stats, row_coef, grad, ignore_index, *,
-                    vocab_offset: int = 0, splits: int | None = None):  # fmt: skip
+def backward_launch(
+    policy_logits,
+    labels,
+    stats,
+    row_coef,
+    grad,
+    ignore_index,
+    *,
+    vocab_offset: int = 0,
+    splits: int | None = None,
+):
     """(kernel, grid, args, constexprs, num_warps) of the backward."""
     n, t, v = policy_logits.shape
     lanes = 32 * BWD_WARPS * BWD_LANES_PER_THREAD
     vec = vec_of(policy_logits.dtype)
     splits, cols_per_split = _split_plan(policy_logits, lanes * vec, splits)
-    return (token_backward_kernel, (n * t, splits),
-            (policy_logits, labels, stats, row_coef, grad, t, v, n * t, cols_per_split,
-             vocab_offset, policy_logits.stride(0), policy_logits.stride(1), labels.stride(0),
-             labels.stride(1), grad.stride(0), grad.stride(1), ignore_index),
-            dict(LANES=lanes, VEC=vec, FAST_MATH=_fast_math(),
-                 ALIGN_ROWS=align_rows(vec, policy_logits, grad)), BWD_WARPS)  # fmt: skip
+    return (
+        token_backward_kernel,
+        (n * t, splits),
+        (
+            policy_logits,
+            labels,
+            stats,
+            row_coef,
+            grad,
+            t,
+            v,
+            n * t,
+            cols_per_split,
+            vocab_offset,
+            policy_logits.stride(0),
+            policy_logits.stride(1),
+            labels.stride(0),
+            labels.stride(1),
+            grad.stride(0),
+            grad.stride(1),
+            ignore_index,
+        ),
+        dict(
+            LANES=lanes,
+            VEC=vec,
+            FAST_MATH=_fast_math(),
+            ALIGN_ROWS=align_rows(vec, policy_logits, grad),
+        ),
+        BWD_WARPS,
+    )
 
 
 def token_backward(
@@ -598,9 +793,15 @@ def token_backward(
     policy_logits = _unit_stride_v(policy_logits)
     grad = policy_logits if inplace else _gradient_like(policy_logits)
     spec = backward_launch(
-        policy_logits, labels, stats, row_coef.float().contiguous(), grad, params.ignore_index,
-        vocab_offset=vocab_offset, splits=splits,
-    )  # fmt: skip
+        policy_logits,
+        labels,
+        stats,
+        row_coef.float().contiguous(),
+        grad,
+        params.ignore_index,
+        vocab_offset=vocab_offset,
+        splits=splits,
+    )
     launch(spec, policy_logits.device)
     return grad
 

@@ -67,9 +67,11 @@ def interpreter_problem() -> str | None:
     import triton
 
     last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
-    return (f"Triton {triton.__version__}'s CPU interpreter cannot run under NumPy "
-            f"{numpy.__version__} ({last}); NumPy < 2.3 (the test extra's pin) or a Triton whose "
-            "interpreter supports it runs these tests")  # fmt: skip
+    return (
+        f"Triton {triton.__version__}'s CPU interpreter cannot run under NumPy "
+        f"{numpy.__version__} ({last}); NumPy < 2.3 (the test extra's pin) or a Triton whose "
+        "interpreter supports it runs these tests"
+    )
 
 
 def _interpreter_incompatibility(error: BaseException | None) -> bool:
@@ -92,8 +94,11 @@ def pytest_runtest_makereport(item, call):
     if report.failed and call.excinfo is not None:
         if _interpreter_incompatibility(call.excinfo.value) and interpreter_problem():
             report.outcome = "skipped"
-            report.longrepr = (str(item.path), item.location[1] or 0,
-                               f"Skipped: {interpreter_problem()}")  # fmt: skip
+            report.longrepr = (
+                str(item.path),
+                item.location[1] or 0,
+                f"Skipped: {interpreter_problem()}",
+            )
 
 
 @pytest.fixture(autouse=True)

@@ -33,8 +33,9 @@ def hh_rows(n: int, seed: int = 0) -> list[dict]:
             bad = good[: len(good) // 2]
         elif kind == 7:  # the chosen response is a prefix of the rejected one
             good, bad = bad, bad + " Go away and never ask again."
-        rows.append({"chosen": f"{turns}\n\nAssistant:{good}",
-                     "rejected": f"{turns}\n\nAssistant:{bad}"})  # fmt: skip
+        rows.append(
+            {"chosen": f"{turns}\n\nAssistant:{good}", "rejected": f"{turns}\n\nAssistant:{bad}"}
+        )
     rows[5] = {"chosen": rows[5]["chosen"], "rejected": rows[5]["chosen"]}  # identical
     return rows
 

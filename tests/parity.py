@@ -34,8 +34,10 @@ def sequence_logp_disagreement(logps, counts, vocab: int):
     every a_t ≤ 0, Σ_t |a_t| = |A_n|, so each implementation is within (γ(V) + γ(n_n))·|A_n| of
     the exact value, and the two within twice that.
     """
-    rel = torch.tensor([fp32_sum_rel_error(vocab) + fp32_sum_rel_error(int(n)) for n in counts],
-                       dtype=torch.float64)  # fmt: skip
+    rel = torch.tensor(
+        [fp32_sum_rel_error(vocab) + fp32_sum_rel_error(int(n)) for n in counts],
+        dtype=torch.float64,
+    )
     return 2 * rel * logps.detach().double().abs().cpu()
 
 
@@ -45,8 +47,9 @@ def loss_disagreement(out, counts, vocab: int) -> float:
     z_i = β̃·(ℓ_i − ℓ_ref,i) with |∂L_i/∂z_i| = σ(−z_i) for the sigmoid loss, and the batch loss
     is the mean over pairs. ``counts``: scored tokens per row, (2B,) in the loss's row order."""
     b = len(out.losses)
-    d_policy = sequence_logp_disagreement(torch.cat([out.chosen_logps, out.rejected_logps]),
-                                          counts, vocab)  # fmt: skip
+    d_policy = sequence_logp_disagreement(
+        torch.cat([out.chosen_logps, out.rejected_logps]), counts, vocab
+    )
     d_ref = sequence_logp_disagreement(
         torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]), counts, vocab
     )
@@ -57,9 +60,15 @@ def loss_disagreement(out, counts, vocab: int) -> float:
 
 
 STEP_FREE_FIELDS = [
-    "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "logratios",
-    "ref_logratios", "p_epsilon_logratios", "n_epsilon_logratios",
-]  # fmt: skip
+    "chosen_logps",
+    "rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "logratios",
+    "ref_logratios",
+    "p_epsilon_logratios",
+    "n_epsilon_logratios",
+]
 STEP_DEPENDENT_FIELDS = ["losses", "beta_used", "chosen_rewards", "rejected_rewards"]
 
 
@@ -90,8 +99,10 @@ def grad_coef_atol(e, weights, labels, kw):
     z = beta_used * (e["logratios"] - e["ref_logratios"])
     dloss = -beta_used * ((1 - ls) * torch.sigmoid(-z) - ls * torch.sigmoid(z))
     w_total = (w_loss / b + w_losses).abs()
-    mags = sum(e[k].abs() for k in ("chosen_logps", "rejected_logps", "ref_chosen_logps",
-                                    "ref_rejected_logps"))  # fmt: skip
+    mags = sum(
+        e[k].abs()
+        for k in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    )
     through_loss = w_total * (dloss.abs() + 0.25 * beta_used**2 * VALUE_TOL["rtol"] * mags)
     coef_scale = torch.cat([through_loss + w_chosen.abs(), through_loss + w_rejected.abs()])
     if kw.get("average_log_prob", False):
@@ -150,9 +161,11 @@ def check_outputs(out, expected, row_logp_atol=None) -> torch.Tensor:
         "chosen_rewards": beta_used * 2 * extra_c,
         "rejected_rewards": beta_used * 2 * extra_j,
         "losses": beta_used * 2 * (extra_c + extra_j),
-        **{k: extra_c + extra_j for k in ("logratios", "ref_logratios", "p_epsilon_logratios",
-                                          "n_epsilon_logratios")},
-    }  # fmt: skip
+        **{
+            k: extra_c + extra_j
+            for k in ("logratios", "ref_logratios", "p_epsilon_logratios", "n_epsilon_logratios")
+        },
+    }
     operand_scale = {
         "logratios": mag_a,
         "p_epsilon_logratios": mag_a,
@@ -166,8 +179,7 @@ def check_outputs(out, expected, row_logp_atol=None) -> torch.Tensor:
     for name in STEP_FREE_FIELDS + STEP_DEPENDENT_FIELDS:
         atol = VALUE_TOL["atol"] + rtol * operand_scale.get(name, 0.0) + extra_atol.get(name, 0.0)
         mask = agree if name in STEP_DEPENDENT_FIELDS else None
-        assert_close(getattr(out, name), e[name], name=name, mask=mask,
-                     rtol=rtol, atol=atol)  # fmt: skip
+        assert_close(getattr(out, name), e[name], name=name, mask=mask, rtol=rtol, atol=atol)
     for name in ("mean_chosen_logits", "mean_rejected_logits"):
         assert_close(getattr(out, name), e[name], name=name, **VALUE_TOL)
     if agree.all():

@@ -41,8 +41,11 @@ def test_state_dict_round_trip_including_pending():
 def test_state_from_another_epsilon_is_refused():
     saved = AdaptiveBeta(beta=0.1, epsilon=0.05).state_dict()
     other = AdaptiveBeta(beta=0.1, epsilon=0.01)
-    with pytest.raises(ValueError, match=r"adapted with epsilon=0.05, this controller has "
-                                         r"epsilon=0.01"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"adapted with epsilon=0.05, this controller has "
+        r"epsilon=0.01",
+    ):
         other.load_state_dict(saved)
     assert other.epsilon == 0.01 and other.beta == 0.1
 

@@ -19,11 +19,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_loss.py"), "--quick", "--device", "cpu",
-         "--impl", "eager", "epsdpo-logits", "epsdpo-linear", "--json", str(tmp_path / "r.json"),
-         "--plot", str(tmp_path / "r.png")],
-        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_loss.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--impl",
+            "eager",
+            "epsdpo-logits",
+            "epsdpo-linear",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["device"].startswith("CPU")
@@ -50,11 +66,24 @@ def test_kernel_benchmark_dry_run_exercises_every_path(tmp_path):
     if interpreter_problem():
         pytest.skip(interpreter_problem())
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--dry-run", "--rows",
-         "32", "--vocab", "300", "--json", str(tmp_path / "k.json"), "--profile",
-         str(tmp_path / "profile.txt")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_kernels.py"),
+            "--dry-run",
+            "--rows",
+            "32",
+            "--vocab",
+            "300",
+            "--json",
+            str(tmp_path / "k.json"),
+            "--profile",
+            str(tmp_path / "profile.txt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "k.json").read_text())
     assert [r["kernels"] for r in result["kernels"]] == ["new", "old"]
@@ -74,8 +103,9 @@ def test_sweep_agreement_check_allows_reordering_and_nothing_more():
     from epsdpo_kernels.token_torch import token_forward
     from tests.utils import make_batch
 
-    policy, ref, labels = make_batch(2, 8, 1000, dtype=torch.bfloat16, ragged=False,
-                                     prompt_frac=0.0)  # fmt: skip
+    policy, ref, labels = make_batch(
+        2, 8, 1000, dtype=torch.bfloat16, ragged=False, prompt_frac=0.0
+    )
     params = LossParams(
         beta=0.1,
         epsilon=0.01,
@@ -141,8 +171,9 @@ def test_kernel_time_model_terms():
     assert fast["in_flight_kb_per_sm"] == 32 and fast["wave_tail"] == 1.0
     # One program per SM with 4-byte loads: 1 KB in flight sustains 132 KB/µs = 0.135 TB/s.
     starved = time_range(**common, registers=255, load_bytes=4, programs=sms * 100)
-    assert starved["high_ms"] == pytest.approx((2e9 / (sms * 1024 / 1e-6) + fit["fixed_s"]) * 1e3,
-                                               rel=1e-3)  # fmt: skip
+    assert starved["high_ms"] == pytest.approx(
+        (2e9 / (sms * 1024 / 1e-6) + fit["fixed_s"]) * 1e3, rel=1e-3
+    )
     # One and a half waves take two.
     tail = time_range(**common, registers=64, load_bytes=32, programs=sms * 4 * 3 // 2)
     assert tail["wave_tail"] == pytest.approx(4 / 3, abs=1e-3)

@@ -30,9 +30,17 @@ def _error_lines(proc) -> list[str]:
         (["--max-prompt-length", "200"], "must be smaller than --max-length (128)"),
         (["--global-batch-size", "12", "--micro-batch-size", "8"], "must be a multiple of"),
     ],
-    ids=["beta-0", "epsilon-1.5", "beta-text", "loss-choice", "missing-model", "missing-dataset",
-         "prompt-too-long", "batch-multiple"],
-)  # fmt: skip
+    ids=[
+        "beta-0",
+        "epsilon-1.5",
+        "beta-text",
+        "loss-choice",
+        "missing-model",
+        "missing-dataset",
+        "prompt-too-long",
+        "batch-multiple",
+    ],
+)
 def test_user_errors_are_one_line_before_anything_loads(tmp_path, args, match):
     proc = run([*args, "--output-dir", str(tmp_path / "out")], check=False, timeout=120)
     assert proc.returncode == 2
@@ -57,8 +65,11 @@ def test_user_errors_are_one_line_before_anything_loads(tmp_path, args, match):
 def test_bad_data_files_are_one_line(tmp_path, content, match):
     data = tmp_path / "data.jsonl"
     data.write_text(content)
-    proc = run(["--dataset", str(data), "--output-dir", str(tmp_path / "out"), *FAST],
-               check=False, timeout=300)  # fmt: skip
+    proc = run(
+        ["--dataset", str(data), "--output-dir", str(tmp_path / "out"), *FAST],
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert _error_lines(proc) == [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(_error_lines(proc)) == 1 and match in proc.stderr, proc.stderr
@@ -67,8 +78,9 @@ def test_bad_data_files_are_one_line(tmp_path, content, match):
 
 def test_under_torchrun_only_rank_zero_prints_the_error(tmp_path):
     """torchrun adds its own failure report after the workers exit; ours is one line."""
-    proc = run(["--beta", "0", "--output-dir", str(tmp_path / "out")], nproc=2, check=False,
-               timeout=300)  # fmt: skip
+    proc = run(
+        ["--beta", "0", "--output-dir", str(tmp_path / "out")], nproc=2, check=False, timeout=300
+    )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: --beta")]
     assert len(ours) == 1, proc.stderr
@@ -80,11 +92,12 @@ def test_hh_rlhf_file_trains_as_downloaded(tmp_path):
     data = tmp_path / "test.jsonl.gz"
     write_hh_jsonl_gz(data, n=200)
     out = tmp_path / "out"
-    proc = run(["--dataset", str(data), "--max-steps", "20", "--output-dir", str(out)],
-               timeout=600)  # fmt: skip
+    proc = run(["--dataset", str(data), "--max-steps", "20", "--output-dir", str(out)], timeout=600)
     assert "done: 20 steps" in proc.stdout
-    assert (f"note: train: skipped 1 of 190 rows that cannot form a pair (chosen and rejected "
-            f"are identical): {data} line 6") in proc.stdout  # fmt: skip
+    assert (
+        f"note: train: skipped 1 of 190 rows that cannot form a pair (chosen and rejected "
+        f"are identical): {data} line 6"
+    ) in proc.stdout
     # HH prompts are multi-turn: the default --max-prompt-length 64 cuts most of many of them.
     assert "--max-prompt-length 64 cut more than half of the prompt of" in proc.stdout
     rows = metrics(out)
@@ -95,14 +108,31 @@ def test_hh_rlhf_file_trains_as_downloaded(tmp_path):
 def test_one_row_dataset_trains_without_evaluation(tmp_path):
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
-    proc = run(["--dataset", str(data), "--max-steps", "2", "--micro-batch-size", "1",
-                "--global-batch-size", "1", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    proc = run(
+        [
+            "--dataset",
+            str(data),
+            "--max-steps",
+            "2",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "evaluation is off" in proc.stdout and "done: 2 steps" in proc.stdout
 
 
 def test_help_documents_every_flag_with_its_default():
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--help"],
-                          capture_output=True, text=True, env=_env(), timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "run.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert proc.returncode == 0
     sys.path.insert(0, str(ROOT / "train"))
     import dataclasses
@@ -131,8 +161,12 @@ def test_readme_usage_line_lists_every_flag():
 def test_model_config_file_with_a_too_small_vocabulary_is_one_line(tmp_path):
     config = tmp_path / "small.json"
     config.write_text(json.dumps({"model_type": "llama", "vocab_size": 100}))
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--model", str(config)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "run.py"), "--model", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "needs vocab_size ≥ 260, got 100" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -163,23 +197,28 @@ def test_a_start_that_fails_late_leaves_no_directory(tmp_path, script):
     """A malformed row is found after the model loads; the output directory (and its parents)
     are made only once everything has loaded, so nothing is left behind."""
     data = tmp_path / "data.jsonl"
-    data.write_text('{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 29
-                    + '{"prompt": "p", "chosen": " a"}\n')  # fmt: skip
+    data.write_text(
+        '{"prompt": "p", "chosen": " a", "rejected": " b"}\n' * 29
+        + '{"prompt": "p", "chosen": " a"}\n'
+    )
     out = tmp_path / "new" / "out"
-    proc = run(["--dataset", str(data), "--output-dir", str(out)], check=False, timeout=300,
-               script=script)  # fmt: skip
+    proc = run(
+        ["--dataset", str(data), "--output-dir", str(out)], check=False, timeout=300, script=script
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {data} line 30: missing field 'rejected' (fields: ['chosen', "
-                      "'prompt'])"], proc.stderr  # fmt: skip
+    assert errors == [
+        f"error: {data} line 30: missing field 'rejected' (fields: ['chosen', 'prompt'])"
+    ], proc.stderr
     assert not (tmp_path / "new").exists()
 
 
 def test_git_lfs_pointer_as_data_says_so(tmp_path):
     data = tmp_path / "test.jsonl.gz"
     data.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a21\nsize 743\n")
-    proc = run(["--dataset", str(data), "--output-dir", str(tmp_path / "out")], check=False,
-               timeout=300)  # fmt: skip
+    proc = run(
+        ["--dataset", str(data), "--output-dir", str(tmp_path / "out")], check=False, timeout=300
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "a Git LFS pointer, not the data itself" in errors[0], proc.stderr
@@ -189,11 +228,19 @@ def test_git_lfs_pointer_as_data_says_so(tmp_path):
 def test_make_dataset_help_writes_nothing():
     data = ROOT / "train" / "data" / "default"
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()}
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "make_dataset.py"), "--help"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "make_dataset.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "usage:" in proc.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()} == before
-    bad = subprocess.run([sys.executable, str(ROOT / "train" / "make_dataset.py"), "--rows", "5"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "make_dataset.py"), "--rows", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()} == before

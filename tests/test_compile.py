@@ -26,8 +26,13 @@ VOCABS = [507, 5000, 50257, 128256, 128257]
 # The vocabularies the steady-state loops are held to their budget at: aligned rows and rows the
 # kernels must align themselves (token_triton.align_rows).
 BUDGET_VOCABS = [50257, 128256, 128257]
-KERNELS = ["token_forward_kernel", "token_forward_kernel-split", "token_merge_kernel",
-           "token_backward_kernel", "pair_head_kernel"]  # fmt: skip
+KERNELS = [
+    "token_forward_kernel",
+    "token_forward_kernel-split",
+    "token_merge_kernel",
+    "token_backward_kernel",
+    "pair_head_kernel",
+]
 # The forward's loop budget per (h, g) element pair on sm_90 (issue: memory-bound needs ≤ 32;
 # the design compiles to ~29, see the README's performance section).
 FORWARD_LOOP_BUDGET = 32
@@ -58,10 +63,20 @@ def compiled() -> dict:
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_ALL, json.dumps(ARCHS), json.dumps(DTYPES),
-         json.dumps(VOCABS)],
-        capture_output=True, text=True, env=env, cwd=root, timeout=1200,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _COMPILE_ALL,
+            json.dumps(ARCHS),
+            json.dumps(DTYPES),
+            json.dumps(VOCABS),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -69,8 +84,9 @@ def compiled() -> dict:
 CASES = [(k, a, d, v) for a in ARCHS for d in DTYPES for v in VOCABS for k in KERNELS]
 
 
-@pytest.mark.parametrize("kernel, arch, dtype, vocab", CASES,
-                         ids=[f"{k}-sm{a}-{d}-V{v}" for k, a, d, v in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "kernel, arch, dtype, vocab", CASES, ids=[f"{k}-sm{a}-{d}-V{v}" for k, a, d, v in CASES]
+)
 def test_kernel_compiles_without_spills(compiled, kernel, arch, dtype, vocab):
     """A spill in a streaming kernel turns register traffic into local-memory traffic."""
     error = compiled.get(f"error-sm{arch}-{dtype}-V{vocab}")

@@ -14,15 +14,7 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 
-from data import (  # noqa: E402
-    DataError,
-    Row,
-    collate,
-    extract_prompt,
-    load_rows,
-    split_row,
-    tokenize_rows,
-)
+from data import DataError, Row, collate, extract_prompt, load_rows, split_row, tokenize_rows  # noqa: E402
 from tokenizer import byte_tokenizer  # noqa: E402
 
 from tests.hh_fixture import hh_rows, write_hh_jsonl_gz  # noqa: E402
@@ -32,31 +24,56 @@ HH = "\n\nHuman: Is it safe?\n\nAssistant:"
 # (chosen, rejected) → (prompt, chosen, rejected), each worked out from TRL's extract_prompt:
 # the prompt ends where the two first differ, one character earlier if that one is a space.
 SPLITS = [
-    pytest.param(HH + " I think so.", HH + " I don't know.",
-                 (HH + " I", " think so.", " don't know."), id="shared-first-word"),
-    pytest.param(HH + " I'm sure.", HH + " I'd say no.",
-                 (HH + " I'", "m sure.", "d say no."), id="split-inside-a-word"),
-    pytest.param(HH + " Yes.", HH + " Yes. And more.",
-                 (HH + " Yes", ".", ". And more."), id="chosen-prefix-of-rejected"),
-    pytest.param(HH + " No, never.", HH + " No",
-                 (HH + " N", "o, never.", "o"), id="rejected-prefix-of-chosen"),
+    pytest.param(
+        HH + " I think so.",
+        HH + " I don't know.",
+        (HH + " I", " think so.", " don't know."),
+        id="shared-first-word",
+    ),
+    pytest.param(
+        HH + " I'm sure.",
+        HH + " I'd say no.",
+        (HH + " I'", "m sure.", "d say no."),
+        id="split-inside-a-word",
+    ),
+    pytest.param(
+        HH + " Yes.",
+        HH + " Yes. And more.",
+        (HH + " Yes", ".", ". And more."),
+        id="chosen-prefix-of-rejected",
+    ),
+    pytest.param(
+        HH + " No, never.",
+        HH + " No",
+        (HH + " N", "o, never.", "o"),
+        id="rejected-prefix-of-chosen",
+    ),
     pytest.param("abc", "xbc", ("", "abc", "xbc"), id="differ-at-first-char"),
     pytest.param(
         [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}],
         [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Green."}],
-        ([{"role": "user", "content": "Sky?"}], [{"role": "assistant", "content": "Blue."}],
-         [{"role": "assistant", "content": "Green."}]),
+        (
+            [{"role": "user", "content": "Sky?"}],
+            [{"role": "assistant", "content": "Blue."}],
+            [{"role": "assistant", "content": "Green."}],
+        ),
         id="messages",
     ),
     pytest.param(
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-         {"role": "user", "content": "More"}],
-        ([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Hello."}],
-         [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]),
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "More"},
+        ],
+        (
+            [{"role": "user", "content": "Hi"}],
+            [{"role": "assistant", "content": "Hello."}],
+            [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}],
+        ),
         id="messages-prefix",
     ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("chosen, rejected, expected", SPLITS)
@@ -137,12 +154,15 @@ def test_truncation_that_drops_most_of_a_prompt_is_reported_with_its_share():
     short = {"prompt": "p" * 5, "chosen": " a", "rejected": " b"}
     long_prompt = {"prompt": "p" * 100, "chosen": " a", "rejected": " b"}
     long_completion = {"prompt": "p", "chosen": " " + "c" * 100, "rejected": " r"}
-    data = _tokenize([short, long_prompt, long_prompt, long_completion], max_length=40,
-                     max_prompt_length=20)  # fmt: skip
+    data = _tokenize(
+        [short, long_prompt, long_prompt, long_completion], max_length=40, max_prompt_length=20
+    )
     assert (data.prompt_mostly_cut, data.completion_mostly_cut) == (2, 1)
     notes = data.notes("train", max_length=40, max_prompt_length=20)
-    assert any("--max-prompt-length 20 cut more than half of the prompt of 2 of 4 pairs (50%)"
-               in n for n in notes), notes  # fmt: skip
+    assert any(
+        "--max-prompt-length 20 cut more than half of the prompt of 2 of 4 pairs (50%)" in n
+        for n in notes
+    ), notes
     assert any("--max-length 40" in n and "1 of 4 pairs (25%)" in n for n in notes), notes
     assert not _tokenize([short]).notes("train", max_length=64, max_prompt_length=40)
 
@@ -157,7 +177,7 @@ def test_truncation_that_drops_most_of_a_prompt_is_reported_with_its_share():
         ("not an object", r"line 2: expected a JSON object"),
     ],
     ids=["missing-field", "wrong-type", "bad-message", "mixed-kinds", "not-object"],
-)  # fmt: skip
+)
 def test_malformed_row_names_file_line_and_field(tmp_path, row, match):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(FORMATS["explicit-string"]) + "\n" + json.dumps(row) + "\n")
@@ -178,8 +198,10 @@ def test_rows_that_cannot_form_a_pair_are_skipped_and_reported_with_their_lines(
     assert len(data.pairs) == 2
     assert data.skipped == {"chosen and rejected are identical": ["rows line 2", "rows line 4"]}
     (note,) = data.notes("train", max_length=64, max_prompt_length=40)
-    assert note == ("train: skipped 2 of 4 rows that cannot form a pair (chosen and rejected "
-                    "are identical): rows line 2, rows line 4")  # fmt: skip
+    assert note == (
+        "train: skipped 2 of 4 rows that cannot form a pair (chosen and rejected "
+        "are identical): rows line 2, rows line 4"
+    )
 
 
 def test_identical_after_truncation_is_skipped():

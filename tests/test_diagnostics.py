@@ -70,12 +70,14 @@ def test_a_case_worked_by_hand():
     #   ⟨c, r⟩ − ‖c‖² = 2 − 5 = −3; means: c̄ = (1, 0.5), r̄ = (0, 2): 1 − 1.25 = −0.25.
     # Pair 1: chosen (3, 0) → c = (3, 0); rejected (1, 1), (2, 0) → r = (3, 1): 9 − 9 = 0;
     #   means: c̄ = (3, 0), r̄ = (1.5, 0.5): 4.5 − 9 = −4.5.
-    hidden = torch.tensor([
-        [[1.0, 0.0], [1.0, 1.0], [9.0, 9.0]],
-        [[3.0, 0.0], [7.0, 7.0], [7.0, 7.0]],
-        [[0.0, 2.0], [8.0, 8.0], [8.0, 8.0]],
-        [[1.0, 1.0], [2.0, 0.0], [float("inf"), 0.0]],
-    ])  # fmt: skip
+    hidden = torch.tensor(
+        [
+            [[1.0, 0.0], [1.0, 1.0], [9.0, 9.0]],
+            [[3.0, 0.0], [7.0, 7.0], [7.0, 7.0]],
+            [[0.0, 2.0], [8.0, 8.0], [8.0, 8.0]],
+            [[1.0, 1.0], [2.0, 0.0], [float("inf"), 0.0]],
+        ]
+    )
     labels = torch.tensor([[5, 6, -100], [5, -100, -100], [5, -100, -100], [5, 6, -100]])
     assert ches_scores(hidden, labels).tolist() == [-3.0, 0.0]
     assert ches_scores(hidden, labels, length_normalized=True).tolist() == [-0.25, -4.5]
@@ -95,11 +97,15 @@ def test_empty_response_is_nan_only_when_normalised():
         (torch.zeros(3, 3, 4), torch.zeros(3, 3, dtype=torch.long), ValueError, "2B > 0"),
         (torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ValueError, "labels must"),
         (torch.zeros(2, 3, 4), torch.zeros(2, 3), TypeError, "integer"),
-        (torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), TypeError,
-         "hidden must be float32"),
+        (
+            torch.zeros(2, 3, 4, dtype=torch.long),
+            torch.zeros(2, 3, dtype=torch.long),
+            TypeError,
+            "hidden must be float32",
+        ),
         ([[0.0]], torch.zeros(2, 3, dtype=torch.long), TypeError, "hidden must be a torch.Tensor"),
     ],
-)  # fmt: skip
+)
 def test_bad_inputs_name_the_argument(hidden, labels, error, match):
     with pytest.raises(error, match=match):
         ches_scores(hidden, labels)
@@ -109,13 +115,24 @@ def _output(chosen, ref_chosen):
     chosen, ref_chosen = torch.tensor(chosen), torch.tensor(ref_chosen)
     zeros = torch.zeros_like(chosen)
     return EpsilonDPOOutput(
-        loss=zeros.sum(), losses=zeros, steps=zeros.long(), beta_used=zeros + 0.1,
-        chosen_logps=chosen, rejected_logps=zeros, ref_chosen_logps=ref_chosen,
-        ref_rejected_logps=zeros, chosen_rewards=zeros, rejected_rewards=zeros,
-        logratios=zeros, ref_logratios=zeros, p_epsilon_logratios=zeros,
-        n_epsilon_logratios=zeros, mean_chosen_logits=zeros.sum(),
-        mean_rejected_logits=zeros.sum(), beta=0.1,
-    )  # fmt: skip
+        loss=zeros.sum(),
+        losses=zeros,
+        steps=zeros.long(),
+        beta_used=zeros + 0.1,
+        chosen_logps=chosen,
+        rejected_logps=zeros,
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=zeros,
+        chosen_rewards=zeros,
+        rejected_rewards=zeros,
+        logratios=zeros,
+        ref_logratios=zeros,
+        p_epsilon_logratios=zeros,
+        n_epsilon_logratios=zeros,
+        mean_chosen_logits=zeros.sum(),
+        mean_rejected_logits=zeros.sum(),
+        beta=0.1,
+    )
 
 
 def test_displacement_metrics_on_a_hand_built_batch():

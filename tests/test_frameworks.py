@@ -9,11 +9,7 @@ import warnings
 import pytest
 import torch
 
-from epsdpo_kernels import (
-    EpsilonDPOOutput,
-    epsilon_dpo_loss,
-    linear_epsilon_dpo_loss,
-)
+from epsdpo_kernels import EpsilonDPOOutput, epsilon_dpo_loss, linear_epsilon_dpo_loss
 from tests.test_linear import head_case, make_linear_batch, rank_rows, run_head
 from tests.utils import assert_close, gloo_group, make_batch, rendezvous_file
 
@@ -46,13 +42,20 @@ def _fsdp_worker(rank, world, store, results):
         out = run_head(head, data, rows)
         assert isinstance(out, EpsilonDPOOutput)
         out.loss.backward()
-        results[rank] = (head.lm_head.weight.grad.full_tensor().clone(),
-                         head.lm_head.bias.grad.full_tensor().clone())  # fmt: skip
+        results[rank] = (
+            head.lm_head.weight.grad.full_tensor().clone(),
+            head.lm_head.bias.grad.full_tensor().clone(),
+        )
         # Outside the module's forward the weight is a sharded DTensor: the functional API says so.
         try:
-            linear_epsilon_dpo_loss(data["ref_hidden"][rows], head.lm_head.weight,
-                                    data["ref_hidden"][rows], data["ref_weight"],
-                                    data["labels"][rows], beta=0.1)  # fmt: skip
+            linear_epsilon_dpo_loss(
+                data["ref_hidden"][rows],
+                head.lm_head.weight,
+                data["ref_hidden"][rows],
+                data["ref_weight"],
+                data["labels"][rows],
+                beta=0.1,
+            )
             results[f"dtensor-{rank}"] = "no error"
         except TypeError as e:
             results[f"dtensor-{rank}"] = str(e)
@@ -70,10 +73,16 @@ def test_head_sharded_by_its_own_fsdp2_matches_one_process():
     run_head(head, data).loss.backward()
     for rank in (0, 1):
         weight_grad, bias_grad = results[rank]
-        assert_close(weight_grad, head.lm_head.weight.grad, rtol=1e-5, atol=1e-7,
-                     name=f"weight grad, rank {rank}")  # fmt: skip
-        assert_close(bias_grad, head.lm_head.bias.grad, rtol=1e-5, atol=1e-7,
-                     name=f"bias grad, rank {rank}")  # fmt: skip
+        assert_close(
+            weight_grad,
+            head.lm_head.weight.grad,
+            rtol=1e-5,
+            atol=1e-7,
+            name=f"weight grad, rank {rank}",
+        )
+        assert_close(
+            bias_grad, head.lm_head.bias.grad, rtol=1e-5, atol=1e-7, name=f"bias grad, rank {rank}"
+        )
         assert "policy_weight is a sharded DTensor" in results[f"dtensor-{rank}"]
 
 
@@ -87,12 +96,20 @@ class _TinyModel(torch.nn.Module):
     def forward(self, x, ref_hidden, labels, beta):
         hidden = torch.tanh(self.body(x))
         if self.loss == "linear":
-            return linear_epsilon_dpo_loss(hidden, self.head.weight, ref_hidden,
-                                           self.head.weight.detach(), labels, beta=beta,
-                                           epsilon=0.1, backend="torch").loss  # fmt: skip
+            return linear_epsilon_dpo_loss(
+                hidden,
+                self.head.weight,
+                ref_hidden,
+                self.head.weight.detach(),
+                labels,
+                beta=beta,
+                epsilon=0.1,
+                backend="torch",
+            ).loss
         ref_logits = self.head(ref_hidden).detach()
-        return epsilon_dpo_loss(self.head(hidden), ref_logits, labels, beta=beta, epsilon=0.1,
-                                backend="torch").loss  # fmt: skip
+        return epsilon_dpo_loss(
+            self.head(hidden), ref_logits, labels, beta=beta, epsilon=0.1, backend="torch"
+        ).loss
 
 
 @pytest.mark.parametrize("loss", ["linear", "logits"])
@@ -160,10 +177,17 @@ def test_one_host_sync_per_call(path, device, monkeypatch):
         hidden = data["policy_hidden"].requires_grad_()
 
         def step():
-            linear_epsilon_dpo_loss(hidden, data["policy_weight"], data["ref_hidden"],
-                                    data["ref_weight"], data["labels"], beta=0.1,
-                                    policy_bias=data["policy_bias"], ref_bias=data["ref_bias"],
-                                    backend="triton").loss.backward()  # fmt: skip
+            linear_epsilon_dpo_loss(
+                hidden,
+                data["policy_weight"],
+                data["ref_hidden"],
+                data["ref_weight"],
+                data["labels"],
+                beta=0.1,
+                policy_bias=data["policy_bias"],
+                ref_bias=data["ref_bias"],
+                backend="triton",
+            ).loss.backward()
 
     cuda = device.type == "cuda"
     if cuda:  # torch reports every synchronising CUDA call as a warning

@@ -14,10 +14,15 @@ from tests.utils import assert_close  # noqa: E402
 def tiny_llama(tie: bool, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=211,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=tie,
-    )  # fmt: skip
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -39,8 +44,9 @@ def test_linear_loss_from_hf_model_equals_loss_on_its_logits(tie):
     assert hidden.shape == (4, 12, 32) and weight.shape == (211, 32) and bias is None
     if tie:
         assert weight is policy.get_input_embeddings().weight
-    out = linear_epsilon_dpo_loss(hidden, weight, ref_hidden, ref_weight, labels, beta=0.1,
-                                  epsilon=0.1, chunk_size=7)  # fmt: skip
+    out = linear_epsilon_dpo_loss(
+        hidden, weight, ref_hidden, ref_weight, labels, beta=0.1, epsilon=0.1, chunk_size=7
+    )
     out.loss.backward()
     linear_grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()

@@ -30,10 +30,14 @@ def make_linear_batch(b, t, h, v, *, dtype, device, bias, prompt_frac=0.3, seed=
     labels[~scored] = -100
     cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
     return dict(
-        policy_hidden=cast(hidden), policy_weight=cast(weight), policy_bias=cast(policy_bias),
-        ref_hidden=cast(ref_hidden), ref_weight=cast(ref_weight), ref_bias=cast(ref_bias),
+        policy_hidden=cast(hidden),
+        policy_weight=cast(weight),
+        policy_bias=cast(policy_bias),
+        ref_hidden=cast(ref_hidden),
+        ref_weight=cast(ref_weight),
+        ref_bias=cast(ref_bias),
         labels=labels.to(device),
-    )  # fmt: skip
+    )
 
 
 def _logits(hidden, weight, bias):
@@ -43,8 +47,10 @@ def _logits(hidden, weight, bias):
 
 def compare_linear(inputs, *, backend, chunk_size, vocab_chunk_size=None, **kw):
     policy_hidden, policy_weight, policy_bias = (
-        inputs["policy_hidden"], inputs["policy_weight"], inputs["policy_bias"],
-    )  # fmt: skip
+        inputs["policy_hidden"],
+        inputs["policy_weight"],
+        inputs["policy_bias"],
+    )
     dtype, device, labels = policy_hidden.dtype, policy_hidden.device, inputs["labels"]
     b = labels.shape[0] // 2
 
@@ -68,11 +74,18 @@ def compare_linear(inputs, *, backend, chunk_size, vocab_chunk_size=None, **kw):
         if inputs[k] is not None
     }
     out = linear_epsilon_dpo_loss(
-        leaves["policy_hidden"], leaves["policy_weight"], inputs["ref_hidden"],
-        inputs["ref_weight"], labels, policy_bias=leaves.get("policy_bias"),
-        ref_bias=inputs["ref_bias"], backend=backend, chunk_size=chunk_size,
-        vocab_chunk_size=vocab_chunk_size, **kw,
-    )  # fmt: skip
+        leaves["policy_hidden"],
+        leaves["policy_weight"],
+        inputs["ref_hidden"],
+        inputs["ref_weight"],
+        labels,
+        policy_bias=leaves.get("policy_bias"),
+        ref_bias=inputs["ref_bias"],
+        backend=backend,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        **kw,
+    )
     objective(out, on_device(weights, device)).backward()
 
     # Chunked and full matmuls may round differently: fp32 by reduction order (a few ulps);
@@ -103,19 +116,35 @@ def compare_linear(inputs, *, backend, chunk_size, vocab_chunk_size=None, **kw):
     token_coef_err = (2 * coef_err.view(-1, 1) * scored).unsqueeze(-1)  # |onehot − p| ≤ 2 in L1
     row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
     atol_hidden = rtol * (g.abs() @ w64.abs()) + token_coef_err * w64.abs().amax()
-    assert_close(leaves["policy_hidden"].grad, expected_grad_hidden, rtol=rtol, atol=atol_hidden,
-                 name="grad_hidden", mask=row_mask)  # fmt: skip
+    assert_close(
+        leaves["policy_hidden"].grad,
+        expected_grad_hidden,
+        rtol=rtol,
+        atol=atol_hidden,
+        name="grad_hidden",
+        mask=row_mask,
+    )
     if agree.all():
         xs = x64.abs().flatten(0, 1)
         atol_weight = rtol * (g.abs().flatten(0, 1).t() @ xs) + (
             token_coef_err.flatten(0, 1).t() @ xs
         )
-        assert_close(leaves["policy_weight"].grad, expected_grad_weight, rtol=rtol,
-                     atol=atol_weight, name="grad_weight")  # fmt: skip
+        assert_close(
+            leaves["policy_weight"].grad,
+            expected_grad_weight,
+            rtol=rtol,
+            atol=atol_weight,
+            name="grad_weight",
+        )
         if policy_bias is not None:
             atol_bias = rtol * g.abs().sum((0, 1)) + token_coef_err.sum()
-            assert_close(leaves["policy_bias"].grad, expected_grad_bias, rtol=rtol,
-                         atol=atol_bias, name="grad_bias")  # fmt: skip
+            assert_close(
+                leaves["policy_bias"].grad,
+                expected_grad_bias,
+                rtol=rtol,
+                atol=atol_bias,
+                name="grad_bias",
+            )
     for k, leaf in leaves.items():
         assert leaf.grad.dtype == dtype, k
     for k in ("ref_hidden", "ref_weight", "ref_bias"):
@@ -141,16 +170,36 @@ def compare_linear(inputs, *, backend, chunk_size, vocab_chunk_size=None, **kw):
     prompt_frac=st.sampled_from([0.0, 0.5, 0.9]),
     seed=st.integers(0, 2**16),
 )
-def test_linear_matches_reference(backend, device, b, t, h, v, dtype, bias, chunk_size,
-                                  vocab_chunk_size, epsilon, average_log_prob, prompt_frac,
-                                  seed):  # fmt: skip
+def test_linear_matches_reference(
+    backend,
+    device,
+    b,
+    t,
+    h,
+    v,
+    dtype,
+    bias,
+    chunk_size,
+    vocab_chunk_size,
+    epsilon,
+    average_log_prob,
+    prompt_frac,
+    seed,
+):
     # At most 64 vocabulary slices: each is a kernel launch, slow under the CPU interpreter.
     assume(vocab_chunk_size is None or -(-v // vocab_chunk_size) <= 64)
-    inputs = make_linear_batch(b, t, h, v, dtype=dtype, device=device, bias=bias,
-                               prompt_frac=prompt_frac, seed=seed)  # fmt: skip
-    compare_linear(inputs, backend=backend, chunk_size=chunk_size,
-                   vocab_chunk_size=vocab_chunk_size, beta=0.1, epsilon=epsilon,
-                   average_log_prob=average_log_prob)  # fmt: skip
+    inputs = make_linear_batch(
+        b, t, h, v, dtype=dtype, device=device, bias=bias, prompt_frac=prompt_frac, seed=seed
+    )
+    compare_linear(
+        inputs,
+        backend=backend,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        beta=0.1,
+        epsilon=epsilon,
+        average_log_prob=average_log_prob,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,9 +218,15 @@ def test_named_cases(backend, device, dtype, bias, chunk_size, vocab_chunk_size)
     labels[:] = -100
     labels[:, 5:] = 1 + torch.arange(5, device=device)
     labels[3, -1] = -100
-    compare_linear(inputs, backend=backend, chunk_size=chunk_size,
-                   vocab_chunk_size=vocab_chunk_size, beta=0.1, epsilon=0.1,
-                   label_smoothing=0.1)  # fmt: skip
+    compare_linear(
+        inputs,
+        backend=backend,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        beta=0.1,
+        epsilon=0.1,
+        label_smoothing=0.1,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -211,8 +266,14 @@ def test_head_module_and_tied_weights(device):
     expected_weight = embed.weight.detach().clone().requires_grad_()
     hidden_ref = torch.nn.functional.embedding(ids, expected_weight) * 2
     logits = hidden_ref @ expected_weight.t()
-    ref = reference_epsilon_dpo(logits, (hidden_ref.detach() @ ref_weight.t()), labels,
-                                beta=0.1, epsilon=0.1, dtype=torch.float32)  # fmt: skip
+    ref = reference_epsilon_dpo(
+        logits,
+        (hidden_ref.detach() @ ref_weight.t()),
+        labels,
+        beta=0.1,
+        epsilon=0.1,
+        dtype=torch.float32,
+    )
     ref["loss"].backward()
     assert_close(embed.weight.grad, expected_weight.grad, rtol=1e-4, atol=1e-6, name="tied grad")
 
@@ -250,8 +311,9 @@ print((status_kb("VmHWM") - before) * 1024)
 """
 
 
-def _peak_extra_rss(tokens, vocab, hidden_size, chunk, vocab_chunk=256, dtype="float32",
-                    preallocate=True) -> int:  # fmt: skip
+def _peak_extra_rss(
+    tokens, vocab, hidden_size, chunk, vocab_chunk=256, dtype="float32", preallocate=True
+) -> int:
     import subprocess
     import sys
 
@@ -259,10 +321,23 @@ def _peak_extra_rss(tokens, vocab, hidden_size, chunk, vocab_chunk=256, dtype="f
     # freed chunks up to 32 MiB in the heap, and a slice's reuse would hide in them).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(tokens), str(vocab), str(hidden_size),
-         str(chunk), str(vocab_chunk), dtype, "1" if preallocate else "0"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _PEAK_RSS_SCRIPT,
+            str(tokens),
+            str(vocab),
+            str(hidden_size),
+            str(chunk),
+            str(vocab_chunk),
+            dtype,
+            "1" if preallocate else "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split()[-1])
 
@@ -292,8 +367,9 @@ def test_bf16_peak_memory_is_the_weight_gradient_plus_slices():
     gradient once, so peak extra memory is the bf16 weight gradient plus O(S·Vb + S·H) — no
     V × H fp32 accumulator (which alone would be twice the bf16 gradient)."""
     tokens, vocab, hidden_size, chunk, vocab_chunk = 512, 32768, 512, 64, 1024
-    peak = _peak_extra_rss(tokens, vocab, hidden_size, chunk, vocab_chunk, dtype="bfloat16",
-                           preallocate=False)  # fmt: skip
+    peak = _peak_extra_rss(
+        tokens, vocab, hidden_size, chunk, vocab_chunk, dtype="bfloat16", preallocate=False
+    )
     bf16_grad = vocab * hidden_size * 2  # 32 MiB
     fp32_vh = vocab * hidden_size * 4  # 64 MiB: the buffer that must not exist
     torch_pass = 16 * 2**20  # the torch backend's ~5 temporaries (≤ 512 KiB each), and slack
@@ -312,15 +388,26 @@ def test_bf16_peak_memory_is_the_weight_gradient_plus_slices():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_and_frozen(backend, device):
     inputs = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device=device, bias=True)
-    args = [inputs[k] for k in ("policy_hidden", "policy_weight", "ref_hidden", "ref_weight",
-                                "labels")]  # fmt: skip
+    args = [
+        inputs[k] for k in ("policy_hidden", "policy_weight", "ref_hidden", "ref_weight", "labels")
+    ]
     args[0].requires_grad_()
     with torch.no_grad():
-        out = linear_epsilon_dpo_loss(*args, beta=0.1, policy_bias=inputs["policy_bias"],
-                                      ref_bias=inputs["ref_bias"], backend=backend)  # fmt: skip
+        out = linear_epsilon_dpo_loss(
+            *args,
+            beta=0.1,
+            policy_bias=inputs["policy_bias"],
+            ref_bias=inputs["ref_bias"],
+            backend=backend,
+        )
     assert not out.loss.requires_grad
-    train = linear_epsilon_dpo_loss(*args, beta=0.1, policy_bias=inputs["policy_bias"],
-                                    ref_bias=inputs["ref_bias"], backend=backend)  # fmt: skip
+    train = linear_epsilon_dpo_loss(
+        *args,
+        beta=0.1,
+        policy_bias=inputs["policy_bias"],
+        ref_bias=inputs["ref_bias"],
+        backend=backend,
+    )
     assert train.loss.requires_grad and torch.equal(out.losses, train.losses.detach())
 
 
@@ -334,23 +421,43 @@ def test_no_grad_and_frozen(backend, device):
         (dict(policy_weight=torch.randn(100, 8).double()), TypeError, "policy_weight must be"),
         (dict(ref_weight=torch.randn(100, 8).bfloat16()), TypeError, "must share a dtype"),
         (dict(policy_hidden=torch.randn(3, 5, 8)), ValueError, "2B"),
-        (dict(policy_weight=torch.randn(8, 100)), ValueError,
-         r"H = 8 from policy_hidden \(4, 5, 8\); got policy_weight of shape \(8, 100\); it "
-         "looks transposed"),
-        (dict(ref_weight=torch.randn(8, 100)), ValueError,
-         r"V = 100 from policy_weight; got ref_weight of shape \(8, 100\); it looks transposed"),
+        (
+            dict(policy_weight=torch.randn(8, 100)),
+            ValueError,
+            r"H = 8 from policy_hidden \(4, 5, 8\); got policy_weight of shape \(8, 100\); it "
+            "looks transposed",
+        ),
+        (
+            dict(ref_weight=torch.randn(8, 100)),
+            ValueError,
+            r"V = 100 from policy_weight; got ref_weight of shape \(8, 100\); it looks transposed",
+        ),
     ],
-    ids=["weight-H", "ref-V", "ref-T", "bias-V", "weight-f64", "dtype-mix", "odd-rows",
-         "weight-transposed", "ref-weight-transposed"],
-)  # fmt: skip
+    ids=[
+        "weight-H",
+        "ref-V",
+        "ref-T",
+        "bias-V",
+        "weight-f64",
+        "dtype-mix",
+        "odd-rows",
+        "weight-transposed",
+        "ref-weight-transposed",
+    ],
+)
 def test_bad_input_is_named(change, error, match):
     inputs = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device="cpu", bias=False)
     inputs.update(change)
     with pytest.raises(error, match=match):
         linear_epsilon_dpo_loss(
-            inputs["policy_hidden"], inputs["policy_weight"], inputs["ref_hidden"],
-            inputs["ref_weight"], inputs["labels"], policy_bias=inputs["policy_bias"], beta=0.1,
-        )  # fmt: skip
+            inputs["policy_hidden"],
+            inputs["policy_weight"],
+            inputs["ref_hidden"],
+            inputs["ref_weight"],
+            inputs["labels"],
+            policy_bias=inputs["policy_bias"],
+            beta=0.1,
+        )
 
 
 @pytest.mark.parametrize("name", ["chunk_size", "vocab_chunk_size"])
@@ -359,9 +466,14 @@ def test_chunk_sizes_must_be_positive_ints(name, value):
     base = make_linear_batch(2, 5, 8, 100, dtype=torch.float32, device="cpu", bias=False)
     with pytest.raises(ValueError, match=f"{name} must be a positive int or None"):
         linear_epsilon_dpo_loss(
-            base["policy_hidden"], base["policy_weight"], base["ref_hidden"], base["ref_weight"],
-            base["labels"], beta=0.1, **{name: value},
-        )  # fmt: skip
+            base["policy_hidden"],
+            base["policy_weight"],
+            base["ref_hidden"],
+            base["ref_weight"],
+            base["labels"],
+            beta=0.1,
+            **{name: value},
+        )
 
 
 def head_case():
@@ -373,9 +485,16 @@ def head_case():
 
 def run_head(module, data, rows=slice(None)):
     """The head (or its DDP/FSDP wrapper) on ``rows`` of the batch from ``head_case``."""
-    return module(data["ref_hidden"][rows] * 1.1, data["ref_hidden"][rows], data["ref_weight"],
-                  data["labels"][rows], ref_bias=data["ref_bias"], beta=0.1, epsilon=0.2,
-                  backend="torch")  # fmt: skip
+    return module(
+        data["ref_hidden"][rows] * 1.1,
+        data["ref_hidden"][rows],
+        data["ref_weight"],
+        data["labels"][rows],
+        ref_bias=data["ref_bias"],
+        beta=0.1,
+        epsilon=0.2,
+        backend="torch",
+    )
 
 
 def rank_rows(rank: int, world: int, pairs: int = 4) -> torch.Tensor:
@@ -425,8 +544,9 @@ def test_autocast_runs_the_matmuls_in_the_autocast_dtype():
 
     h16 = hidden.detach().bfloat16().requires_grad_()
     w16 = weight.detach().bfloat16().requires_grad_()
-    expected = linear_epsilon_dpo_loss(h16, w16, ref_hidden.bfloat16(), ref_weight.bfloat16(),
-                                       labels, beta=0.1)  # fmt: skip
+    expected = linear_epsilon_dpo_loss(
+        h16, w16, ref_hidden.bfloat16(), ref_weight.bfloat16(), labels, beta=0.1
+    )
     expected.loss.backward()
     assert out.loss.item() == expected.loss.item()
     assert torch.equal(out.steps, expected.steps)

@@ -65,13 +65,33 @@ def compare_to_reference(policy, ref, labels, *, backend, inplace=False, strided
     strided=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(backend, device, b, t, v, dtype, scale, epsilon, label_smoothing,
-                           average_log_prob, beta, strided, seed):  # fmt: skip
+def test_matches_reference(
+    backend,
+    device,
+    b,
+    t,
+    v,
+    dtype,
+    scale,
+    epsilon,
+    label_smoothing,
+    average_log_prob,
+    beta,
+    strided,
+    seed,
+):
     policy, ref, labels = make_batch(b, t, v, dtype=dtype, device=device, scale=scale, seed=seed)
     compare_to_reference(
-        policy, ref, labels, backend=backend, strided=strided, beta=beta, epsilon=epsilon,
-        label_smoothing=label_smoothing, average_log_prob=average_log_prob,
-    )  # fmt: skip
+        policy,
+        ref,
+        labels,
+        backend=backend,
+        strided=strided,
+        beta=beta,
+        epsilon=epsilon,
+        label_smoothing=label_smoothing,
+        average_log_prob=average_log_prob,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,8 +116,16 @@ def test_named_cases(backend, device, dtype, case):
     loss_kw = {k: case.pop(k) for k in ("average_log_prob", "label_smoothing") if k in case}
     ignore_index = case.get("ignore_index", -100)
     policy, ref, labels = make_batch(dtype=dtype, device=device, **case)
-    compare_to_reference(policy, ref, labels, backend=backend, beta=0.1, epsilon=0.1,
-                         ignore_index=ignore_index, **loss_kw)  # fmt: skip
+    compare_to_reference(
+        policy,
+        ref,
+        labels,
+        backend=backend,
+        beta=0.1,
+        epsilon=0.1,
+        ignore_index=ignore_index,
+        **loss_kw,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,8 +193,9 @@ def test_everything_ignored_gives_log2_and_zero_grad(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_reuses_logits_storage(backend, device):
     policy, ref, labels = make_batch(2, 6, 300, device=device, seed=5)
-    out, _ = compare_to_reference(policy, ref, labels, backend=backend, inplace=True,
-                                  beta=0.1, epsilon=0.1)  # fmt: skip
+    out, _ = compare_to_reference(
+        policy, ref, labels, backend=backend, inplace=True, beta=0.1, epsilon=0.1
+    )
     leaf = policy.clone().requires_grad_()
     logits = leaf * 1
     arriving = []  # the storage of the gradient the loss hands back for the logits
@@ -206,17 +235,20 @@ def test_strided_logits_slice_in_place(backend, device):
     """logits[:, :-1] (the usual shift) is strided over T; no copy is needed, results match,
     also when the gradient is written over them (the hypothesis test covers a new gradient)."""
     policy, ref, labels = make_batch(2, 8, 200, device=device, seed=13)
-    compare_to_reference(policy, ref, labels, backend=backend, strided=True, inplace=True,
-                         beta=0.1, epsilon=0.2)  # fmt: skip
+    compare_to_reference(
+        policy, ref, labels, backend=backend, strided=True, inplace=True, beta=0.1, epsilon=0.2
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "inplace"])
 def test_strided_logits_every_token_scored(backend, device, inplace):
-    policy, ref, labels = make_batch(2, 6, 150, device=device, seed=23, prompt_frac=0.0,
-                                     ragged=False)  # fmt: skip
-    compare_to_reference(policy, ref, labels, backend=backend, inplace=inplace, strided=True,
-                         beta=0.1, epsilon=0.2)  # fmt: skip
+    policy, ref, labels = make_batch(
+        2, 6, 150, device=device, seed=23, prompt_frac=0.0, ragged=False
+    )
+    compare_to_reference(
+        policy, ref, labels, backend=backend, inplace=inplace, strided=True, beta=0.1, epsilon=0.2
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -237,11 +269,22 @@ def test_metrics_names_and_values(device):
     out = epsilon_dpo_loss(policy, ref, labels, beta=0.1, epsilon=0.3)
     metrics = out.metrics(prefix="eval/")
     expected_names = {
-        "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-        "kl/p_epsilon_steps", "kl/n_epsilon_steps", "kl/avg_steps", "kl/beta",
-        "displacement/chosen_below_ref", "displacement/chosen_logratio",
-    }  # fmt: skip
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "kl/p_epsilon_steps",
+        "kl/n_epsilon_steps",
+        "kl/avg_steps",
+        "kl/beta",
+        "displacement/chosen_below_ref",
+        "displacement/chosen_logratio",
+    }
     assert set(metrics) == {"eval/" + n for n in expected_names}
     steps = out.steps.float()
     assert metrics["eval/kl/p_epsilon_steps"].item() == pytest.approx(

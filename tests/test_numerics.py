@@ -18,8 +18,15 @@ BACKENDS = ["torch", "triton"]
 
 def _params(backend, epsilon=0.01):
     # scored_count is the linear path's; the per-token steps tested here do not read it.
-    return LossParams(beta=0.1, epsilon=epsilon, label_smoothing=0.0, ignore_index=-100,
-                      average_log_prob=False, backend=backend, scored_count=0)  # fmt: skip
+    return LossParams(
+        beta=0.1,
+        epsilon=epsilon,
+        label_smoothing=0.0,
+        ignore_index=-100,
+        average_log_prob=False,
+        backend=backend,
+        scored_count=0,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -33,8 +40,7 @@ def test_policy_equal_to_reference_gives_exactly_zero_steps(backend, device, dty
     stats = token_forward(policy, policy.clone(), labels, _params(backend, 0.05))
     assert torch.equal(stats[L.TOK_LOGP], stats[L.TOK_REF_LOGP])
     assert (stats[L.TOK_P_EPS_DELTA] == 0).all() and (stats[L.TOK_N_EPS_DELTA] == 0).all()
-    out = epsilon_dpo_loss(policy, policy.clone(), labels, beta=0.1, epsilon=0.05,
-                           backend=backend)  # fmt: skip
+    out = epsilon_dpo_loss(policy, policy.clone(), labels, beta=0.1, epsilon=0.05, backend=backend)
     assert (out.steps == 0).all()
     assert torch.equal(out.p_epsilon_logratios, out.logratios)
     assert torch.equal(out.n_epsilon_logratios, out.logratios)
@@ -82,8 +88,14 @@ def test_step_decisions_on_long_completions_agree_with_float64(backend, device):
     assert ((dp[:b] - dp[b:]) - p_gap).abs().le(bound).all()
     assert ((dn[:b] - dn[b:]) - n_gap).abs().le(bound).all()
 
-    out = epsilon_dpo_loss(policy.to(device), ref.to(device), labels.to(device), beta=0.1,
-                           epsilon=epsilon, backend=backend)  # fmt: skip
+    out = epsilon_dpo_loss(
+        policy.to(device),
+        ref.to(device),
+        labels.to(device),
+        beta=0.1,
+        epsilon=epsilon,
+        backend=backend,
+    )
     decided = torch.minimum(p_gap.abs(), n_gap.abs()) > bound
     assert decided.sum() >= b // 2, "too few pairs clear the bound for the test to mean much"
     assert torch.equal(out.steps.cpu()[decided], expected[decided])
@@ -148,16 +160,24 @@ def test_entries_minus_inf_in_both_are_absent(backend, device, dtype):
     out.loss.backward()
     small_leaf = policy[..., keep].clone().requires_grad_()
     small_labels = torch.where(labels == -100, labels, remap[labels.clamp(min=0)])
-    expected = epsilon_dpo_loss(small_leaf, ref[..., keep], small_labels, beta=0.1, epsilon=0.2,
-                                backend=backend)  # fmt: skip
+    expected = epsilon_dpo_loss(
+        small_leaf, ref[..., keep], small_labels, beta=0.1, epsilon=0.2, backend=backend
+    )
     expected.loss.backward()
-    for name in ("losses", "chosen_logps", "rejected_logps", "p_epsilon_logratios",
-                 "n_epsilon_logratios", "ref_logratios"):  # fmt: skip
+    for name in (
+        "losses",
+        "chosen_logps",
+        "rejected_logps",
+        "p_epsilon_logratios",
+        "n_epsilon_logratios",
+        "ref_logratios",
+    ):
         assert_close(getattr(out, name), getattr(expected, name), name=name, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.steps, expected.steps)
     assert (leaf.grad[..., absent] == 0).all()
-    assert_close(leaf.grad[..., keep].float(), small_leaf.grad.float(), name="grad", rtol=2**-7,
-                 atol=1e-7)  # fmt: skip
+    assert_close(
+        leaf.grad[..., keep].float(), small_leaf.grad.float(), name="grad", rtol=2**-7, atol=1e-7
+    )
 
 
 def test_split_v_matches_one_program_per_row(device):
@@ -175,8 +195,13 @@ def test_split_v_matches_one_program_per_row(device):
         split = K.token_forward(policy, ref, labels, params, splits=splits)
         fields = [f for f in range(L.TOKEN_FIELDS) if f != L.TOK_LOGIT_SUM]
         assert_close(split[fields], one[fields], name=f"stats, {splits} splits", **VALUE_TOL)
-        assert_close(split[L.TOK_LOGIT_SUM], one[L.TOK_LOGIT_SUM], name="logit sum", rtol=0,
-                     atol=logit_sum_atol)  # fmt: skip
+        assert_close(
+            split[L.TOK_LOGIT_SUM],
+            one[L.TOK_LOGIT_SUM],
+            name="logit sum",
+            rtol=0,
+            atol=logit_sum_atol,
+        )
     coef = torch.randn(4, device=device)
     grad_one = K.token_backward(policy, labels, one, coef, params, inplace=False, splits=1)
     grad_split = K.token_backward(policy, labels, one, coef, params, inplace=False, splits=3)
@@ -222,12 +247,24 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     ref = policy + torch.randn(8, 16, 333, generator=gen) * scale * 0.01
     labels = torch.full((8, 16), 7)
     labels[:, ::2] = torch.randint(0, 333, (8, 8), generator=gen)
-    params = LossParams(beta=0.1, epsilon=0.3, label_smoothing=0.0, ignore_index=-100,
-                        average_log_prob=False, backend=backend,
-                        scored_count=int((labels != -100).sum()))  # fmt: skip
+    params = LossParams(
+        beta=0.1,
+        epsilon=0.3,
+        label_smoothing=0.0,
+        ignore_index=-100,
+        average_log_prob=False,
+        backend=backend,
+        scored_count=int((labels != -100).sum()),
+    )
     stats = token_forward(policy.to(device), ref.to(device), labels.to(device), params)
     a = stats[layout.TOK_LOGP]
     # The perturbed streams are stored as u − a and d − a (layout.py).
-    logps = torch.stack([a, stats[layout.TOK_REF_LOGP], a + stats[layout.TOK_P_EPS_DELTA],
-                         a + stats[layout.TOK_N_EPS_DELTA]])  # fmt: skip
+    logps = torch.stack(
+        [
+            a,
+            stats[layout.TOK_REF_LOGP],
+            a + stats[layout.TOK_P_EPS_DELTA],
+            a + stats[layout.TOK_N_EPS_DELTA],
+        ]
+    )
     assert torch.isfinite(logps).all() and (logps <= 0).all()

@@ -40,15 +40,17 @@ def test_a_directory_holds_one_run(tmp_path):
     assert json.loads((out / "checkpoints" / "step_2" / "run.json").read_text())["beta"] == 0.1
 
     # Another run into it is refused, with the three ways out, and nothing is touched.
-    line = _one_error_line(run([*first[:-2], "--max-steps", "1", "--output-dir", str(out)],
-                               check=False))  # fmt: skip
+    line = _one_error_line(
+        run([*first[:-2], "--max-steps", "1", "--output-dir", str(out)], check=False)
+    )
     assert f"--output-dir {out} is not empty" in line
     assert "--resume" in line and "--overwrite" in line and "new --output-dir" in line
     assert (out / "metrics.jsonl").read_text() == before
 
     # A resume with another configuration says what differs.
-    line = _one_error_line(run([*first, "--resume", "--beta", "0.2", "--max-length", "80"],
-                               check=False))  # fmt: skip
+    line = _one_error_line(
+        run([*first, "--resume", "--beta", "0.2", "--max-length", "80"], check=False)
+    )
     assert "--beta 0.1 (saved) vs 0.2 (now)" in line and "--max-length 96 (saved) vs 80" in line
     assert (out / "metrics.jsonl").read_text() == before
 
@@ -59,8 +61,7 @@ def test_a_directory_holds_one_run(tmp_path):
     assert [r["step"] for r in metrics(out)] == [1]
     assert json.loads((out / "run.json").read_text())["max_steps"] == 1
     assert (out / "final" / "model.safetensors").exists()
-    line = _one_error_line(run(["--output-dir", str(out), "--overwrite", "--resume"],
-                               check=False))  # fmt: skip
+    line = _one_error_line(run(["--output-dir", str(out), "--overwrite", "--resume"], check=False))
     assert "pass one of them" in line
 
 
@@ -70,10 +71,13 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     # SIGINT as a terminal's Ctrl-C delivers it; SIG_DFL first, since a shell that starts a job
     # in the background makes it ignore SIGINT, and the test must not depend on how it was run.
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train" / "run.py"), *args], env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(ROOT / "train" / "run.py"), *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
@@ -83,10 +87,13 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     rows = _strict_rows(out / "metrics.jsonl")
-    saved = max(int(p.parent.name.split("_")[1])
-                for p in (out / "checkpoints").glob("step_*/COMPLETE"))  # fmt: skip
-    expected = (f"interrupted at step {len(rows)}; the last checkpoint is step {saved}; resume "
-                "with --resume")  # fmt: skip
+    saved = max(
+        int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/COMPLETE")
+    )
+    expected = (
+        f"interrupted at step {len(rows)}; the last checkpoint is step {saved}; resume "
+        "with --resume"
+    )
     assert stderr.strip().splitlines()[-1] == expected, stderr
     assert not (out / "final").exists()
 
@@ -96,8 +103,7 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
 
 def test_absurd_beta_writes_strict_json_and_stops(tmp_path):
     out = tmp_path / "out"
-    proc = run(["--beta", "1e30", "--max-steps", "8", *FAST, "--output-dir", str(out)],
-               check=False)  # fmt: skip
+    proc = run(["--beta", "1e30", "--max-steps", "8", *FAST, "--output-dir", str(out)], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged" in errors[0], proc.stderr

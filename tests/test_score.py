@@ -49,8 +49,17 @@ def test_default_dataset_scored_filtered_and_trained_on(tmp_path):
     assert [json.loads(line) for line in kept] == expected
     assert (filtered / "eval.jsonl").read_text().splitlines() == eval_lines
 
-    run(["--dataset", str(filtered), "--max-steps", "2", "--output-dir", str(tmp_path / "run"),
-         *FAST])  # fmt: skip
+    run(
+        [
+            "--dataset",
+            str(filtered),
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *FAST,
+        ]
+    )
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
     assert "displacement/chosen_below_ref" in metrics(tmp_path / "run")[-1]
 
@@ -61,10 +70,21 @@ def test_single_gz_file_with_an_unpairable_row_and_batch_independence(tmp_path):
     source = tmp_path / "prefs.jsonl.gz"
     with gzip.open(source, "wt") as f:
         f.write("\n".join(lines) + "\n")
-    one = score(["--dataset", str(source), "--output-dir", str(tmp_path / "b1"),
-                 "--batch-size", "1", "--drop-top", "20", "--rank-by", "ches"])  # fmt: skip
-    score(["--dataset", str(source), "--output-dir", str(tmp_path / "b4"),
-                  "--batch-size", "4"])  # fmt: skip
+    one = score(
+        [
+            "--dataset",
+            str(source),
+            "--output-dir",
+            str(tmp_path / "b1"),
+            "--batch-size",
+            "1",
+            "--drop-top",
+            "20",
+            "--rank-by",
+            "ches",
+        ]
+    )
+    score(["--dataset", str(source), "--output-dir", str(tmp_path / "b4"), "--batch-size", "4"])
     assert "1 rows cannot form a pair" in one.stdout
     a, b = records(tmp_path / "b1"), records(tmp_path / "b4")
     assert len(a) == len(b) == 10

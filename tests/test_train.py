@@ -19,8 +19,18 @@ sys.path.insert(0, str(ROOT / "train"))
 
 from tokenizer import byte_tokenizer  # noqa: E402
 
-FAST = ["--eval-every", "0", "--save-every", "0", "--micro-batch-size", "4",
-        "--global-batch-size", "8", "--max-length", "96"]  # fmt: skip
+FAST = [
+    "--eval-every",
+    "0",
+    "--save-every",
+    "0",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--max-length",
+    "96",
+]
 
 
 def _env():
@@ -39,8 +49,15 @@ def run(args, nproc=1, timeout=600, check=True, script="run.py"):
         cmd = [sys.executable, path, *args]
     else:
         # --standalone: torchrun's own rendezvous on a port it binds itself (no port race).
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", path, *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            path,
+            *args,
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -64,17 +81,41 @@ def test_two_processes_match_one(tmp_path):
         assert a["kl/beta"] == pytest.approx(b["kl/beta"], rel=1e-9)
         assert a["rewards/accuracies"] == pytest.approx(b["rewards/accuracies"])
     assert one[0]["kl/beta"] == 0.1  # the β the step used (the initial β at step 1)
-    required = {"step", "loss", "kl/beta", "lr", "rewards/chosen", "rewards/rejected",
-                "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-                "kl/p_epsilon_steps", "kl/n_epsilon_steps", "tokens_per_s"}  # fmt: skip
+    required = {
+        "step",
+        "loss",
+        "kl/beta",
+        "lr",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "kl/p_epsilon_steps",
+        "kl/n_epsilon_steps",
+        "tokens_per_s",
+    }
     assert required <= set(one[0])
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
     assert (tmp_path / "two" / "metrics.png").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
-    args = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--micro-batch-size",
-            "4", "--global-batch-size", "8", "--max-length", "96"]  # fmt: skip
+    args = [
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "3",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--max-length",
+        "96",
+    ]
     run([*args, "--output-dir", str(tmp_path / "straight")])
 
     # Kill a second run (SIGKILL, no clean-up) once its step-2 checkpoint is complete.
@@ -104,15 +145,34 @@ def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=False, bos_token_id=256, eos_token_id=257,
-                         pad_token_id=258)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     byte_tokenizer().save_pretrained(tmp_path / "model")
     for loss in ("linear", "logits"):
-        proc = run(["--model", str(tmp_path / "model"), "--max-steps", "2", "--loss", loss,
-                    "--output-dir", str(tmp_path / loss), *FAST])  # fmt: skip
+        proc = run(
+            [
+                "--model",
+                str(tmp_path / "model"),
+                "--max-steps",
+                "2",
+                "--loss",
+                loss,
+                "--output-dir",
+                str(tmp_path / loss),
+                *FAST,
+            ]
+        )
         assert "done: 2 steps" in proc.stdout
     linear, logits = metrics(tmp_path / "linear"), metrics(tmp_path / "logits")
     for a, b in zip(linear, logits):

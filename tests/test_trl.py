@@ -39,10 +39,18 @@ def pairs(n: int, offset: int = 0) -> Dataset:
 
 def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=tied, bos_token_id=256, eos_token_id=257, pad_token_id=258,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
     torch.manual_seed(seed)
     policy = LlamaForCausalLM(config)
     reference = LlamaForCausalLM(config)
@@ -52,12 +60,21 @@ def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
 
 def config(tmp_path, **overrides) -> EpsilonDPOConfig:
     options = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=10,
-        learning_rate=5e-3, logging_steps=1, report_to="none", use_cpu=True,
-        save_strategy="no", seed=0, data_seed=0, beta=0.1, epsilon=0.05,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=10,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        beta=0.1,
+        epsilon=0.05,
         dataloader_num_workers=0,
         bf16=False,  # TRL's default is bf16 autocast; fp32 keeps the comparisons exact
-    )  # fmt: skip
+    )
     options.update(overrides)
     return EpsilonDPOConfig(**options)
 
@@ -65,10 +82,13 @@ def config(tmp_path, **overrides) -> EpsilonDPOConfig:
 def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, **overrides):
     policy, reference = tiny_models(seed)
     return EpsilonDPOTrainer(
-        policy, ref_model=reference, args=config(tmp_path, **overrides),
-        train_dataset=train if train is not None else pairs(8), eval_dataset=eval_dataset,
+        policy,
+        ref_model=reference,
+        args=config(tmp_path, **overrides),
+        train_dataset=train if train is not None else pairs(8),
+        eval_dataset=eval_dataset,
         processing_class=byte_tokenizer(),
-    )  # fmt: skip
+    )
 
 
 def step_logs(trainer) -> list[dict]:
@@ -83,10 +103,22 @@ def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
     losses = [entry["loss"] for entry in logs]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
     assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-6)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-                 "kl/beta", "kl/p_epsilon_steps", "kl/n_epsilon_steps", "kl/avg_steps",
-                 "displacement/chosen_below_ref", "displacement/chosen_logratio"):  # fmt: skip
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "kl/beta",
+        "kl/p_epsilon_steps",
+        "kl/n_epsilon_steps",
+        "kl/avg_steps",
+        "displacement/chosen_below_ref",
+        "displacement/chosen_logratio",
+    ):
         assert all(name in entry for entry in logs), name
     # The logged β is the β each step used: it follows β ← β/(1 + ε·mean s) step by step.
     beta = 0.1
@@ -115,9 +147,12 @@ def test_bf16_first_step_sees_policy_equal_to_reference(tmp_path, explicit_refer
         policy.save_pretrained(tmp_path / "model")
         policy, reference = str(tmp_path / "model"), None
     trainer = EpsilonDPOTrainer(
-        policy, ref_model=reference, train_dataset=pairs(8), processing_class=byte_tokenizer(),
+        policy,
+        ref_model=reference,
+        train_dataset=pairs(8),
+        processing_class=byte_tokenizer(),
         args=config(tmp_path, bf16=True, max_steps=1),
-    )  # fmt: skip
+    )
     assert trainer.ref_model is not None
     trainer.train()
     (entry,) = step_logs(trainer)
@@ -132,8 +167,9 @@ def test_bf16_first_step_sees_policy_equal_to_reference(tmp_path, explicit_refer
     [(0.0, None), (0.2, None), (0.0, 0.5)],
     ids=["sigmoid", "cdpo", "rpo"],
 )
-def test_one_batch_equals_epsilon_dpo_loss_on_materialised_logits(tmp_path, label_smoothing,
-                                                                  rpo_alpha):  # fmt: skip
+def test_one_batch_equals_epsilon_dpo_loss_on_materialised_logits(
+    tmp_path, label_smoothing, rpo_alpha
+):
     overrides = dict(label_smoothing=label_smoothing)
     if rpo_alpha is not None:
         overrides.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha])
@@ -151,8 +187,9 @@ def test_one_batch_equals_epsilon_dpo_loss_on_materialised_logits(tmp_path, labe
     policy_logits = model(**inputs).logits[:, :-1]
     with torch.no_grad():
         ref_logits = trainer.ref_model(**inputs).logits[:, :-1]
-    out = epsilon_dpo_loss(policy_logits, ref_logits, labels, beta=0.1, epsilon=0.05,
-                           label_smoothing=label_smoothing)  # fmt: skip
+    out = epsilon_dpo_loss(
+        policy_logits, ref_logits, labels, beta=0.1, epsilon=0.05, label_smoothing=label_smoothing
+    )
     expected = out.loss
     if rpo_alpha is not None:
         chosen_tokens = (labels[: labels.shape[0] // 2] != -100).sum()
@@ -188,8 +225,11 @@ def test_resume_from_a_checkpoint_without_beta_or_with_another_epsilon_is_refuse
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     other = make_trainer(tmp_path, max_steps=4, epsilon=0.02)
-    with pytest.raises(ValueError, match=r"adapted with epsilon=0.05, this controller has "
-                                         r"epsilon=0.02"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"adapted with epsilon=0.05, this controller has "
+        r"epsilon=0.02",
+    ):
         other.train(resume_from_checkpoint=str(checkpoint))
     assert other.state.global_step == 0
     (checkpoint / BETA_STATE_FILE).unlink()
@@ -220,8 +260,12 @@ def _run_ddp(tmp_path, processes: int, batch: int) -> dict:
     script.write_text(_DDP_SCRIPT)
     command = [sys.executable, str(script), str(out), str(batch)]
     if processes > 1:
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={processes}"]  # fmt: skip
+        command[1:1] = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+        ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "logs.json").read_text())
@@ -267,21 +311,35 @@ def test_trainer_refuses_plain_dpo_config_and_compute_metrics(tmp_path):
 
     policy, reference = tiny_models()
     with pytest.raises(TypeError, match="EpsilonDPOConfig"):
-        EpsilonDPOTrainer(policy, ref_model=reference, train_dataset=pairs(4),
-                          args=DPOConfig(output_dir=str(tmp_path), use_cpu=True),
-                          processing_class=byte_tokenizer())  # fmt: skip
+        EpsilonDPOTrainer(
+            policy,
+            ref_model=reference,
+            train_dataset=pairs(4),
+            args=DPOConfig(output_dir=str(tmp_path), use_cpu=True),
+            processing_class=byte_tokenizer(),
+        )
     with pytest.raises(ValueError, match="compute_metrics"):
-        EpsilonDPOTrainer(policy, ref_model=reference, train_dataset=pairs(4),
-                          args=config(tmp_path), processing_class=byte_tokenizer(),
-                          compute_metrics=lambda prediction: {})  # fmt: skip
+        EpsilonDPOTrainer(
+            policy,
+            ref_model=reference,
+            train_dataset=pairs(4),
+            args=config(tmp_path),
+            processing_class=byte_tokenizer(),
+            compute_metrics=lambda prediction: {},
+        )
 
 
 def test_soft_capped_model_is_refused(tmp_path):
     policy, reference = tiny_models()
     policy.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        EpsilonDPOTrainer(policy, ref_model=reference, args=config(tmp_path),
-                          train_dataset=pairs(4), processing_class=byte_tokenizer())  # fmt: skip
+        EpsilonDPOTrainer(
+            policy,
+            ref_model=reference,
+            args=config(tmp_path),
+            train_dataset=pairs(4),
+            processing_class=byte_tokenizer(),
+        )
 
 
 _MEMORY_SCRIPT = r"""
@@ -320,12 +378,20 @@ print(json.dumps({"peak_extra_bytes": (status_kb("VmHWM") - before) * 1024}))
 
 def _peak_training_step_rss(tmp_path, kind: str, vocab: int) -> int:
     # Freed blocks go back to the OS at once, so RSS follows live memory.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="131072",
-               MALLOC_TRIM_THRESHOLD_="131072")  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        MALLOC_MMAP_THRESHOLD_="131072",
+        MALLOC_TRIM_THRESHOLD_="131072",
+    )
     proc = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, kind, str(vocab), str(tmp_path / kind)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
@@ -342,8 +408,10 @@ def test_training_step_peak_memory_is_below_trl_dpo(tmp_path, record_property):
     record_property(
         "peak_extra_MiB", {"DPOTrainer": dpo / 2**20, "EpsilonDPOTrainer": ours / 2**20}
     )
-    print(f"peak extra RSS of one step: DPOTrainer {dpo / 2**20:.0f} MiB, "
-          f"EpsilonDPOTrainer {ours / 2**20:.0f} MiB")  # fmt: skip
+    print(
+        f"peak extra RSS of one step: DPOTrainer {dpo / 2**20:.0f} MiB, "
+        f"EpsilonDPOTrainer {ours / 2**20:.0f} MiB"
+    )
     assert ours < dpo / 2, (dpo, ours)
 
 
@@ -352,8 +420,10 @@ def _cuda_step_peak(tmp_path, kind: str, vocab: int) -> tuple[int, list[float]]:
     from trl import DPOConfig, DPOTrainer
 
     text = "the quick brown fox jumps over the lazy dog " * 12  # ~530 tokens per sequence
-    rows = [{"prompt": f"Question {i}: " + text, "chosen": text, "rejected": text[::-1]}
-            for i in range(16)]  # fmt: skip
+    rows = [
+        {"prompt": f"Question {i}: " + text, "chosen": text, "rejected": text[::-1]}
+        for i in range(16)
+    ]
     args = config(tmp_path / kind, max_steps=4, use_cpu=False, bf16=True, learning_rate=1e-3)
     trainer_cls = EpsilonDPOTrainer
     if kind == "dpo":
@@ -361,9 +431,13 @@ def _cuda_step_peak(tmp_path, kind: str, vocab: int) -> tuple[int, list[float]]:
         args = DPOConfig(**{k: getattr(args, k) for k in fields})
         trainer_cls = DPOTrainer
     policy, reference = tiny_models(vocab=vocab, tied=False)
-    trainer = trainer_cls(policy, ref_model=reference, args=args,
-                          train_dataset=Dataset.from_list(rows),
-                          processing_class=byte_tokenizer())  # fmt: skip
+    trainer = trainer_cls(
+        policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=byte_tokenizer(),
+    )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -383,8 +457,10 @@ def test_cuda_bf16_training_and_peak_memory_against_trl_dpo(tmp_path, record_pro
     ours, losses = _cuda_step_peak(tmp_path, "epsilon", vocab)
     dpo, _ = _cuda_step_peak(tmp_path, "dpo", vocab)
     record_property("cuda_peak_MiB", {"DPOTrainer": dpo / 2**20, "EpsilonDPOTrainer": ours / 2**20})
-    print(f"CUDA peak beyond the start of train(): DPOTrainer {dpo / 2**20:.0f} MiB, "
-          f"EpsilonDPOTrainer {ours / 2**20:.0f} MiB; losses {losses}")  # fmt: skip
+    print(
+        f"CUDA peak beyond the start of train(): DPOTrainer {dpo / 2**20:.0f} MiB, "
+        f"EpsilonDPOTrainer {ours / 2**20:.0f} MiB; losses {losses}"
+    )
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     one_logits_tensor = 8 * 528 * vocab * 2
     assert ours < one_logits_tensor, (ours, one_logits_tensor)
@@ -394,8 +470,9 @@ def test_cuda_bf16_training_and_peak_memory_against_trl_dpo(tmp_path, record_pro
 def test_default_config_when_args_is_omitted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     policy, reference = tiny_models()
-    trainer = EpsilonDPOTrainer(policy, ref_model=reference, train_dataset=pairs(4),
-                                processing_class=byte_tokenizer())  # fmt: skip
+    trainer = EpsilonDPOTrainer(
+        policy, ref_model=reference, train_dataset=pairs(4), processing_class=byte_tokenizer()
+    )
     assert isinstance(trainer.args, EpsilonDPOConfig)
     assert trainer.args.epsilon == 0.01 and trainer.adaptive_beta.beta == trainer.args.beta
     assert trainer.args.output_dir.endswith("-EpsilonDPO")
@@ -427,10 +504,22 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
         out = tmp_path / mode
         out.mkdir()
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-             str(script), str(out), mode],
-            capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=1",
+                str(script),
+                str(out),
+                mode,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         results[mode] = json.loads((out / "logs.json").read_text())
     assert len(results["fsdp"]) == 3
@@ -451,8 +540,13 @@ def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [("eval/loss" in r) for r in rows] == [False, True, False, True]
-    assert rows[0]["kl/beta"] == 0.1 and {"loss", "lr", "grad_norm", "rewards/accuracies",
-                                          "kl/p_epsilon_steps"} <= set(rows[0])  # fmt: skip
+    assert rows[0]["kl/beta"] == 0.1 and {
+        "loss",
+        "lr",
+        "grad_norm",
+        "rewards/accuracies",
+        "kl/p_epsilon_steps",
+    } <= set(rows[0])
     assert (out / "metrics.png").stat().st_size > 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -479,10 +573,26 @@ def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path)
     write_hh_jsonl_gz(data, n=200)
     reports = []
     for script in ("run.py", "run_trl.py"):
-        proc = run(["--dataset", str(data), "--max-steps", "1", "--eval-every", "0",
-                    "--output-dir", str(tmp_path / script)], script=script)  # fmt: skip
-        reports.append([line for line in proc.stdout.splitlines()
-                        if line.startswith("note:") or line.endswith("eval pairs")])  # fmt: skip
+        proc = run(
+            [
+                "--dataset",
+                str(data),
+                "--max-steps",
+                "1",
+                "--eval-every",
+                "0",
+                "--output-dir",
+                str(tmp_path / script),
+            ],
+            script=script,
+        )
+        reports.append(
+            [
+                line
+                for line in proc.stdout.splitlines()
+                if line.startswith("note:") or line.endswith("eval pairs")
+            ]
+        )
     assert reports[0] == reports[1]
     assert "189 train pairs, 10 eval pairs" in reports[0]
     assert any("skipped 1 of 190 rows" in line for line in reports[0])
@@ -497,9 +607,13 @@ def test_epsilon_zero_equals_trl_dpo_trainer_loss_and_gradients(tmp_path):
     args = config(tmp_path / "dpo", epsilon=0.0)
     fields = {k for k in args.to_dict() if k in DPOConfig.__dataclass_fields__}
     policy, reference = tiny_models()
-    theirs = DPOTrainer(policy, ref_model=reference, train_dataset=pairs(8),
-                        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
-                        processing_class=byte_tokenizer())  # fmt: skip
+    theirs = DPOTrainer(
+        policy,
+        ref_model=reference,
+        train_dataset=pairs(8),
+        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
+        processing_class=byte_tokenizer(),
+    )
     batch = next(iter(ours.get_train_dataloader()))
     results = []
     for trainer in (ours, theirs):
@@ -533,8 +647,13 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
 
     policy, _ = tiny_models()
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    trainer = EpsilonDPOTrainer(policy, args=config(tmp_path, max_steps=3), train_dataset=pairs(8),
-                                processing_class=byte_tokenizer(), peft_config=lora)  # fmt: skip
+    trainer = EpsilonDPOTrainer(
+        policy,
+        args=config(tmp_path, max_steps=3),
+        train_dataset=pairs(8),
+        processing_class=byte_tokenizer(),
+        peft_config=lora,
+    )
     assert trainer.ref_model is None
     model = trainer.model
     gen = torch.Generator().manual_seed(1)
@@ -560,8 +679,9 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     expected.backward()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4,
-                                   atol=1e-7, msg=name)  # fmt: skip
+        torch.testing.assert_close(
+            grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-7, msg=name
+        )
     model.zero_grad()
     trainer.train()
     assert len(step_logs(trainer)) == 3
@@ -588,8 +708,9 @@ def _sharded_head_worker(rank, world, store, results):
         rows = _rank_rows(rank, world, batch["labels"].shape[0] // 2)
         hidden, weight, _ = policy(input_ids=batch["input_ids"][rows], epsdpo_hidden=True)
         assert not hasattr(weight, "full_tensor")  # gathered to a plain tensor
-        linear_epsilon_dpo_loss(hidden, weight, 0.9 * hidden.detach(), weight.detach(),
-                                batch["labels"][rows], beta=0.5).loss.backward()  # fmt: skip
+        linear_epsilon_dpo_loss(
+            hidden, weight, 0.9 * hidden.detach(), weight.detach(), batch["labels"][rows], beta=0.5
+        ).loss.backward()
         results[rank] = policy.lm_head.weight.grad.full_tensor().clone()
 
 
@@ -622,10 +743,12 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     policy, batch = _sharded_head_case()
     _hidden_state_forward(policy)
     hidden, weight, _ = policy(input_ids=batch["input_ids"], epsdpo_hidden=True)
-    linear_epsilon_dpo_loss(hidden, weight, 0.9 * hidden.detach(), weight.detach(),
-                            batch["labels"], beta=0.5).loss.backward()  # fmt: skip
+    linear_epsilon_dpo_loss(
+        hidden, weight, 0.9 * hidden.detach(), weight.detach(), batch["labels"], beta=0.5
+    ).loss.backward()
     expected = policy.lm_head.weight.grad
     assert expected.abs().max() > 1e-4
     for rank in (0, 1):
-        torch.testing.assert_close(results[rank], expected, rtol=1e-5, atol=1e-7,
-                                   msg=f"lm_head gradient on rank {rank}")  # fmt: skip
+        torch.testing.assert_close(
+            results[rank], expected, rtol=1e-5, atol=1e-7, msg=f"lm_head gradient on rank {rank}"
+        )

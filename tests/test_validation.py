@@ -19,6 +19,7 @@ def _call(args, **kw):
     return epsilon_dpo_loss(args["policy_logits"], args["ref_logits"], args["labels"], **kw)
 
 
+# One row per mistake, one line each: a table reads down its columns (fmt: skip keeps it so).
 @pytest.mark.parametrize(
     "mutate, kw, error, match",
     [

@@ -55,9 +55,19 @@ def assert_close(actual, expected, *, rtol, atol, name="tensor", mask=None):
 
 
 def make_batch(
-    b, t, v, *, dtype=torch.float32, device="cpu", scale=1.0, prompt_frac=0.3, seed=0,
-    ignore_index=-100, ragged=True, empty_rows=(),
-):  # fmt: skip
+    b,
+    t,
+    v,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    scale=1.0,
+    prompt_frac=0.3,
+    seed=0,
+    ignore_index=-100,
+    ragged=True,
+    empty_rows=(),
+):
     """Random (policy, ref, labels) with a prompt prefix and ragged padding per row.
 
     The reference logits are the policy's plus noise, as after SFT, so the ε-mixes differ from
@@ -98,8 +108,7 @@ def gloo_group(rank: int, world: int, store_path: str):
     """A gloo process group of ``world`` ranks meeting at ``store_path`` (``rendezvous_file``)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         yield
     finally:

@@ -88,8 +88,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
         kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=help_text,
-                            choices=f.metadata.get("choices"))  # fmt: skip
+        parser.add_argument(
+            flag, type=kind, default=f.default, help=help_text, choices=f.metadata.get("choices")
+        )
 
 
 def run_main(main, argv=None) -> int:

@@ -60,8 +60,7 @@ class Pair:
 def data_suffix(path: Path) -> str | None:
     """The data-file suffix ``path`` ends with (the longest that matches), or None."""
     name = path.name
-    return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)),
-                None)  # fmt: skip
+    return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
 def check_dataset_arg(source: str | None) -> None:
@@ -97,14 +96,17 @@ def read_splits(source: str) -> dict[str, tuple[Path | None, list[Row]]]:
             if suffix is not None:
                 files.setdefault(p.name[: -len(suffix)], p)
         if "train" not in files:
-            raise DataError(f"--dataset {source}: a directory needs a train file "
-                            f"(train{{{','.join(DATA_SUFFIXES)}}})")  # fmt: skip
+            raise DataError(
+                f"--dataset {source}: a directory needs a train file "
+                f"(train{{{','.join(DATA_SUFFIXES)}}})"
+            )
         names = ["train"] + [s for s in EVAL_SPLITS if s in files][:1]
         return {name: (files[name], _read_file(files[name])) for name in names}
     if path.is_file():
         if data_suffix(path) is None:
-            raise DataError(f"--dataset {source}: expected a file ending in "
-                            f"{', '.join(DATA_SUFFIXES)}")  # fmt: skip
+            raise DataError(
+                f"--dataset {source}: expected a file ending in {', '.join(DATA_SUFFIXES)}"
+            )
         return {"train": (path, _read_file(path))}
     if looks_like_path(source, DATA_SUFFIXES):
         raise DataError(f"--dataset {source}: no such file or directory")
@@ -123,12 +125,18 @@ def _load_hub(source: str):
         ds = datasets.load_dataset(source)
     except Exception as e:  # offline, unknown id, no access: all the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--dataset {source}: could not load it as a Hugging Face dataset "
-                        f"({first})") from None  # fmt: skip
+        raise DataError(
+            f"--dataset {source}: could not load it as a Hugging Face dataset ({first})"
+        ) from None
     if "train" not in ds:
         raise DataError(f"--dataset {source}: the dataset has no 'train' split ({list(ds)})")
-    rows = lambda split: [Row(dict(r), f"{source} {split}[{i}]", f"{source} {split}", i + 1)  # noqa: E731
-                          for i, r in enumerate(ds[split])]  # fmt: skip
+
+    def rows(split):
+        return [
+            Row(dict(r), f"{source} {split}[{i}]", f"{source} {split}", i + 1)
+            for i, r in enumerate(ds[split])
+        ]
+
     names = ["train"] + [s for s in EVAL_SPLITS if s in ds][:1]
     return {name: (None, rows(name)) for name in names}
 
@@ -236,8 +244,9 @@ def split_row(row: Row):
         raise DataError(f"{row.where}: expected a JSON object, got {type(row.data).__name__}")
     chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
     if isinstance(chosen, str) != isinstance(rejected, str):
-        raise DataError(f"{row.where}: 'chosen' and 'rejected' must both be strings or both "
-                        "message lists")  # fmt: skip
+        raise DataError(
+            f"{row.where}: 'chosen' and 'rejected' must both be strings or both message lists"
+        )
     if chosen == rejected:
         raise Unpairable("chosen and rejected are identical")
     if "prompt" in row.data:
@@ -249,8 +258,9 @@ def split_row(row: Row):
         if isinstance(prompt, list) and not prompt:
             raise Unpairable("the two conversations share no prompt messages")
     if len({isinstance(x, str) for x in (prompt, chosen, rejected)}) != 1:
-        raise DataError(f"{row.where}: 'prompt', 'chosen', 'rejected' mix strings and message "
-                        "lists")  # fmt: skip
+        raise DataError(
+            f"{row.where}: 'prompt', 'chosen', 'rejected' mix strings and message lists"
+        )
     return prompt, chosen, rejected
 
 
@@ -259,8 +269,9 @@ def _render(tokenizer, prompt, completion):
     if isinstance(prompt, str):
         return prompt, completion
     if getattr(tokenizer, "chat_template", None):
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                    add_generation_prompt=True)  # fmt: skip
+        prompt_text = tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True
+        )
         full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         if not full.startswith(prompt_text):
             # Some templates render the assistant turn differently from the generation prompt.
@@ -286,18 +297,25 @@ class Tokenized:
         lines = []
         for reason, where in self.skipped.items():
             shown = ", ".join(where[:3]) + (", …" if len(where) > 3 else "")
-            lines.append(f"{name}: skipped {len(where)} of {self.rows} rows that cannot form a "
-                         f"pair ({reason}): {shown}")  # fmt: skip
+            lines.append(
+                f"{name}: skipped {len(where)} of {self.rows} rows that cannot form a "
+                f"pair ({reason}): {shown}"
+            )
         for count, what, flag in (
             (self.prompt_mostly_cut, "prompt", f"--max-prompt-length {max_prompt_length}"),
-            (self.completion_mostly_cut, "chosen or rejected completion",
-             f"--max-length {max_length}"),
-        ):  # fmt: skip
+            (
+                self.completion_mostly_cut,
+                "chosen or rejected completion",
+                f"--max-length {max_length}",
+            ),
+        ):
             if count:
                 total = len(self.pairs)
-                lines.append(f"{name}: {flag} cut more than half of the {what} of {count} of "
-                             f"{total} pairs ({count / max(1, total):.0%}); raise it to keep "
-                             "them")  # fmt: skip
+                lines.append(
+                    f"{name}: {flag} cut more than half of the {what} of {count} of "
+                    f"{total} pairs ({count / max(1, total):.0%}); raise it to keep "
+                    "them"
+                )
         return lines
 
 
@@ -345,8 +363,9 @@ def tokenize_rows(rows: list[Row], tokenizer, *, max_length: int, max_prompt_len
     return out
 
 
-def read_pairs(source: str | None, tokenizer, *, seed: int, max_length: int,
-               max_prompt_length: int, log=print) -> tuple[list[Pair], list[Pair]]:  # fmt: skip
+def read_pairs(
+    source: str | None, tokenizer, *, seed: int, max_length: int, max_prompt_length: int, log=print
+) -> tuple[list[Pair], list[Pair]]:
     """(train pairs, eval pairs) of ``--dataset`` (the embedded default when None), with one
     ``note:`` line per thing skipped or cut and the counts: what every script that trains or
     scores prints, so that they agree on which pairs they use."""

@@ -56,16 +56,23 @@ class EpsilonDPOPolicy(nn.Module):
         self.head = LinearEpsilonDPOHead(model.get_output_embeddings())
         self.loss = loss
 
-    def forward(self, input_ids, attention_mask, labels, ref_hidden, ref_weight, ref_bias,
-                beta, epsilon):  # fmt: skip
+    def forward(
+        self, input_ids, attention_mask, labels, ref_hidden, ref_weight, ref_bias, beta, epsilon
+    ):
         if self.loss == "linear":
             hidden, _, _ = causal_lm_hidden_and_head(self.model, input_ids, attention_mask)
-            out = self.head(hidden, ref_hidden, ref_weight.to(hidden.dtype), labels,
-                            ref_bias=ref_bias, beta=beta, epsilon=epsilon)  # fmt: skip
+            out = self.head(
+                hidden,
+                ref_hidden,
+                ref_weight.to(hidden.dtype),
+                labels,
+                ref_bias=ref_bias,
+                beta=beta,
+                epsilon=epsilon,
+            )
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype),
-                                              ref_bias)  # fmt: skip
+            ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype), ref_bias)
             out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon)
         return out
 
@@ -130,8 +137,9 @@ def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, ra
 def load_checkpoint(path, policy, optimizer, scheduler, beta_ctl) -> int:
     state = training_state(policy, optimizer, scheduler, beta_ctl, 0)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])  # fmt: skip
+    set_state_dict(
+        policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
     scheduler.load_state_dict(state["scheduler"])
     beta_ctl.load_state_dict(state["beta"])
     torch.set_rng_state(state["rng"])
@@ -140,8 +148,9 @@ def load_checkpoint(path, policy, optimizer, scheduler, beta_ctl) -> int:
 
 def export_final(policy, policy_lm, tokenizer, output_dir, rank):
     """Gather the full policy on rank 0 and write it with save_pretrained (+ tokenizer)."""
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True,
-                                                                 cpu_offload=True))  # fmt: skip
+    full = get_model_state_dict(
+        policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if rank == 0:
         state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
         final = output_dir / "final"

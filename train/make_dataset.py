@@ -61,10 +61,11 @@ def make_rows(n: int, seed: int) -> list[dict]:
 def main(argv=None) -> None:
     # --help prints this and writes nothing; the script takes no other arguments.
     ArgumentParser(
-        prog="train/make_dataset.py", description=__doc__.split("\n\n")[0],
+        prog="train/make_dataset.py",
+        description=__doc__.split("\n\n")[0],
         epilog="Rewrites train/data/default/train.jsonl and eval.jsonl (deterministic: the "
         "same rows every time).",
-    ).parse_args(argv)  # fmt: skip
+    ).parse_args(argv)
     out = Path(__file__).resolve().parent / "data" / "default"
     out.mkdir(parents=True, exist_ok=True)
     for name, n, seed in (("train", 1200, 0), ("eval", 128, 1)):

@@ -57,8 +57,11 @@ def machine_note() -> str:
     if load is not None:
         note += f", load average {load:.2f} (1 min)"
         if load > cores:
-            print(f"warning: the load average ({load:.2f}) exceeds the {cores} cores: the times "
-                  "reported here are slower than on an idle machine", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: the load average ({load:.2f}) exceeds the {cores} cores: the times "
+                "reported here are slower than on an idle machine",
+                file=sys.stderr,
+            )
     return note
 
 
@@ -109,37 +112,66 @@ def plot_metrics(metrics_path: Path, out: Path) -> None:
     def train_and_eval(ax, key):
         ax.plot(steps, [r[key] for r in rows], color=TRAIN, label="train")
         if ev:
-            ax.plot([r["step"] for r in ev], [r["eval/" + key] for r in ev], "o-", color=EVAL,
-                    label="eval")  # fmt: skip
+            ax.plot(
+                [r["step"] for r in ev],
+                [r["eval/" + key] for r in ev],
+                "o-",
+                color=EVAL,
+                label="eval",
+            )
 
     train_and_eval(axes[0], "loss")
     axes[1].plot(steps, [r["kl/beta"] for r in rows], color=TRAIN, label="β used by the step")
     train_and_eval(axes[2], "rewards/accuracies")
-    axes[3].plot(steps, [r["kl/p_epsilon_steps"] for r in rows], color=STEP_UP,
-                 label="s = +1 (weaker KL)")  # fmt: skip
-    axes[3].plot(steps, [r["kl/n_epsilon_steps"] for r in rows], color=STEP_DOWN,
-                 label="s = −1 (stronger KL)")  # fmt: skip
+    axes[3].plot(
+        steps, [r["kl/p_epsilon_steps"] for r in rows], color=STEP_UP, label="s = +1 (weaker KL)"
+    )
+    axes[3].plot(
+        steps,
+        [r["kl/n_epsilon_steps"] for r in rows],
+        color=STEP_DOWN,
+        label="s = −1 (stronger KL)",
+    )
     # Displacement: a fraction (left axis) and a log-ratio in nats (right axis), one panel.
     shown = [r for r in rows if "displacement/chosen_below_ref" in r]
-    axes[4].plot([r["step"] for r in shown], [r["displacement/chosen_below_ref"] for r in shown],
-                 color=BELOW_REF, label="pairs with log π(chosen) < ref")  # fmt: skip
+    axes[4].plot(
+        [r["step"] for r in shown],
+        [r["displacement/chosen_below_ref"] for r in shown],
+        color=BELOW_REF,
+        label="pairs with log π(chosen) < ref",
+    )
     axes[4].set_ylim(-0.02, 1.02)
     ratio_ax = axes[4].twinx()
-    ratio_ax.plot([r["step"] for r in shown],
-                  [r["displacement/chosen_logratio"] for r in shown], "--", color=LOGRATIO,
-                  label="mean log π/π_ref (chosen), right axis")  # fmt: skip
+    ratio_ax.plot(
+        [r["step"] for r in shown],
+        [r["displacement/chosen_logratio"] for r in shown],
+        "--",
+        color=LOGRATIO,
+        label="mean log π/π_ref (chosen), right axis",
+    )
     ratio_ax.axhline(0.0, color=LOGRATIO, lw=0.6, alpha=0.5)
     handles = axes[4].get_legend_handles_labels()[0] + ratio_ax.get_legend_handles_labels()[0]
-    titles = ("loss", "β", "reward accuracy", "fraction of pairs per step s",
-              "likelihood displacement (chosen)")  # fmt: skip
+    titles = (
+        "loss",
+        "β",
+        "reward accuracy",
+        "fraction of pairs per step s",
+        "likelihood displacement (chosen)",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax is axes[4]:
             # Two axes share this panel, so no corner is free of both curves: below the plot.
-            ax.legend(fontsize=8, handles=handles, loc="upper center", ncol=1,
-                      bbox_to_anchor=(0.5, -0.22), frameon=False)  # fmt: skip
+            ax.legend(
+                fontsize=8,
+                handles=handles,
+                loc="upper center",
+                ncol=1,
+                bbox_to_anchor=(0.5, -0.22),
+                frameon=False,
+            )
         else:
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -62,15 +62,17 @@ def _differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def check_run_dir(output_dir: str, record: dict, *, resume: bool | None, overwrite: bool,
-                  checkpoint_record=None) -> None:  # fmt: skip
+def check_run_dir(
+    output_dir: str, record: dict, *, resume: bool | None, overwrite: bool, checkpoint_record=None
+) -> None:
     """One run per directory. ``resume`` is None for scripts that cannot resume;
     ``checkpoint_record``, when given, returns the record of the checkpoint a resume would
     continue from (None when there is none)."""
     path = Path(output_dir).expanduser()
     if resume and overwrite:
-        raise UsageError("--resume continues the run in --output-dir and --overwrite clears it: "
-                         "pass one of them")  # fmt: skip
+        raise UsageError(
+            "--resume continues the run in --output-dir and --overwrite clears it: pass one of them"
+        )
     if not path.is_dir() or not any(path.iterdir()) or overwrite:
         return
     if resume:
@@ -79,27 +81,35 @@ def check_run_dir(output_dir: str, record: dict, *, resume: bool | None, overwri
         if saved is None and (path / RUN_RECORD).is_file():
             saved, where = json.loads((path / RUN_RECORD).read_text()), RUN_RECORD
         if saved is None:
-            raise UsageError(f"--resume: {output_dir} holds no run of this script (no "
-                             f"{RUN_RECORD}; it has {_listing(path)}); use a new "
-                             "--output-dir")  # fmt: skip
+            raise UsageError(
+                f"--resume: {output_dir} holds no run of this script (no "
+                f"{RUN_RECORD}; it has {_listing(path)}); use a new "
+                "--output-dir"
+            )
         differences = _differences(saved, record)
         if differences:
-            raise UsageError(f"--resume: {output_dir} was run with another configuration "
-                             f"({where}): {'; '.join(differences)}. Resume with the saved "
-                             "values, or start a new --output-dir")  # fmt: skip
+            raise UsageError(
+                f"--resume: {output_dir} was run with another configuration "
+                f"({where}): {'; '.join(differences)}. Resume with the saved "
+                "values, or start a new --output-dir"
+            )
         return
     resume_hint = "continue it with --resume, " if resume is not None else ""
-    raise UsageError(f"--output-dir {output_dir} is not empty ({_listing(path)}): it holds "
-                     f"another run; {resume_hint}pick a new --output-dir, or pass --overwrite "
-                     "to clear it first")  # fmt: skip
+    raise UsageError(
+        f"--output-dir {output_dir} is not empty ({_listing(path)}): it holds "
+        f"another run; {resume_hint}pick a new --output-dir, or pass --overwrite "
+        "to clear it first"
+    )
 
 
 def _refuse_to_clear(path: Path) -> None:
     resolved = path.resolve()
     protected = {Path("/"), Path.home().resolve()}
     if resolved in protected or Path.cwd().resolve().is_relative_to(resolved):
-        raise UsageError(f"--overwrite: refusing to clear {path}, which holds the home "
-                         "directory, the working directory or the file system root")  # fmt: skip
+        raise UsageError(
+            f"--overwrite: refusing to clear {path}, which holds the home "
+            "directory, the working directory or the file system root"
+        )
 
 
 def check_overwrite(output_dir: str, overwrite: bool) -> None:
@@ -154,6 +164,10 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
         if bad:
-            print(f"warning: step {row.get('step')}: non-finite {', '.join(bad)} (written as "
-                  f"null in {self.path.name})", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: step {row.get('step')}: non-finite {', '.join(bad)} (written as "
+                f"null in {self.path.name})",
+                file=sys.stderr,
+                flush=True,
+            )
         return bad

@@ -51,19 +51,8 @@ from fsdp import (  # noqa: E402
     save_checkpoint,
     shard,
 )
-from metrics import (  # noqa: E402
-    MetricSums,
-    machine_note,
-    peak_memory_note,
-    plot_metrics,
-    truncate_metrics,
-)
-from models import (  # noqa: E402
-    MODEL_HELP,
-    check_model_arg,
-    load_policy_and_reference,
-    load_tokenizer,
-)
+from metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics  # noqa: E402
+from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
 from outputs import (  # noqa: E402
     RUN_RECORD,
     MetricsLog,
@@ -94,9 +83,12 @@ class Config:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     beta: float = option(0.1, "initial KL coefficient β (> 0); adapted every step")
     epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
-    loss: str = option("linear", "linear: the fused loss from hidden states (no logits tensor); "
-                     "logits: the fused loss on the model's logits",
-                     choices=["linear", "logits"])  # fmt: skip
+    loss: str = option(
+        "linear",
+        "linear: the fused loss from hidden states (no logits tensor); "
+        "logits: the fused loss on the model's logits",
+        choices=["linear", "logits"],
+    )
     max_length: int = option(128, "tokens per sequence, prompt and completion")
     max_prompt_length: int = option(64, "prompt tokens kept (from the right)")
     eval_every: int = option(10, "evaluate every N steps (0: never)")
@@ -116,9 +108,22 @@ class Config:
 
 # The flags that define a run: a resume must use the values its checkpoint was made with.
 # (Micro-batch size and world size may change: the same global batch gives the same steps.)
-RUN_DEFINING = ("model", "dataset", "max_steps", "global_batch_size", "lr", "warmup_steps",
-                "weight_decay", "max_grad_norm", "beta", "epsilon", "loss", "max_length",
-                "max_prompt_length", "seed")  # fmt: skip
+RUN_DEFINING = (
+    "model",
+    "dataset",
+    "max_steps",
+    "global_batch_size",
+    "lr",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "beta",
+    "epsilon",
+    "loss",
+    "max_length",
+    "max_prompt_length",
+    "seed",
+)
 # Optimizer steps in a row with a non-finite loss or gradient norm before the run stops.
 NONFINITE_PATIENCE = 3
 
@@ -148,8 +153,10 @@ def check_config(cfg: Config, world: int) -> None:
     if not (cfg.lr > 0 and cfg.max_grad_norm > 0):
         raise UsageError("--lr and --max-grad-norm must be > 0")
     if cfg.max_prompt_length >= cfg.max_length:
-        raise UsageError(f"--max-prompt-length ({cfg.max_prompt_length}) must be smaller than "
-                         f"--max-length ({cfg.max_length})")  # fmt: skip
+        raise UsageError(
+            f"--max-prompt-length ({cfg.max_prompt_length}) must be smaller than "
+            f"--max-length ({cfg.max_length})"
+        )
     per_step = cfg.micro_batch_size * world
     if cfg.global_batch_size % per_step:
         raise UsageError(
@@ -161,8 +168,13 @@ def check_config(cfg: Config, world: int) -> None:
     check_output_dir(cfg.output_dir)
     check_overwrite(cfg.output_dir, cfg.overwrite)
     checkpoints = Path(cfg.output_dir).expanduser()
-    check_run_dir(cfg.output_dir, run_record(cfg), resume=cfg.resume, overwrite=cfg.overwrite,
-                  checkpoint_record=lambda: _checkpoint_record(checkpoints))  # fmt: skip
+    check_run_dir(
+        cfg.output_dir,
+        run_record(cfg),
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        checkpoint_record=lambda: _checkpoint_record(checkpoints),
+    )
 
 
 def _checkpoint_record(output_dir: Path) -> dict | None:
@@ -204,9 +216,13 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     # Data: read and tokenised before the models load, so a bad file fails fast.
     tokenizer = load_tokenizer(cfg.model)
     train_pairs, eval_pairs = read_pairs(
-        cfg.dataset, tokenizer, seed=cfg.seed, max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, log=log,
-    )  # fmt: skip
+        cfg.dataset,
+        tokenizer,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        log=log,
+    )
     eval_every = cfg.eval_every if eval_pairs else 0
     if cfg.eval_every and not eval_pairs:
         log("note: no eval pairs (the dataset is too small to hold any out); evaluation is off")
@@ -220,8 +236,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     ref_bias = None if getattr(ref_head, "bias", None) is None else ref_head.bias.detach().clone()
     mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
     mixed = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if device.type == "cuda" else None,
-        reduce_dtype=torch.float32,
+        param_dtype=torch.bfloat16 if device.type == "cuda" else None, reduce_dtype=torch.float32
     )
     if device.type == "cuda":
         ref_weight = ref_weight.to(torch.bfloat16)
@@ -259,9 +274,15 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             ref_hidden = reference(batch["input_ids"], batch["attention_mask"])
         with torch.set_grad_enabled(train_mode):
             out = policy(
-                batch["input_ids"], batch["attention_mask"], batch["labels"],
-                ref_hidden, ref_weight, ref_bias, beta_ctl.beta, cfg.epsilon,
-            )  # fmt: skip
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                ref_hidden,
+                ref_weight,
+                ref_bias,
+                beta_ctl.beta,
+                cfg.epsilon,
+            )
         return out, int(batch["attention_mask"].sum())
 
     def evaluate():
@@ -272,10 +293,13 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         mine = eval_pairs[rank::world]
         count = math.ceil(len(eval_pairs) / world)
         for start in range(0, count, cfg.micro_batch_size):
-            chunk = [mine[i] if i < len(mine) else eval_pairs[0]
-                     for i in range(start, min(count, start + cfg.micro_batch_size))]  # fmt: skip
-            w = torch.tensor([1.0 if start + i < len(mine) else 0.0 for i in range(len(chunk))],
-                             device=device)  # fmt: skip
+            chunk = [
+                mine[i] if i < len(mine) else eval_pairs[0]
+                for i in range(start, min(count, start + cfg.micro_batch_size))
+            ]
+            w = torch.tensor(
+                [1.0 if start + i < len(mine) else 0.0 for i in range(len(chunk))], device=device
+            )
             out, _ = run_batch(chunk, train_mode=False)
             sums.add(out, w)
         policy.train()
@@ -296,8 +320,10 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 # Pairs of the global batch: micro-batch `micro` of rank r is slice
                 # (micro·world + r).
                 first = step * cfg.global_batch_size + (micro * world + rank) * cfg.micro_batch_size
-                ids = [_pair_index(first + i, len(train_pairs), cfg.seed, order)
-                       for i in range(cfg.micro_batch_size)]  # fmt: skip
+                ids = [
+                    _pair_index(first + i, len(train_pairs), cfg.seed, order)
+                    for i in range(cfg.micro_batch_size)
+                ]
                 # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
                 policy.set_requires_gradient_sync(micro == accumulation - 1)
                 out, tokens = run_batch([train_pairs[i] for i in ids], train_mode=True)
@@ -317,10 +343,16 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             elapsed = time.perf_counter() - t0
             # kl/beta is the β this step's pairs were trained with, as in the library's
             # out.metrics() and in EpsilonDPOTrainer.
-            row = {"step": step, **metrics, "kl/beta": beta_used, "lr": lr,
-                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                      else grad_norm),
-                   "tokens_per_s": tokens / elapsed}  # fmt: skip
+            row = {
+                "step": step,
+                **metrics,
+                "kl/beta": beta_used,
+                "lr": lr,
+                "grad_norm": float(
+                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                ),
+                "tokens_per_s": tokens / elapsed,
+            }
             if device.type == "cuda":  # this rank's peak since the start (not per step)
                 row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             speeds.append(row["tokens_per_s"])
@@ -332,8 +364,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 progress.update(1)
             last, logged = row, step
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank,
-                                record)  # fmt: skip
+                save_checkpoint(
+                    output_dir, policy, optimizer, scheduler, beta_ctl, step, rank, record
+                )
             # The reduced loss and norm are the same on every rank, so all ranks stop together.
             finite = math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
             nonfinite_steps = [] if finite else nonfinite_steps + [step]
@@ -360,8 +393,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         resources = [peak_memory_note(device)]
         if len(speeds) > 1:  # the first step includes compilation and allocator warm-up
             steady = sorted(speeds[1:])[len(speeds[1:]) // 2]
-            resources.insert(0, f"throughput: median {steady:.0f} tokens/s over steps after "
-                             "the first")  # fmt: skip
+            resources.insert(
+                0, f"throughput: median {steady:.0f} tokens/s over steps after the first"
+            )
         log("; ".join(resources))
     return 0
 

@@ -38,12 +38,7 @@ from cli import (  # noqa: E402
 )
 from data import DATASET_HELP, check_dataset_arg, read_pairs  # noqa: E402
 from metrics import machine_note, plot_metrics  # noqa: E402
-from models import (  # noqa: E402
-    MODEL_HELP,
-    check_model_arg,
-    load_policy_and_reference,
-    load_tokenizer,
-)
+from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
 from outputs import (  # noqa: E402
     MetricsLog,
     check_output_dir,
@@ -69,8 +64,11 @@ class Config:
     max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
     max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
     eval_every: int = option(20, "evaluate every N steps (0: never)")
-    overwrite: bool = option(False, "clear a non-empty --output-dir first (without it, a "
-                             "directory holding another run is refused)")  # fmt: skip
+    overwrite: bool = option(
+        False,
+        "clear a non-empty --output-dir first (without it, a "
+        "directory holding another run is refused)",
+    )
     seed: int = option(0, "seed of the initial weights and the data order")
 
 
@@ -81,8 +79,10 @@ def check_config(cfg: Config) -> None:
     if cfg.eval_every < 0:
         raise UsageError(f"--eval-every must be ≥ 0, got {cfg.eval_every}")
     if not 1 <= cfg.max_prompt_length < cfg.max_length:
-        raise UsageError(f"--max-prompt-length ({cfg.max_prompt_length}) must be ≥ 1 and "
-                         f"smaller than --max-length ({cfg.max_length})")  # fmt: skip
+        raise UsageError(
+            f"--max-prompt-length ({cfg.max_prompt_length}) must be ≥ 1 and "
+            f"smaller than --max-length ({cfg.max_length})"
+        )
     check_beta_epsilon(cfg.beta, cfg.epsilon)
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
@@ -107,8 +107,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # transformers 5.x warns about TrainingArguments.gradient_checkpointing on every config TRL
     # builds, whether or not it is set: noise for this script's users.
-    warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated",
-                            category=FutureWarning)  # fmt: skip
+    warnings.filterwarnings(
+        "ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
     import torch
     from datasets import Dataset
@@ -120,32 +121,56 @@ def main(argv=None) -> int:
     log(machine_note())
     tokenizer = load_tokenizer(cfg.model)
     train_pairs, eval_pairs = read_pairs(
-        cfg.dataset, tokenizer, seed=cfg.seed, max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, log=log,
-    )  # fmt: skip
-    to_dataset = lambda pairs: Dataset.from_list([  # noqa: E731
-        dict(prompt_ids=p.prompt_ids, chosen_ids=p.chosen_ids, rejected_ids=p.rejected_ids)
-        for p in pairs
-    ])  # fmt: skip
+        cfg.dataset,
+        tokenizer,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        log=log,
+    )
+
+    def to_dataset(pairs):
+        return Dataset.from_list(
+            [
+                dict(prompt_ids=p.prompt_ids, chosen_ids=p.chosen_ids, rejected_ids=p.rejected_ids)
+                for p in pairs
+            ]
+        )
+
     policy, reference = load_policy_and_reference(cfg.model, cfg.seed)
     evaluate = bool(cfg.eval_every and eval_pairs)
     try:
         args = EpsilonDPOConfig(
-            output_dir=cfg.output_dir, max_steps=cfg.max_steps, learning_rate=cfg.lr,
-            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, beta=cfg.beta,
-            epsilon=cfg.epsilon, max_length=cfg.max_length, seed=cfg.seed, logging_steps=1,
-            eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_every or None,
-            save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(), lr_scheduler_type="cosine", warmup_steps=5,
-        )  # fmt: skip
+            output_dir=cfg.output_dir,
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.lr,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            beta=cfg.beta,
+            epsilon=cfg.epsilon,
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            logging_steps=1,
+            eval_strategy="steps" if evaluate else "no",
+            eval_steps=cfg.eval_every or None,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available(),
+            lr_scheduler_type="cosine",
+            warmup_steps=5,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     trainer = EpsilonDPOTrainer(
-        policy, ref_model=reference, args=args, processing_class=tokenizer,
+        policy,
+        ref_model=reference,
+        args=args,
+        processing_class=tokenizer,
         train_dataset=to_dataset(train_pairs),
         eval_dataset=to_dataset(eval_pairs) if evaluate else None,
-    )  # fmt: skip
+    )
 
     # Everything has loaded: only now is the output directory made (or cleared).
     output_dir = Path(cfg.output_dir).expanduser()
@@ -169,9 +194,11 @@ def main(argv=None) -> int:
     if main_process:
         plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
     last = [e for e in trainer.state.log_history if "loss" in e][-1]
-    log(f"done: {trainer.state.global_step} steps; loss {last['loss']:.4g}, kl/beta "
+    log(
+        f"done: {trainer.state.global_step} steps; loss {last['loss']:.4g}, kl/beta "
         f"{last['kl/beta']:.4g}, rewards/accuracies {last['rewards/accuracies']:.4g}; final β "
-        f"{trainer.adaptive_beta.beta:.6g}; outputs in {output_dir}")  # fmt: skip
+        f"{trainer.adaptive_beta.beta:.6g}; outputs in {output_dir}"
+    )
     return 0
 
 

@@ -43,12 +43,7 @@ from data import (  # noqa: E402
     read_splits,
     tokenize_rows,
 )
-from models import (  # noqa: E402
-    MODEL_HELP,
-    check_model_arg,
-    load_policy_and_reference,
-    load_tokenizer,
-)
+from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
 from outputs import check_output_dir  # noqa: E402
 
 from epsdpo_kernels import ches_scores  # noqa: E402
@@ -64,10 +59,14 @@ class Config:
     batch_size: int = option(16, "pairs per forward pass")
     max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
     max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
-    drop_top: float | None = option(None, "write the dataset without the top K%% of training "
-                                  "pairs by --rank-by (0 < K < 100)")  # fmt: skip
-    rank_by: str = option("ches_normalized", "score that ranks pairs for --drop-top",
-                        choices=["ches_normalized", "ches"])  # fmt: skip
+    drop_top: float | None = option(
+        None, "write the dataset without the top K%% of training pairs by --rank-by (0 < K < 100)"
+    )
+    rank_by: str = option(
+        "ches_normalized",
+        "score that ranks pairs for --drop-top",
+        choices=["ches_normalized", "ches"],
+    )
     device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
     seed: int = option(0, "seed of the embedded default model's random init")
 
@@ -82,8 +81,10 @@ def check_config(cfg: Config) -> None:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size must be ≥ 1, got {cfg.batch_size}")
     if not 1 <= cfg.max_prompt_length < cfg.max_length:
-        raise UsageError(f"--max-prompt-length ({cfg.max_prompt_length}) must be ≥ 1 and "
-                         f"smaller than --max-length ({cfg.max_length})")  # fmt: skip
+        raise UsageError(
+            f"--max-prompt-length ({cfg.max_prompt_length}) must be ≥ 1 and "
+            f"smaller than --max-length ({cfg.max_length})"
+        )
     if cfg.drop_top is not None and not 0 < cfg.drop_top < 100:
         raise UsageError(f"--drop-top must be a percentage in (0, 100), got {cfg.drop_top}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
@@ -106,8 +107,10 @@ def main(argv=None) -> int:
     splits = read_splits(source)
     model, _ = load_policy_and_reference(cfg.model, cfg.seed, reference=False)
     if not callable(getattr(model, "get_decoder", None)):
-        raise UsageError(f"--model {cfg.model}: {type(model).__name__} has no get_decoder(), "
-                         "so its last hidden states cannot be read without its logits")  # fmt: skip
+        raise UsageError(
+            f"--model {cfg.model}: {type(model).__name__} has no get_decoder(), "
+            "so its last hidden states cannot be read without its logits"
+        )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
     out_dir = Path(cfg.output_dir).expanduser()
@@ -132,8 +135,10 @@ def main(argv=None) -> int:
     print(f"histograms -> {out_dir / 'ches_hist.png'}")
     if cfg.drop_top is not None:
         written, dropped, kept = write_filtered(source, splits, records, cfg, out_dir)
-        print(f"dropped the top {cfg.drop_top:g}% by {cfg.rank_by}: {dropped} training pairs; "
-              f"{kept} training rows kept -> {written}")  # fmt: skip
+        print(
+            f"dropped the top {cfg.drop_top:g}% by {cfg.rank_by}: {dropped} training pairs; "
+            f"{kept} training rows kept -> {written}"
+        )
         print(f"train on it: python train/run.py --dataset {written}")
     return 0
 
@@ -150,8 +155,13 @@ def score_split(split, rows, model, tokenizer, cfg: Config, device) -> list[dict
     scores = {}
     pairs = tokenized.pairs
     pad = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(pairs), cfg.batch_size), desc=f"scoring {split}",
-                      unit="batch", disable=not pairs, file=sys.stderr):  # fmt: skip
+    for start in tqdm(
+        range(0, len(pairs), cfg.batch_size),
+        desc=f"scoring {split}",
+        unit="batch",
+        disable=not pairs,
+        file=sys.stderr,
+    ):
         batch = pairs[start : start + cfg.batch_size]
         inputs = {k: v.to(device) for k, v in collate(batch, pad).items()}
         with torch.no_grad():
@@ -166,9 +176,11 @@ def score_split(split, rows, model, tokenizer, cfg: Config, device) -> list[dict
         counts = (labels != -100).sum(dim=1).tolist()
         for i, pair in enumerate(batch):
             scores[pair.where] = dict(
-                ches=plain[i], ches_normalized=normalized[i],
-                chosen_tokens=counts[i], rejected_tokens=counts[len(batch) + i],
-            )  # fmt: skip
+                ches=plain[i],
+                ches_normalized=normalized[i],
+                chosen_tokens=counts[i],
+                rejected_tokens=counts[len(batch) + i],
+            )
     records = []
     for row in rows:
         record = {"split": split, "file": row.file, "line": row.line}
@@ -213,8 +225,9 @@ def plot_histograms(scored: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, key, title in zip(axes, ("ches", "ches_normalized"),
-                              ("CHES (sums)", "length-normalised CHES (means)")):  # fmt: skip
+    for ax, key, title in zip(
+        axes, ("ches", "ches_normalized"), ("CHES (sums)", "length-normalised CHES (means)")
+    ):
         values = [r[key] for r in scored if math.isfinite(r[key])]
         if not values:
             ax.set_title(f"{title}: no finite scores")
@@ -226,13 +239,20 @@ def plot_histograms(scored: list[dict], path: Path) -> None:
         for outside, edge, extreme, side, align, dx in (
             ([v for v in values if v < low], low, min(values), "below", "left", 3),
             ([v for v in values if v > high], high, max(values), "above", "right", -3),
-        ):  # fmt: skip
+        ):
             if outside:
                 ax.axvline(edge, color="tab:red", lw=1, ls="--")
-                ax.annotate(f"{len(outside)} {side}\n(to {extreme:.3g})", xy=(edge, 1),
-                            xycoords=("data", "axes fraction"), xytext=(dx, -3),
-                            textcoords="offset points", ha=align, va="top", fontsize=8,
-                            color="tab:red")  # fmt: skip
+                ax.annotate(
+                    f"{len(outside)} {side}\n(to {extreme:.3g})",
+                    xy=(edge, 1),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(dx, -3),
+                    textcoords="offset points",
+                    ha=align,
+                    va="top",
+                    fontsize=8,
+                    color="tab:red",
+                )
         ax.set_title(title)
         ax.set_xlabel("score (higher: more displacement risk)")
         ax.set_ylabel("pairs")

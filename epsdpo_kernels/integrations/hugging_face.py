@@ -31,9 +31,13 @@ def causal_lm_hidden_and_head(
 
 # Config fields by which a Hugging Face model scales or caps its logits after the lm_head matmul.
 _LOGIT_TRANSFORMS = (
-    "final_logit_softcapping", "logit_scale", "output_multiplier_scale", "output_multiplier",
-    "lm_head_multiplier", "logits_scaling",
-)  # fmt: skip
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def check_linear_head(config) -> None:

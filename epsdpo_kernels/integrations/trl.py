@@ -98,8 +98,11 @@ def refused_options(args: DPOConfig) -> list[str]:
             "(TR-DPO) changes what the step decisions measure; use sync_ref_model=False"
         )
     # The loss's own checks, so that the config says what the loss would say.
-    for check, value in ((check_beta, args.beta), (check_epsilon, getattr(args, "epsilon", 0.0)),
-                         (check_label_smoothing, args.label_smoothing)):  # fmt: skip
+    for check, value in (
+        (check_beta, args.beta),
+        (check_epsilon, getattr(args, "epsilon", 0.0)),
+        (check_label_smoothing, args.label_smoothing),
+    ):
         try:
             check(value)
         except (TypeError, ValueError) as e:
@@ -286,11 +289,17 @@ class EpsilonDPOTrainer(DPOTrainer):
         ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
         beta = self.adaptive_beta.beta
         out = linear_epsilon_dpo_loss(
-            policy_hidden, policy_weight, ref_hidden.to(policy_hidden.device),
-            ref_weight.to(policy_hidden.device), labels.to(policy_hidden.device),
-            beta=beta, epsilon=self.args.epsilon, label_smoothing=self.args.label_smoothing,
-            policy_bias=policy_bias, ref_bias=ref_bias,
-        )  # fmt: skip
+            policy_hidden,
+            policy_weight,
+            ref_hidden.to(policy_hidden.device),
+            ref_weight.to(policy_hidden.device),
+            labels.to(policy_hidden.device),
+            beta=beta,
+            epsilon=self.args.epsilon,
+            label_smoothing=self.args.label_smoothing,
+            policy_bias=policy_bias,
+            ref_bias=ref_bias,
+        )
         loss = self.loss_weights["sigmoid"] * out.loss
         if "sft" in self.loss_weights:
             # TRL's "sft" term: mean NLL over the batch's chosen completion tokens.
@@ -310,13 +319,18 @@ class EpsilonDPOTrainer(DPOTrainer):
         metrics summed over pairs, the per-batch values once, the pair and batch counts, and
         the batch's tokens (attention mask), for TRL's running ``num_tokens``."""
         per_pair = out.pair_metrics()
-        row = torch.cat([
-            torch.stack([v.detach().double().sum() for v in per_pair.values()]),
-            torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
-            torch.tensor([out.beta, out.losses.numel(), 1.0], dtype=torch.float64,
-                         device=out.losses.device),
-            tokens.detach().double().reshape(1).to(out.losses.device),
-        ])  # fmt: skip
+        row = torch.cat(
+            [
+                torch.stack([v.detach().double().sum() for v in per_pair.values()]),
+                torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
+                torch.tensor(
+                    [out.beta, out.losses.numel(), 1.0],
+                    dtype=torch.float64,
+                    device=out.losses.device,
+                ),
+                tokens.detach().double().reshape(1).to(out.losses.device),
+            ]
+        )
         names = [*per_pair, *_PER_BATCH, "_pairs", "_batches", "_tokens"]
         previous = self._metric_sums[mode]
         self._metric_sums[mode] = (names, row if previous is None else previous[1] + row)
