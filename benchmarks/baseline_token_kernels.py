@@ -5,9 +5,6 @@
 Their stats layout is the old one (u and d, not u − a and d − a); the benchmark times them and
 does not compare their outputs.
 
-Original docstring: Per-token Triton kernels: the forward log-probabilities and the backward
-logits gradient.
-
 Both kernels see their input as ``rows = N·T`` token rows of a ``(N, T, V)`` tensor with arbitrary
 strides on the first two dimensions and unit stride over V, so ``logits[:, :-1]`` slices and the
 linear path's compact ``(C, 1, V)`` chunks go through without a copy. Offsets are computed in

@@ -6,12 +6,13 @@
 #   bash benchmarks/gpu_campaign.sh OUT_DIR                 # every phase, in order
 #   bash benchmarks/gpu_campaign.sh OUT_DIR bench-1024 kernels   # some phases
 #
-# Phases: tests, bench-1024, bench-2048, kernels, kernels-ncu, train-small, train-1b. Each is meant to fit one
-# 10-minute device call on an H100 (estimated, not yet measured: each step is cut at
-# STEP_TIMEOUT_S, default 540 s, so its log comes back) and writes at most 8 files under OUT_DIR. Packages the GPU image lacks (Liger-Kernel, TRL, datasets and
-# two of its needs) travel as wheels in .whl/ (see benchmarks/RESULTS.md, "GPU campaign");
-# they are installed into /tmp/site when present. A phase that fails is reported and the next
-# one still runs; the exit status is the number of failed phases.
+# Phases: tests, bench-1024, bench-2048, kernels, kernels-ncu, train-small, train-1b (what each
+# runs and writes: benchmarks/RESULTS.md, "GPU campaign"). Each is expected to take under ten
+# minutes on an H100 (an estimate until a GPU has run it); every step is cut at STEP_TIMEOUT_S
+# (default 540 s), so that a step that hangs still leaves its log. Packages a bare GPU image may
+# lack (Liger-Kernel, TRL, datasets and two of its needs) are installed from wheels in .whl/ into
+# /tmp/site when present. A phase that fails is reported and the next one still runs; the exit
+# status is the number of failed phases.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ PHASES=("$@")
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PY=${PYTHON:-python3}
-# Each step stops short of the device tool's 10-minute call limit, so its log still comes back.
+# Every step has a time limit: a hung step must not take the phases after it with it.
 RUN="timeout ${STEP_TIMEOUT_S:-540}"
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -62,7 +63,7 @@ phase_tests() {
 
 phase_bench() {
     # The issue's shapes: B=4, T=1024 or 2048, H=4096, V=128256, bf16, half prompt. One T per
-    # phase, so that each fits a 10-minute call (eager and compiled rows are slow to set up).
+    # phase, so that each stays under ten minutes (eager and compiled rows are slow to set up).
     local t=$1
     $RUN $PY benchmarks/bench_loss.py --device cuda --shape "4,$t,4096,128256" \
         --json "$OUT_DIR/bench_cuda_T$t.json" --plot "$OUT_DIR/bench_cuda_T$t.png" 2>&1 \

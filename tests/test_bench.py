@@ -180,8 +180,8 @@ def test_kernel_time_model_terms():
 
 
 def test_missing_register_count_is_an_error_not_a_silent_none():
-    """ptxas that rejects the PTX (Triton 3.9's PTX before the matching ptxas was used) must
-    stop the report: "0 spills" without a register count would mean nothing."""
+    """A ptxas that rejects the PTX (another Triton release's CUDA ptxas reading Triton 3.9's
+    PTX 9.x) must stop the report: "0 spills" without a register count would mean nothing."""
     from types import SimpleNamespace
 
     from benchmarks.kernel_report import resources

@@ -100,9 +100,9 @@ def test_kernel_compiles_without_spills(compiled, kernel, arch, dtype, vocab):
 def test_forward_loop_is_within_its_instruction_budget(compiled, dtype, vocab):
     """sm_90 SASS of the forward's steady-state loop: ≤ 32 instructions per (h, g) pair, no
     shuffles or barriers (lanes are combined after the loop), about 4 exps per pair plus one
-    rescale per lane per block; the backward's one exp per logit. Whatever V: a row stride
-    that is not a multiple of 16 elements used to cost ~100 instructions per pair and 192
-    shuffles (scalar loads), until the kernels aligned such rows themselves."""
+    rescale per lane per block; the backward's one exp per logit. Whatever V: a row stride that
+    is not a multiple of 16 elements costs ~100 instructions per pair and 192 shuffles (scalar
+    loads) unless the kernels align such rows themselves."""
     for kernel in ("token_forward_kernel", "token_forward_kernel-split"):
         row = compiled[f"{kernel}-sm90-{dtype}-V{vocab}"]
         assert row["instructions_per_element"] <= FORWARD_LOOP_BUDGET, row

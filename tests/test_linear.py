@@ -380,8 +380,8 @@ def test_bf16_peak_memory_is_the_weight_gradient_plus_slices():
     token_bytes = tokens * hidden_size * (2 + 4 + 2)
     bound = bf16_grad + torch_pass + max(forward_chunk, slice_bytes) + token_bytes
     assert peak < 1.25 * bound, f"peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
-    # Not even half of a V × H fp32 buffer fits under the peak (the token-chunked design that
-    # accumulated into one peaked at 98 MiB here; this one at 40).
+    # Not even half of a V × H fp32 buffer fits under the peak: a backward that accumulated the
+    # weight gradient over token chunks in such a buffer would exceed it.
     assert peak < bf16_grad + fp32_vh / 2, f"peak {peak / 2**20:.1f} MiB: a V × H fp32 buffer?"
 
 

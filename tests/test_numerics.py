@@ -103,8 +103,8 @@ def test_step_decisions_on_long_completions_agree_with_float64(backend, device):
 
 def test_summed_differences_are_far_more_exact_than_separate_sums():
     """Why the token stats hold u − a (layout.py): summing u and a per sequence in fp32 and
-    subtracting, as the previous layout did, errs on ℓ⁺ − ℓ ~100× more than summing the
-    per-token differences, as much as the gaps themselves at ε = 0.01."""
+    subtracting errs on ℓ⁺ − ℓ ~100× more than summing the per-token differences, as much as
+    the gaps themselves at ε = 0.01."""
     b, gen = 16, torch.Generator().manual_seed(2)
     policy = torch.randn(2 * b, 512, 256, generator=gen) * 2
     ref = policy + 0.02 * torch.randn(2 * b, 512, 256, generator=gen)
