@@ -7,7 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from epsdpo_kernels import AdaptiveBeta
-from tests.utils import gloo_group, rendezvous_file
+from tests.helpers.distributed import gloo_group, rendezvous_file
 
 
 def test_update_uses_mean_over_micro_batches():

@@ -61,7 +61,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
 def test_kernel_benchmark_dry_run_exercises_every_path(tmp_path):
     """bench_kernels.py's plumbing (old and new kernels, the launch-configuration sweep with its
     agreement check, the profiler) through the CPU interpreter, so a GPU session only measures."""
-    from tests.conftest import interpreter_problem
+    from tests.helpers.interpreter import interpreter_problem
 
     if interpreter_problem():
         pytest.skip(interpreter_problem())
@@ -101,7 +101,7 @@ def test_sweep_agreement_check_allows_reordering_and_nothing_more():
     from epsdpo_kernels import layout as L
     from epsdpo_kernels.params import LossParams
     from epsdpo_kernels.token_torch import token_forward
-    from tests.utils import make_batch
+    from tests.helpers.batches import make_batch
 
     policy, ref, labels = make_batch(
         2, 8, 1000, dtype=torch.bfloat16, ragged=False, prompt_frac=0.0

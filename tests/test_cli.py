@@ -10,8 +10,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.hh_fixture import write_hh_jsonl_gz  # noqa: E402
-from tests.test_train import FAST, ROOT, _env, metrics, run  # noqa: E402
+from tests.helpers.hh_data import write_hh_jsonl_gz  # noqa: E402
+from tests.helpers.scripts import FAST, ROOT, metrics, run  # noqa: E402
+from tests.helpers.scripts import script_env as _env
 
 
 def _error_lines(proc) -> list[str]:
@@ -134,7 +135,6 @@ def test_help_documents_every_flag_with_its_default():
         timeout=120,
     )
     assert proc.returncode == 0
-    sys.path.insert(0, str(ROOT / "train"))
     import dataclasses
 
     from run import Config
@@ -150,7 +150,6 @@ def test_help_documents_every_flag_with_its_default():
 def test_readme_usage_line_lists_every_flag():
     import dataclasses
 
-    sys.path.insert(0, str(ROOT / "train"))
     from run import Config
 
     readme = (ROOT / "README.md").read_text()

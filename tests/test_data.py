@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,11 @@ import pytest
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
 
 from data import DataError, Row, collate, extract_prompt, load_rows, split_row, tokenize_rows  # noqa: E402
 from tokenizer import byte_tokenizer  # noqa: E402
 
-from tests.hh_fixture import hh_rows, write_hh_jsonl_gz  # noqa: E402
+from tests.helpers.hh_data import hh_rows, write_hh_jsonl_gz  # noqa: E402
 
 HH = "\n\nHuman: Is it safe?\n\nAssistant:"
 

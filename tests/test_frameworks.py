@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from epsdpo_kernels import EpsilonDPOOutput, epsilon_dpo_loss, linear_epsilon_dpo_loss
-from tests.test_linear import head_case, make_linear_batch, rank_rows, run_head
-from tests.utils import assert_close, gloo_group, make_batch, rendezvous_file
+from tests.helpers.batches import head_case, make_batch, make_linear_batch, rank_rows, run_head
+from tests.helpers.compare import assert_close
+from tests.helpers.distributed import gloo_group, rendezvous_file
 
 
 def test_output_is_a_pytree_of_its_tensors():

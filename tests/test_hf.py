@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from epsdpo_kernels import causal_lm_hidden_and_head, epsilon_dpo_loss, linear_epsilon_dpo_loss  # noqa: E402
-from tests.utils import assert_close  # noqa: E402
+from tests.helpers.compare import assert_close  # noqa: E402
 
 
 def tiny_llama(tie: bool, seed: int = 0):

@@ -9,7 +9,7 @@ import torch
 
 import epsdpo_kernels
 from epsdpo_kernels import epsilon_dpo_loss, launch
-from tests.utils import make_batch
+from tests.helpers.batches import make_batch
 
 PACKAGE = Path(epsdpo_kernels.__file__).parent
 
@@ -62,7 +62,9 @@ def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
 def test_only_the_interpreters_numpy_incompatibility_is_turned_into_a_skip():
     """conftest reports a test as skipped only for Triton's interpreter failing on NumPy ≥ 2.3
     (directly, as a cause, or in every member of an exception group), never for other errors."""
-    from tests.conftest import _interpreter_incompatibility
+    from tests.helpers.interpreter import (
+        interpreter_incompatibility as _interpreter_incompatibility,
+    )
 
     class InterpreterError(Exception):
         pass

@@ -11,33 +11,18 @@ from hypothesis import strategies as st
 
 from epsdpo_kernels import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
-from tests.parity import check_outputs, grad_coef_atol, objective, on_device, upstream_weights
-from tests.utils import assert_close, gloo_group, grad_rtol, rendezvous_file
+from tests.helpers.batches import head_case, make_linear_batch, rank_rows, run_head
+from tests.helpers.compare import assert_close, grad_rtol
+from tests.helpers.distributed import gloo_group, rendezvous_file
+from tests.helpers.parity import (
+    check_outputs,
+    grad_coef_atol,
+    objective,
+    on_device,
+    upstream_weights,
+)
 
 BACKENDS = ["torch", "triton"]
-
-
-def make_linear_batch(b, t, h, v, *, dtype, device, bias, prompt_frac=0.3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2 * b, t, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / h**0.5
-    ref_hidden = hidden + 0.3 * torch.randn(2 * b, t, h, generator=gen)
-    ref_weight = weight + 0.3 * torch.randn(v, h, generator=gen) / h**0.5
-    policy_bias = 0.1 * torch.randn(v, generator=gen) if bias else None
-    ref_bias = 0.1 * torch.randn(v, generator=gen) if bias else None
-    labels = torch.randint(0, v, (2 * b, t), generator=gen)
-    scored = torch.rand(2 * b, t, generator=gen) >= prompt_frac
-    labels[~scored] = -100
-    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(
-        policy_hidden=cast(hidden),
-        policy_weight=cast(weight),
-        policy_bias=cast(policy_bias),
-        ref_hidden=cast(ref_hidden),
-        ref_weight=cast(ref_weight),
-        ref_bias=cast(ref_bias),
-        labels=labels.to(device),
-    )
 
 
 def _logits(hidden, weight, bias):
@@ -474,34 +459,6 @@ def test_chunk_sizes_must_be_positive_ints(name, value):
             beta=0.1,
             **{name: value},
         )
-
-
-def head_case():
-    """The seeded head (8 → 50, with bias) and the 4-pair batch of the multi-process tests."""
-    torch.manual_seed(0)
-    head = LinearEpsilonDPOHead(torch.nn.Linear(8, 50))
-    return head, make_linear_batch(4, 5, 8, 50, dtype=torch.float32, device="cpu", bias=True)
-
-
-def run_head(module, data, rows=slice(None)):
-    """The head (or its DDP/FSDP wrapper) on ``rows`` of the batch from ``head_case``."""
-    return module(
-        data["ref_hidden"][rows] * 1.1,
-        data["ref_hidden"][rows],
-        data["ref_weight"],
-        data["labels"][rows],
-        ref_bias=data["ref_bias"],
-        beta=0.1,
-        epsilon=0.2,
-        backend="torch",
-    )
-
-
-def rank_rows(rank: int, world: int, pairs: int = 4) -> torch.Tensor:
-    """Rank ``rank``'s share of a batch of ``pairs``: its own pairs, chosen rows then rejected."""
-    b = pairs // world
-    mine = torch.arange(rank * b, rank * b + b)
-    return torch.cat([mine, pairs + mine])
 
 
 def _ddp_worker(rank, world, store, results):

@@ -11,8 +11,15 @@ from hypothesis import strategies as st
 
 from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
-from tests.parity import check_outputs, grad_coef_atol, objective, on_device, upstream_weights
-from tests.utils import VALUE_TOL, assert_close, grad_rtol, make_batch
+from tests.helpers.batches import make_batch
+from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
+from tests.helpers.parity import (
+    check_outputs,
+    grad_coef_atol,
+    objective,
+    on_device,
+    upstream_weights,
+)
 
 BACKENDS = ["torch", "triton"]
 

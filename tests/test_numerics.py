@@ -11,7 +11,8 @@ from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels import layout as L
 from epsdpo_kernels.dispatch import token_forward
 from epsdpo_kernels.params import LossParams
-from tests.utils import VALUE_TOL, assert_close, make_batch
+from tests.helpers.batches import make_batch
+from tests.helpers.compare import VALUE_TOL, assert_close
 
 BACKENDS = ["torch", "triton"]
 

@@ -14,7 +14,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.test_train import FAST, ROOT, _env, metrics, run  # noqa: E402
+from tests.helpers.scripts import FAST, ROOT, metrics, run  # noqa: E402
+from tests.helpers.scripts import script_env as _env
 
 
 def _one_error_line(proc) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import FAST, metrics, run
+from tests.helpers.scripts import FAST, metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / "train" / "data" / "default"
@@ -121,9 +121,7 @@ def test_histogram_axis_is_not_stretched_by_one_outlier(tmp_path):
     """2300 scores in [-3, 3] and one at -24: the axis stays on the bulk, the outlier is
     counted at the edge instead of squeezing every other pair into one bar."""
     import random
-    import sys
 
-    sys.path.insert(0, str(ROOT / "train"))
     from score import histogram_range, plot_histograms
 
     rng = random.Random(0)

@@ -2,70 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "train"))
-
-from tokenizer import byte_tokenizer  # noqa: E402
-
-FAST = [
-    "--eval-every",
-    "0",
-    "--save-every",
-    "0",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--max-length",
-    "96",
-]
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the torch backend serves CPU training
-    # CPU and gloo even on a GPU machine: two ranks on one GPU would trip NCCL.
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
-
-
-def run(args, nproc=1, timeout=600, check=True, script="run.py"):
-    """Run a script of train/ (run.py unless ``script`` says otherwise) in a fresh process."""
-    path = str(ROOT / "train" / script)
-    if nproc == 1:
-        cmd = [sys.executable, path, *args]
-    else:
-        # --standalone: torchrun's own rendezvous on a port it binds itself (no port race).
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            path,
-            *args,
-        ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers.scripts import FAST, ROOT, metrics, run, script_env  # noqa: E402
+from train.tokenizer import byte_tokenizer  # noqa: E402
 
 
 def test_two_processes_match_one(tmp_path):
@@ -121,7 +68,9 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
     # Kill a second run (SIGKILL, no clean-up) once its step-2 checkpoint is complete.
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train" / "run.py"), *args, "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step_2" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"

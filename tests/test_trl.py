@@ -16,83 +16,13 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from epsdpo_kernels import epsilon_dpo_loss  # noqa: E402
 from epsdpo_kernels.trl import BETA_STATE_FILE, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
-from tests.parity import loss_disagreement  # noqa: E402
-from tests.utils import gloo_group, rendezvous_file  # noqa: E402
+from tests.helpers.distributed import gloo_group, rendezvous_file  # noqa: E402
+from tests.helpers.parity import loss_disagreement  # noqa: E402
+from tests.helpers.trl import ROOT, config, make_trainer, pairs, step_logs, tiny_models  # noqa: E402
 from train.tokenizer import byte_tokenizer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT / "train" / "data" / "default" / "train.jsonl"
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def pairs(n: int, offset: int = 0) -> Dataset:
-    with open(DEFAULT_DATA) as f:
-        rows = [json.loads(line) for line in f][offset : offset + n]
-    return Dataset.from_list(rows)
-
-
-def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tied,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-    )
-    torch.manual_seed(seed)
-    policy = LlamaForCausalLM(config)
-    reference = LlamaForCausalLM(config)
-    reference.load_state_dict(policy.state_dict())
-    return policy, reference
-
-
-def config(tmp_path, **overrides) -> EpsilonDPOConfig:
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=10,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        beta=0.1,
-        epsilon=0.05,
-        dataloader_num_workers=0,
-        bf16=False,  # TRL's default is bf16 autocast; fp32 keeps the comparisons exact
-    )
-    options.update(overrides)
-    return EpsilonDPOConfig(**options)
-
-
-def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, **overrides):
-    policy, reference = tiny_models(seed)
-    return EpsilonDPOTrainer(
-        policy,
-        ref_model=reference,
-        args=config(tmp_path, **overrides),
-        train_dataset=train if train is not None else pairs(8),
-        eval_dataset=eval_dataset,
-        processing_class=byte_tokenizer(),
-    )
-
-
-def step_logs(trainer) -> list[dict]:
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
 def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
@@ -239,7 +169,7 @@ def test_resume_from_a_checkpoint_without_beta_or_with_another_epsilon_is_refuse
 
 _DDP_SCRIPT = r"""
 import json, sys
-from tests.test_trl import make_trainer, step_logs
+from tests.helpers.trl import make_trainer, step_logs
 from pathlib import Path
 out, batch = Path(sys.argv[1]), int(sys.argv[2])
 trainer = make_trainer(out, train=None, max_steps=4, per_device_train_batch_size=batch,
@@ -345,7 +275,7 @@ def test_soft_capped_model_is_refused(tmp_path):
 _MEMORY_SCRIPT = r"""
 import json, sys, torch
 from datasets import Dataset
-from tests.test_trl import tiny_models, config
+from tests.helpers.trl import tiny_models, config
 from train.tokenizer import byte_tokenizer
 from trl import DPOConfig, DPOTrainer
 from epsdpo_kernels.trl import EpsilonDPOTrainer
@@ -481,7 +411,7 @@ def test_default_config_when_args_is_omitted(tmp_path, monkeypatch):
 _FSDP_SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from tests.test_trl import make_trainer, step_logs
+from tests.helpers.trl import make_trainer, step_logs
 out, fsdp = Path(sys.argv[1]), sys.argv[2] == "fsdp"
 options = {"fsdp_version": 2, "reshard_after_forward": True}
 extra = dict(fsdp=True, fsdp_config=options) if fsdp else {}
@@ -529,7 +459,7 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
 
 
 def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
-    from tests.test_train import metrics, run
+    from tests.helpers.scripts import metrics, run
 
     out = tmp_path / "out"
     args = ["--max-steps", "4", "--eval-every", "2", "--output-dir", str(out)]
@@ -566,8 +496,8 @@ def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
 def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path):
     """HH-RLHF's format at the default lengths: TRL alone would drop every row whose prompt
     fills max_length; run_trl.py reads, truncates and skips as run.py does and says so."""
-    from tests.hh_fixture import write_hh_jsonl_gz
-    from tests.test_train import run
+    from tests.helpers.hh_data import write_hh_jsonl_gz
+    from tests.helpers.scripts import run
 
     data = tmp_path / "test.jsonl.gz"
     write_hh_jsonl_gz(data, n=200)

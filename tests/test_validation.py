@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epsdpo_kernels import epsilon_dpo_loss
-from tests.utils import make_batch
+from tests.helpers.batches import make_batch
 
 
 def _good(device):

@@ -22,13 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from cli import (  # noqa: E402
+import torch
+import torch.distributed as dist
+from cli import (
     ArgumentParser,
     Interrupted,
     UsageError,
@@ -39,8 +35,8 @@ from cli import (  # noqa: E402
     run_main,
     watch_for_interrupt,
 )
-from data import DATASET_HELP, check_dataset_arg, collate, read_pairs  # noqa: E402
-from fsdp import (  # noqa: E402
+from data import DATASET_HELP, check_dataset_arg, collate, read_pairs
+from fsdp import (
     EpsilonDPOPolicy,
     ReferenceHidden,
     decoder_layers,
@@ -51,9 +47,9 @@ from fsdp import (  # noqa: E402
     save_checkpoint,
     shard,
 )
-from metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics  # noqa: E402
-from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
-from outputs import (  # noqa: E402
+from metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics
+from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from outputs import (
     RUN_RECORD,
     MetricsLog,
     check_output_dir,
@@ -63,9 +59,9 @@ from outputs import (  # noqa: E402
     source_id,
     start_run_dir,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from epsdpo_kernels import AdaptiveBeta  # noqa: E402
+from epsdpo_kernels import AdaptiveBeta
 
 
 # ----------------------------------------------------------------------------- config

@@ -21,11 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from cli import (  # noqa: E402
+from cli import (
     ArgumentParser,
     Interrupted,
     UsageError,
@@ -36,10 +32,10 @@ from cli import (  # noqa: E402
     run_main,
     watch_for_interrupt,
 )
-from data import DATASET_HELP, check_dataset_arg, read_pairs  # noqa: E402
-from metrics import machine_note, plot_metrics  # noqa: E402
-from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
-from outputs import (  # noqa: E402
+from data import DATASET_HELP, check_dataset_arg, read_pairs
+from metrics import machine_note, plot_metrics
+from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from outputs import (
     MetricsLog,
     check_output_dir,
     check_overwrite,
@@ -47,7 +43,7 @@ from outputs import (  # noqa: E402
     source_id,
     start_run_dir,
 )
-from transformers import TrainerCallback  # noqa: E402
+from transformers import TrainerCallback
 
 
 @dataclass

@@ -28,13 +28,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-import torch  # noqa: E402
-from cli import ArgumentParser, UsageError, add_dataclass_flags, option, run_main  # noqa: E402
-from data import (  # noqa: E402
+import torch
+from cli import ArgumentParser, UsageError, add_dataclass_flags, option, run_main
+from data import (
     DATASET_HELP,
     DEFAULT_DATASET,
     check_dataset_arg,
@@ -43,10 +39,10 @@ from data import (  # noqa: E402
     read_splits,
     tokenize_rows,
 )
-from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer  # noqa: E402
-from outputs import check_output_dir  # noqa: E402
+from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from outputs import check_output_dir
 
-from epsdpo_kernels import ches_scores  # noqa: E402
+from epsdpo_kernels import ches_scores
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from tests.utils import VALUE_TOL, assert_close
+from tests.helpers.compare import VALUE_TOL, assert_close
 
 # fp32's unit roundoff, and the confidence factor of the probabilistic rounding-error bound
 # (Higham & Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci.

@@ -1,10 +1,6 @@
-"""Shared helpers: batch construction and one comparison helper with per-dtype tolerances."""
+"""Comparisons with per-dtype tolerances: what every test that checks numbers uses."""
 
 from __future__ import annotations
-
-import contextlib
-import os
-import tempfile
 
 import torch
 
@@ -52,64 +48,3 @@ def assert_close(actual, expected, *, rtol, atol, name="tensor", mask=None):
             f"expected {expected.flatten()[worst].item():.9g} (rtol={rtol}, "
             f"atol={atol.flatten()[worst].item():.3g})"
         )
-
-
-def make_batch(
-    b,
-    t,
-    v,
-    *,
-    dtype=torch.float32,
-    device="cpu",
-    scale=1.0,
-    prompt_frac=0.3,
-    seed=0,
-    ignore_index=-100,
-    ragged=True,
-    empty_rows=(),
-):
-    """Random (policy, ref, labels) with a prompt prefix and ragged padding per row.
-
-    The reference logits are the policy's plus noise, as after SFT, so the ε-mixes differ from
-    the policy by O(ε) and ties between log-ratios are rare but not absurdly far apart.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    policy = torch.randn(2 * b, t, v, generator=gen) * scale
-    ref = policy + 0.5 * scale * torch.randn(2 * b, t, v, generator=gen)
-    labels = torch.randint(0, v, (2 * b, t), generator=gen)
-    prompt = int(prompt_frac * t)
-    labels[:, :prompt] = ignore_index
-    if ragged:
-        for n in range(2 * b):
-            pad = int(torch.randint(0, max(1, (t - prompt) // 2 + 1), (1,), generator=gen))
-            if pad:
-                labels[n, t - pad :] = ignore_index
-    for n in empty_rows:
-        labels[n] = ignore_index
-    return (
-        policy.to(device=device, dtype=dtype),
-        ref.to(device=device, dtype=dtype),
-        labels.to(device),
-    )
-
-
-def rendezvous_file() -> str:
-    """A fresh path for a test process group's FileStore. Ranks meet through the file system:
-    a TCP port chosen free in one process can be taken by another before rank 0 binds it, which
-    on a busy machine makes multi-process tests fail at random."""
-    fd, path = tempfile.mkstemp(prefix="epsdpo-group-")
-    os.close(fd)
-    os.unlink(path)  # FileStore wants a path that does not exist yet (or an empty file)
-    return path
-
-
-@contextlib.contextmanager
-def gloo_group(rank: int, world: int, store_path: str):
-    """A gloo process group of ``world`` ranks meeting at ``store_path`` (``rendezvous_file``)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""A tiny EpsilonDPOTrainer on the embedded data: no download, CPU, fp32."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from epsdpo_kernels.trl import EpsilonDPOConfig, EpsilonDPOTrainer
+from train.tokenizer import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = ROOT / "train" / "data" / "default" / "train.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def pairs(n: int, offset: int = 0) -> Dataset:
+    with open(DEFAULT_DATA) as f:
+        rows = [json.loads(line) for line in f][offset : offset + n]
+    return Dataset.from_list(rows)
+
+
+def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
+    torch.manual_seed(seed)
+    policy = LlamaForCausalLM(config)
+    reference = LlamaForCausalLM(config)
+    reference.load_state_dict(policy.state_dict())
+    return policy, reference
+
+
+def config(tmp_path, **overrides) -> EpsilonDPOConfig:
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=10,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        beta=0.1,
+        epsilon=0.05,
+        dataloader_num_workers=0,
+        bf16=False,  # TRL's default is bf16 autocast; fp32 keeps the comparisons exact
+    )
+    options.update(overrides)
+    return EpsilonDPOConfig(**options)
+
+
+def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, **overrides):
+    policy, reference = tiny_models(seed)
+    return EpsilonDPOTrainer(
+        policy,
+        ref_model=reference,
+        args=config(tmp_path, **overrides),
+        train_dataset=train if train is not None else pairs(8),
+        eval_dataset=eval_dataset,
+        processing_class=byte_tokenizer(),
+    )
+
+
+def step_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
