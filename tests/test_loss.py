@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
 from tests.helpers.batches import make_batch
-from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
+from tests.helpers.compare import VALUE_TOL, assert_close, grad_atol_floor, grad_rtol
 from tests.helpers.parity import (
     check_outputs,
     grad_coef_atol,
@@ -51,7 +51,9 @@ def compare_to_reference(policy, ref, labels, *, backend, inplace=False, strided
     assert grad is not None and grad.dtype == policy.dtype
     e = {k: v.detach() for k, v in expected.items()}
     row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
-    atol = grad_coef_atol(e, weights, labels.cpu(), kw).view(-1, 1, 1)
+    atol = grad_coef_atol(e, weights, labels.cpu(), kw).view(-1, 1, 1) + grad_atol_floor(
+        policy.dtype
+    )
     rtol = grad_rtol(policy.dtype, backend, policy.device)
     assert_close(grad, leaf64.grad, rtol=rtol, atol=atol, name="grad", mask=row_mask)
     assert ref.grad is None

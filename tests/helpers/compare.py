@@ -16,6 +16,15 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 INTERPRETER_GRAD_RTOL = {**GRAD_RTOL, torch.bfloat16: 2**-7}
 
 
+def grad_atol_floor(dtype) -> float:
+    """The absolute rounding of a gradient written in ``dtype`` where it is subnormal: below the
+    smallest normal number values are spaced smallest_normal·eps apart, so rounding to nearest
+    errs by up to half of that whatever the value (fp16: 2^-25 ≈ 3e-8, which no relative
+    tolerance covers for gradients of ~1e-6; bf16 and fp32: below 1e-40)."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps / 2
+
+
 def grad_rtol(dtype, backend: str, device) -> float:
     interpreted = backend == "triton" and torch.device(device).type == "cpu"
     return (INTERPRETER_GRAD_RTOL if interpreted else GRAD_RTOL)[dtype]
