@@ -417,6 +417,7 @@ def report(
         if loop is not None and per_trip:
             instr = len(loop) / per_trip
             mufu = sum(op == "MUFU.EX2" for _, op, _ in loop) / per_trip
+            load_bytes = loop_load_bytes(loop)
             row.update(
                 loop_instructions=len(loop),
                 elements_per_trip=per_trip,
@@ -425,7 +426,7 @@ def report(
                 shuffles_or_barriers_in_loop=sum(
                     op.startswith(("SHFL", "BAR")) for _, op, _ in loop
                 ),
-                loop_load_bytes_per_thread=loop_load_bytes(loop),
+                loop_load_bytes_per_thread=load_bytes,
                 **time_range(
                     elements=elements,
                     bytes_per_element=bytes_per_element,
@@ -433,7 +434,7 @@ def report(
                     instr=instr,
                     registers=row["registers"],
                     warps=warps,
-                    load_bytes=loop_load_bytes(loop),
+                    load_bytes=load_bytes,
                     programs=_programs(_grid),
                     gpu=gpu,
                 ),

@@ -1,18 +1,5 @@
 """``epsdpo_kernels.trl``, the documented import path of the TRL integration, which lives in
 ``epsdpo_kernels/integrations/trl.py``."""
 
-from .integrations.trl import (
-    BETA_STATE_FILE,
-    TOKENIZED_COLUMNS,
-    EpsilonDPOConfig,
-    EpsilonDPOTrainer,
-    refused_options,
-)
-
-__all__ = [
-    "EpsilonDPOConfig",
-    "EpsilonDPOTrainer",
-    "refused_options",
-    "BETA_STATE_FILE",
-    "TOKENIZED_COLUMNS",
-]
+from .integrations.trl import *  # noqa: F403
+from .integrations.trl import __all__  # noqa: F401

@@ -248,16 +248,9 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     ref = policy + torch.randn(8, 16, 333, generator=gen) * scale * 0.01
     labels = torch.full((8, 16), 7)
     labels[:, ::2] = torch.randint(0, 333, (8, 8), generator=gen)
-    params = LossParams(
-        beta=0.1,
-        epsilon=0.3,
-        label_smoothing=0.0,
-        ignore_index=-100,
-        average_log_prob=False,
-        backend=backend,
-        scored_count=int((labels != -100).sum()),
+    stats = token_forward(
+        policy.to(device), ref.to(device), labels.to(device), _params(backend, 0.3)
     )
-    stats = token_forward(policy.to(device), ref.to(device), labels.to(device), params)
     a = stats[layout.TOK_LOGP]
     # The perturbed streams are stored as u − a and d − a (layout.py).
     logps = torch.stack(

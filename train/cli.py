@@ -44,6 +44,11 @@ def interrupt_requested() -> bool:
     return _sigint_received
 
 
+def is_interruption(error: BaseException) -> bool:
+    """Ctrl-C itself, or a failure that followed it (a collective whose peer stopped)."""
+    return isinstance(error, KeyboardInterrupt) or _sigint_received
+
+
 def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 

@@ -141,13 +141,18 @@ def read_record(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def source_id(value: str | None, default: str) -> str:
-    """A --model/--dataset value as a run record keeps it: local paths made absolute, so the
-    same data named two ways compares equal; ids as given; None as the embedded default."""
-    if value is None:
-        return default
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
+def run_record(cfg, keys) -> dict:
+    """The flags ``keys`` of a script's config as ``run.json`` keeps them: --model/--dataset
+    local paths made absolute (the same data named two ways compares equal), ids as given,
+    None as the embedded default."""
+    record = {k: getattr(cfg, k) for k in keys}
+    for key, default in (("model", "embedded tiny Llama"), ("dataset", "embedded default")):
+        value = record.get(key, ...)
+        if value is None:
+            record[key] = default
+        elif isinstance(value, str) and Path(value).expanduser().exists():
+            record[key] = str(Path(value).expanduser().resolve())
+    return record
 
 
 class MetricsLog:

@@ -31,6 +31,7 @@ from cli import (
     add_dataclass_flags,
     check_beta_epsilon,
     interrupt_requested,
+    is_interruption,
     option,
     run_main,
     watch_for_interrupt,
@@ -56,7 +57,7 @@ from outputs import (
     check_overwrite,
     check_run_dir,
     read_record,
-    source_id,
+    run_record,
     start_run_dir,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -124,13 +125,6 @@ RUN_DEFINING = (
 NONFINITE_PATIENCE = 3
 
 
-def run_record(cfg: Config) -> dict:
-    record = {k: getattr(cfg, k) for k in RUN_DEFINING}
-    record["model"] = source_id(cfg.model, "embedded tiny Llama")
-    record["dataset"] = source_id(cfg.dataset, "embedded default")
-    return record
-
-
 def parse_args(argv=None) -> Config:
     parser = ArgumentParser(prog="train/run.py", description=__doc__.split("\n\n")[0])
     add_dataclass_flags(parser, Config)
@@ -166,7 +160,7 @@ def check_config(cfg: Config, world: int) -> None:
     checkpoints = Path(cfg.output_dir).expanduser()
     check_run_dir(
         cfg.output_dir,
-        run_record(cfg),
+        run_record(cfg, RUN_DEFINING),
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         checkpoint_record=lambda: _checkpoint_record(checkpoints),
@@ -247,7 +241,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     beta_ctl = AdaptiveBeta(cfg.beta, cfg.epsilon)
 
     # Everything has loaded: only now is the output directory made (or cleared).
-    record = run_record(cfg)
+    record = run_record(cfg, RUN_DEFINING)
     if rank == 0:
         start_run_dir(output_dir, record, overwrite=cfg.overwrite and not cfg.resume)
     dist.barrier()
@@ -374,7 +368,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                     "lower them, and start again with --overwrite"
                 )
     except (KeyboardInterrupt, Exception) as e:
-        if not (isinstance(e, KeyboardInterrupt) or interrupt_requested()):
+        if not is_interruption(e):
             raise
         progress.close()
         raise Interrupted(_interrupted_message(output_dir, logged)) from None

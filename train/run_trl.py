@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cli import (
@@ -27,7 +27,7 @@ from cli import (
     UsageError,
     add_dataclass_flags,
     check_beta_epsilon,
-    interrupt_requested,
+    is_interruption,
     option,
     run_main,
     watch_for_interrupt,
@@ -40,7 +40,7 @@ from outputs import (
     check_output_dir,
     check_overwrite,
     check_run_dir,
-    source_id,
+    run_record,
     start_run_dir,
 )
 from transformers import TrainerCallback
@@ -68,6 +68,10 @@ class Config:
     seed: int = option(0, "seed of the initial weights and the data order")
 
 
+# Every flag but where the outputs go defines the run (run.json).
+RUN_DEFINING = [f.name for f in fields(Config) if f.name not in ("output_dir", "overwrite")]
+
+
 def check_config(cfg: Config) -> None:
     """Every check that needs no model or data, before anything is loaded."""
     if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.gradient_accumulation_steps < 1:
@@ -85,13 +89,6 @@ def check_config(cfg: Config) -> None:
     check_output_dir(cfg.output_dir)
     check_overwrite(cfg.output_dir, cfg.overwrite)
     check_run_dir(cfg.output_dir, {}, resume=None, overwrite=cfg.overwrite)
-
-
-def run_record(cfg: Config) -> dict:
-    record = {k: v for k, v in vars(cfg).items() if k not in ("output_dir", "overwrite")}
-    record["model"] = source_id(cfg.model, "embedded tiny Llama")
-    record["dataset"] = source_id(cfg.dataset, "embedded default")
-    return record
 
 
 def main(argv=None) -> int:
@@ -171,13 +168,13 @@ def main(argv=None) -> int:
     # Everything has loaded: only now is the output directory made (or cleared).
     output_dir = Path(cfg.output_dir).expanduser()
     if main_process:
-        start_run_dir(output_dir, run_record(cfg), overwrite=cfg.overwrite)
+        start_run_dir(output_dir, run_record(cfg, RUN_DEFINING), overwrite=cfg.overwrite)
     metrics = MetricsRows(MetricsLog(output_dir / "metrics.jsonl"), enabled=main_process)
     trainer.add_callback(metrics)
     try:
         trainer.train()
     except (KeyboardInterrupt, Exception) as e:
-        if not (isinstance(e, KeyboardInterrupt) or interrupt_requested()):
+        if not is_interruption(e):
             raise
         metrics.flush()
         raise Interrupted(
