@@ -121,7 +121,7 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
         torch.bfloat16
     )
     labels = torch.randint(0, vocab, shape[:2], generator=gen, device=device)
-    row_coef = torch.randn(rows, device=device)
+    token_coef = torch.randn(rows, device=device)
     nbytes = policy.numel() * policy.element_size()
     scratch = torch.empty_like(policy)
     copy_ms = bench(lambda: scratch.copy_(policy))
@@ -134,16 +134,16 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
     )
 
     stats = new.token_forward(policy, ref, labels, params)
-    grad = new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
+    grad = new.token_backward(policy, labels, stats, token_coef, params, inplace=False)
     runs = {
         "new": (
             lambda: new.token_forward(policy, ref, labels, params),
-            lambda: new.token_backward(policy, labels, stats, row_coef, params, inplace=False),
+            lambda: new.token_backward(policy, labels, stats, token_coef, params, inplace=False),
         ),
         "old": (
             lambda: old.token_forward(policy, ref, labels, epsilon=0.01, ignore_index=-100),
             lambda: old.token_backward(
-                policy, labels, old_stats, row_coef, ignore_index=-100, inplace=False
+                policy, labels, old_stats, token_coef, ignore_index=-100, inplace=False
             ),
         ),
     }
@@ -166,7 +166,7 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
                         policy,
                         ref,
                         labels,
-                        row_coef,
+                        token_coef,
                         params,
                         stats,
                         grad,
@@ -260,7 +260,7 @@ def _sweep_point(
     policy,
     ref,
     labels,
-    row_coef,
+    token_coef,
     params,
     stats,
     grad,
@@ -274,7 +274,7 @@ def _sweep_point(
     point = dict(kernels="new", warps=warps, lanes=lanes, vocab=vocab)
     try:
         got_stats = new.token_forward(policy, ref, labels, params)
-        got_grad = new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
+        got_grad = new.token_backward(policy, labels, stats, token_coef, params, inplace=False)
         check_layout_agreement(
             f"warps={warps} lanes={lanes}",
             got_stats,
@@ -289,7 +289,7 @@ def _sweep_point(
         return dict(point, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     fwd_ms = bench(lambda: new.token_forward(policy, ref, labels, params))
     bwd_ms = bench(
-        lambda: new.token_backward(policy, labels, stats, row_coef, params, inplace=False)
+        lambda: new.token_backward(policy, labels, stats, token_coef, params, inplace=False)
     )
     return dict(point, **_row("new", vocab, fwd_ms, bwd_ms, 2 * nbytes, copy_bw))
 

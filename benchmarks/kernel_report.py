@@ -287,6 +287,8 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
 
     from epsdpo_kernels import token_triton as K
     from epsdpo_kernels.pair_head_triton import pair_head_launch
+    from epsdpo_kernels.sequence_sums_triton import sequence_sums_launch
+    from epsdpo_kernels.sequences import Sequences
 
     dtype = getattr(torch, DTYPES[dtype_name])
     # The logits path's layout: (2B, T, V) with T = 2048.
@@ -310,16 +312,33 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
             per_trip = launch[3].get("LANES", 1) * launch[3].get("VEC", 1) // (32 * launch[4])
             out.append((name, launch, per_trip, 2 * element))
     grad_launch = K.backward_launch(
-        policy, labels, stats, torch.empty(rows // t, device="meta"), policy, -100, splits=1
+        policy, labels, stats, torch.empty(rows, device="meta"), policy, -100, splits=1
     )
     lanes, vec = grad_launch[3]["LANES"], grad_launch[3]["VEC"]
     out.append(
         ("token_backward_kernel", grad_launch, lanes * vec // (32 * grad_launch[4]), 2 * element)
     )
-    pair_labels = torch.empty(32, 1024, dtype=torch.long, device="meta")
-    pair_out = torch.empty(18, 16, device="meta")
+    # The head's inputs at B = 16 pairs of 1024 tokens, padded rows and the same packed.
+    seq_labels = torch.empty(32, 1024, dtype=torch.long, device="meta")
+    seq_out = torch.empty(6, 32, device="meta")
+    padded = Sequences(count=32, tokens=32 * 1024, longest=1024)
+    index = torch.empty(32 * 1024, dtype=torch.long, device="meta")
+    packed = Sequences(
+        count=32,
+        tokens=32 * 1024,
+        longest=1024,
+        keys=index,
+        order=index,
+        offsets=torch.empty(33, dtype=torch.long, device="meta"),
+    )
+    for name, sequences, labels_ in (
+        ("sequence_sums_kernel", padded, seq_labels),
+        ("sequence_sums_kernel-packed", packed, seq_labels.view(1, -1)),
+    ):
+        launch = sequence_sums_launch(stats[:, : 32 * 1024], labels_, sequences, seq_out, -100)
+        out.append((name, launch, None, None))
     pair_launch = pair_head_launch(
-        stats[:, : 32 * 1024], pair_labels, pair_out, 0.1, 0.01, 0.0, -100, False
+        seq_out, torch.empty(18, 16, device="meta"), 0.1, 0.01, 0.0, False
     )
     out.append(("pair_head_kernel", pair_launch, None, None))
     return out

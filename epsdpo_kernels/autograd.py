@@ -3,8 +3,9 @@
 ``EpsilonDPOLogitsFunction`` (materialised logits) and ``LinearEpsilonDPOFunction`` (hidden states
 and lm_head weights) both return ``(losses, chosen_logps, rejected_logps, pair)``: the first three
 differentiable, the pair buffer (layout.py) not. Their backward passes both start from the same
-per-row coefficient c_n = ∂(upstream)/∂A_n (``row_coefficients``, docs/SPEC.md, Gradients), then go
-to the per-token backward directly (logits) or through the vocabulary-sliced driver (linear).
+per-sequence coefficient c_n = ∂(upstream)/∂A_n (``row_coefficients``, docs/SPEC.md, Gradients),
+handed to each token of sequence n (``Sequences.token_coefficients``), then go to the per-token
+backward directly (logits) or through the vocabulary-sliced driver (linear).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from . import layout as L
-from .dispatch import pair_head, token_backward, token_forward
+from .dispatch import pair_head, sequence_sums, token_backward, token_forward
 from .linear_chunks import LinearChunks, linear_backward, linear_forward
 from .params import LossParams
+from .sequences import Sequences
 
 
 def split_pair(pair: torch.Tensor):
@@ -35,11 +37,11 @@ def row_coefficients(
     *,
     average_log_prob: bool,
 ) -> torch.Tensor:
-    """c_n = ∂(upstream)/∂A_n for the 2B sequence rows, from the head's ∂L_i/∂ℓ_i.
+    """c_n = ∂(upstream)/∂A_n for the 2B sequences, from the head's ∂L_i/∂ℓ_i.
 
     ℓ_i = A_chosen − A_rejected, so the chosen row gets +g·∂L/∂ℓ and the rejected row −g·∂L/∂ℓ;
     gradients that reach chosen_logps/rejected_logps directly (an NLL term, say) add on top.
-    With averaging, A_n is a mean, so every token of row n carries c_n / count_n.
+    With averaging, A_n is a mean, so every token of sequence n carries c_n / count_n.
     """
     dloss = pair[L.PAIR_DLOSS_DLOGRATIO]
     through_loss = dloss * grad_losses if grad_losses is not None else torch.zeros_like(dloss)
@@ -56,14 +58,14 @@ def row_coefficients(
     return coef
 
 
-def logits_forward(policy_logits, ref_logits, labels, params: LossParams):
-    """Token pass + pair head: (token stats, pair buffer). No autograd involved."""
+def logits_forward(policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences):
+    """Token pass, sums per sequence, pair head: (token stats, pair buffer). No autograd."""
     stats = token_forward(policy_logits, ref_logits, labels, params)
-    return stats, pair_head(stats, labels, params)
+    return stats, pair_head(sequence_sums(stats, labels, sequences, params), params)
 
 
 class EpsilonDPOLogitsFunction(torch.autograd.Function):
-    """(policy_logits, ref_logits, labels, params, inplace) → (losses, chosen_logps,
+    """(policy_logits, ref_logits, labels, params, sequences, inplace) → (losses, chosen_logps,
     rejected_logps, pair).
 
     Saves the policy logits (by reference, no copy), the labels, the token stats (6 floats per
@@ -72,14 +74,24 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def evaluate(policy_logits, ref_logits, labels, params: LossParams, inplace: bool):
+    def evaluate(
+        policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences, inplace: bool
+    ):
         """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return logits_forward(policy_logits, ref_logits, labels, params)[1]
+        return logits_forward(policy_logits, ref_logits, labels, params, sequences)[1]
 
     @staticmethod
-    def forward(ctx, policy_logits, ref_logits, labels, params: LossParams, inplace: bool):
-        stats, pair = logits_forward(policy_logits, ref_logits, labels, params)
-        ctx.params, ctx.inplace = params, inplace
+    def forward(
+        ctx,
+        policy_logits,
+        ref_logits,
+        labels,
+        params: LossParams,
+        sequences: Sequences,
+        inplace: bool,
+    ):
+        stats, pair = logits_forward(policy_logits, ref_logits, labels, params, sequences)
+        ctx.params, ctx.sequences, ctx.inplace = params, sequences, inplace
         ctx.save_for_backward(policy_logits, labels, stats, pair)
         ctx.mark_non_differentiable(pair)
         return (*split_pair(pair), pair)
@@ -96,13 +108,14 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
             grad_rejected_logps,
             average_log_prob=params.average_log_prob,
         )
-        grad = token_backward(policy_logits, labels, stats, row_coef, params, inplace=ctx.inplace)
-        return grad, None, None, None, None
+        token_coef = ctx.sequences.token_coefficients(row_coef)
+        grad = token_backward(policy_logits, labels, stats, token_coef, params, inplace=ctx.inplace)
+        return grad, None, None, None, None, None
 
 
 class LinearEpsilonDPOFunction(torch.autograd.Function):
     """(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params, chunks) → (losses, chosen_logps, rejected_logps, pair).
+    params, sequences, chunks) → (losses, chosen_logps, rejected_logps, pair).
 
     Saves the policy hidden states, weight and bias (references, no copies), the labels, the
     scored indices, the token stats (6 floats per token) and the pair buffer; nothing V-sized.
@@ -118,6 +131,7 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
         ref_bias,
         labels,
         params: LossParams,
+        sequences: Sequences,
         chunks: LinearChunks,
     ):
         """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
@@ -130,6 +144,7 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
             ref_bias,
             labels,
             params,
+            sequences,
             chunks,
         )[1]
 
@@ -144,6 +159,7 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
         ref_bias,
         labels,
         params: LossParams,
+        sequences: Sequences,
         chunks: LinearChunks,
     ):
         stats, pair, scored = linear_forward(
@@ -155,9 +171,10 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
             ref_bias,
             labels,
             params,
+            sequences,
             chunks,
         )
-        ctx.params, ctx.chunks = params, chunks
+        ctx.params, ctx.sequences, ctx.chunks = params, sequences, chunks
         ctx.has_bias = policy_bias is not None
         ctx.save_for_backward(
             policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair
@@ -189,9 +206,9 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
             labels,
             stats,
             scored,
-            row_coef,
+            ctx.sequences.token_coefficients(row_coef),
             params,
             ctx.chunks,
             needs,
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)

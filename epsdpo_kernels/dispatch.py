@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .params import LossParams
+from .sequences import Sequences
 
 
 def token_forward(policy_logits, ref_logits, labels, params: LossParams) -> torch.Tensor:
@@ -26,27 +27,40 @@ def token_backward(
     policy_logits,
     labels,
     stats,
-    row_coef,
+    token_coef,
     params: LossParams,
     *,
     inplace: bool,
     vocab_offset: int = 0,
 ) -> torch.Tensor:
-    """∂L/∂policy_logits from c_n per sequence row; ``inplace`` writes over the logits; column
-    j of the logits is vocabulary entry ``vocab_offset + j``."""
+    """∂L/∂policy_logits from each token row's c_n (``Sequences.token_coefficients``);
+    ``inplace`` writes over the logits; column j of the logits is vocabulary entry
+    ``vocab_offset + j``."""
     if params.backend == "triton":
         from .token_triton import token_backward as impl
     else:
         from .token_torch import token_backward as impl
     return impl(
-        policy_logits, labels, stats, row_coef, params, inplace=inplace, vocab_offset=vocab_offset
+        policy_logits, labels, stats, token_coef, params, inplace=inplace, vocab_offset=vocab_offset
     )
 
 
-def pair_head(stats: torch.Tensor, labels: torch.Tensor, params: LossParams) -> torch.Tensor:
-    """``(PAIR_FIELDS, B)`` per-pair buffer from the token stats (docs/SPEC.md, Per pair)."""
+def sequence_sums(
+    stats: torch.Tensor, labels: torch.Tensor, sequences: Sequences, params: LossParams
+) -> torch.Tensor:
+    """``(SEQUENCE_FIELDS, 2B)`` sums of the token stats per sequence (docs/SPEC.md, Per
+    sequence), for padded rows or a packed stream alike."""
+    if params.backend == "triton":
+        from .sequence_sums_triton import sequence_sums as impl
+    else:
+        from .sequence_sums_torch import sequence_sums as impl
+    return impl(stats, labels, sequences, params)
+
+
+def pair_head(sequence_sums: torch.Tensor, params: LossParams) -> torch.Tensor:
+    """``(PAIR_FIELDS, B)`` per-pair buffer from the sequence sums (docs/SPEC.md, Per pair)."""
     if params.backend == "triton":
         from .pair_head_triton import pair_head as impl
     else:
         from .pair_head_torch import pair_head as impl
-    return impl(stats, labels, params)
+    return impl(sequence_sums, params)

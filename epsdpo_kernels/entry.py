@@ -25,10 +25,14 @@ def compute_loss(
     options: dict,
     backend: str,
     path_option,
+    sequence_ids: torch.Tensor | None = None,
+    num_pairs: int | None = None,
 ) -> EpsilonDPOOutput:
     """Run ``function`` (an autograd Function with an ``evaluate`` twin, autograd.py) on
-    ``inputs`` with the call's ``LossParams``, built here once the labels are counted, and the
-    Function's own ``path_option`` (the logits path's in-place flag, the linear path's chunks).
+    ``inputs`` with the call's ``LossParams`` and token-to-sequence map (``Sequences``), built
+    here once the labels are counted, and the Function's own ``path_option`` (the logits path's
+    in-place flag, the linear path's chunks). ``sequence_ids`` and ``num_pairs`` describe a
+    packed stream (inputs of one row of N tokens); without them the rows are the 2B sequences.
 
     The first ``n_policy`` inputs are the policy's (they may receive gradients); the rest are
     detached. Checking the labels syncs the host once; nothing else in a call does (on the
@@ -36,14 +40,22 @@ def compute_loss(
     ``torch.no_grad()``), the forward runs without building a Function, so nothing is saved for
     a backward that will not come.
     """
-    count = V.count_scored_labels(labels, vocab=vocab, ignore_index=options["ignore_index"])
+    count, sequences = V.scan_labels(
+        labels,
+        vocab=vocab,
+        ignore_index=options["ignore_index"],
+        sequence_ids=sequence_ids,
+        num_sequences=2 * num_pairs if num_pairs else labels.shape[0],
+    )
     params = loss_params(options, backend, count)
     policy = inputs[:n_policy]
     rest = tuple(None if x is None else x.detach() for x in inputs[n_policy:])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in policy):
-        losses, chosen, rejected, pair = function.apply(*policy, *rest, params, path_option)
+        losses, chosen, rejected, pair = function.apply(
+            *policy, *rest, params, sequences, path_option
+        )
     else:
         detached = tuple(None if x is None else x.detach() for x in policy)
-        pair = function.evaluate(*detached, *rest, params, path_option)
+        pair = function.evaluate(*detached, *rest, params, sequences, path_option)
         losses, chosen, rejected = split_pair(pair)
     return build_output(losses, chosen, rejected, pair, beta=params.beta, vocab=vocab)

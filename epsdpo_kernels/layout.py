@@ -1,8 +1,10 @@
 """Row layout of the small fp32 buffers the kernels exchange.
 
-The per-token pass writes ``(TOKEN_FIELDS, N)`` for N = 2B·T token rows, the per-pair head writes
-``(PAIR_FIELDS, B)``. Both backends use the same layout, so the head and the autograd code do not
-care which backend produced a buffer.
+The per-token pass writes ``(TOKEN_FIELDS, N)`` for N token rows (2B·T padded, or a packed
+stream), the token-to-sequence reduction ``(SEQUENCE_FIELDS, 2B)``, the per-pair head
+``(PAIR_FIELDS, B)``. Both backends use the same layout, so each step and the autograd code do not
+care which backend produced a buffer. The sequence buffer is also what sequence-parallel ranks
+add up: every field is a plain sum over tokens.
 
 The two perturbed streams are stored as differences from the policy's log-probability, ``u − a``
 and ``d − a``, not as ``u`` and ``d``: the step compares ℓ⁺, ℓ and ℓ⁻, whose gaps (~1e-3 at
@@ -18,8 +20,17 @@ TOK_N_EPS_DELTA = 3  # d − a, d = log_softmax(h − ε(h − g))[y]
 TOK_LSE = 4  # logsumexp(h), the only thing backward needs besides h
 TOK_LOGIT_SUM = 5  # Σ_v h[v], for the logits/chosen|rejected metrics
 TOKEN_FIELDS = 6
-# The fields a per-sequence average divides by the token count (the log-probability terms).
-TOK_AVERAGED = (TOK_LOGP, TOK_REF_LOGP, TOK_P_EPS_DELTA, TOK_N_EPS_DELTA)
+
+# Per sequence: sums over its tokens (ignored tokens hold zeros) and its scored-token count.
+SEQ_LOGP = 0  # A = Σ a
+SEQ_REF_LOGP = 1  # R = Σ r
+SEQ_P_EPS_DELTA = 2  # Σ (u − a)
+SEQ_N_EPS_DELTA = 3  # Σ (d − a)
+SEQ_LOGIT_SUM = 4  # Σ_t Σ_v h
+SEQ_COUNT = 5
+SEQUENCE_FIELDS = 6
+# The token field each summed sequence field comes from.
+SEQ_FROM_TOKEN = (TOK_LOGP, TOK_REF_LOGP, TOK_P_EPS_DELTA, TOK_N_EPS_DELTA, TOK_LOGIT_SUM)
 
 # Per pair.
 PAIR_LOSS = 0

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from . import layout as L
-from .dispatch import pair_head, token_backward, token_forward
+from .dispatch import pair_head, sequence_sums, token_backward, token_forward
 from .params import LossParams
+from .sequences import Sequences
 
 # Budget for one chunk's or slice's temporaries. On CUDA, 256 MiB holds 512 rows of bf16
 # policy + reference logits at V = 128k, or an 8192 × 16384 bf16 slice: enough for the GEMMs
@@ -150,16 +151,17 @@ def linear_forward(
     ref_bias,
     labels,
     params: LossParams,
+    sequences: Sequences,
     chunks: LinearChunks,
 ):
-    """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, 2B·T) layout of the
+    """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, N·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
-    two_b, t, _ = policy_hidden.shape
+    rows, t, _ = policy_hidden.shape
     scored = scored_rows(labels, params)
-    stats = torch.zeros((L.TOKEN_FIELDS, two_b * t), dtype=torch.float32, device=labels.device)
-    flat_policy = policy_hidden.reshape(two_b * t, -1)
-    flat_ref = ref_hidden.reshape(two_b * t, -1)
-    flat_labels = labels.reshape(two_b * t)
+    stats = torch.zeros((L.TOKEN_FIELDS, rows * t), dtype=torch.float32, device=labels.device)
+    flat_policy = policy_hidden.reshape(rows * t, -1)
+    flat_ref = ref_hidden.reshape(rows * t, -1)
+    flat_labels = labels.reshape(rows * t)
     for sl in _chunks(scored.numel(), chunks.chunk_rows):
         idx = scored[sl]
         policy_logits = _logits(flat_policy[idx], policy_weight, policy_bias)
@@ -172,7 +174,7 @@ def linear_forward(
             params,
         )
         del policy_logits, ref_logits
-    pair = pair_head(stats, labels, params)
+    pair = pair_head(sequence_sums(stats, labels, sequences, params), params)
     return stats, pair, scored
 
 
@@ -184,22 +186,23 @@ def linear_backward(
     labels,
     stats,
     scored,
-    row_coef,
+    token_coef,
     params: LossParams,
     chunks: LinearChunks,
     needs: tuple[bool, bool, bool],
 ):
     """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed,
-    walking vocabulary slices (see the module docstring)."""
-    two_b, t, h = policy_hidden.shape
+    walking vocabulary slices (see the module docstring); ``token_coef`` is each token row's
+    c_n."""
+    rows, t, h = policy_hidden.shape
     vocab = policy_weight.shape[0]
     need_hidden, need_weight, need_bias = needs
-    flat_hidden = policy_hidden.reshape(two_b * t, h)
+    flat_hidden = policy_hidden.reshape(rows * t, h)
     hidden = flat_hidden[scored]  # (S, H), read by every slice's two GEMMs
     n_scored = hidden.shape[0]
-    token_labels = labels.reshape(two_b * t)[scored].unsqueeze(1)  # (S, 1)
+    token_labels = labels.reshape(rows * t)[scored].unsqueeze(1)  # (S, 1)
     token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
-    token_coef = row_coef[scored // t].float().contiguous()  # c_n of each token's sequence
+    token_coef = token_coef[scored].float().contiguous()
     slice_rows, token_rows = slice_plan(
         n_scored, vocab, policy_weight.element_size(), hidden.device.type, chunks.vocab_chunk_rows
     )

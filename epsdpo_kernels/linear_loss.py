@@ -33,6 +33,8 @@ def linear_epsilon_dpo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    num_pairs: int | None = None,
 ) -> EpsilonDPOOutput:
     """ε-DPO from the last hidden states and the lm_head weights, never materialising the
     ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
@@ -62,6 +64,9 @@ def linear_epsilon_dpo_loss(
         vocab_chunk_size: vocabulary rows per backward slice; default: as many as keep the
             slice's logits over every scored token within the same budget (a multiple of 256
             when possible).
+        sequence_ids, num_pairs: a packed (padding-free) stream, as for ``epsilon_dpo_loss``:
+            hidden states ``(N, H)`` (or ``(1, N, H)``), labels and ``sequence_ids`` ``(N,)``
+            (or ``(1, N)``).
         beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend: as for
             ``epsilon_dpo_loss``.
 
@@ -99,6 +104,12 @@ def linear_epsilon_dpo_loss(
         ref_weight=ref_weight,
         ref_bias=ref_bias,
     )
+    if V.check_packing(sequence_ids, num_pairs):
+        policy_hidden = V.packed_stream("policy_hidden", policy_hidden)
+        ref_hidden = V.packed_stream("ref_hidden", ref_hidden)
+        tokens = policy_hidden.shape[1]
+        labels = V.packed_index("labels", labels, tokens)
+        sequence_ids = V.packed_index("sequence_ids", sequence_ids, tokens)
     V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
@@ -115,7 +126,8 @@ def linear_epsilon_dpo_loss(
         ref_hidden, ref_weight, ref_bias = map(cast, (ref_hidden, ref_weight, ref_bias))
     rows, tokens, hidden_size = policy_hidden.shape
     vocab = policy_weight.shape[0]
-    V.check_pair_rows("policy_hidden", rows)
+    if num_pairs is None:
+        V.check_pair_rows("policy_hidden", rows)
     if tokens == 0 or vocab == 0 or hidden_size == 0:
         raise ValueError(
             f"policy_hidden must have T > 0 and H > 0 and policy_weight V > 0, got hidden "
@@ -137,6 +149,7 @@ def linear_epsilon_dpo_loss(
         ref_weight=ref_weight,
         ref_bias=ref_bias,
         labels=labels,
+        sequence_ids=sequence_ids,
     )
     backend = P.resolve_backend(backend, device)
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
@@ -154,6 +167,8 @@ def linear_epsilon_dpo_loss(
             options=options,
             backend=backend,
             path_option=chunks,
+            sequence_ids=sequence_ids,
+            num_pairs=num_pairs,
         )
 
 

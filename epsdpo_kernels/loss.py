@@ -24,6 +24,8 @@ def epsilon_dpo_loss(
     average_log_prob: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,
+    sequence_ids: torch.Tensor | None = None,
+    num_pairs: int | None = None,
 ) -> EpsilonDPOOutput:
     """ε-DPO loss (Lee et al., 2025, arXiv 2502.13177) on concatenated chosen/rejected logits.
 
@@ -50,6 +52,12 @@ def epsilon_dpo_loss(
             and no other autograd node saved them: e.g. logits from ``hidden @ W.T`` (matmul saves
             its inputs, not its output) used only by this loss. Not safe if you also feed the same
             logits tensor to another loss, or inspect it after ``backward()``.
+        sequence_ids, num_pairs: give both for a packed (padding-free) stream: ``policy_logits``
+            and ``ref_logits`` are then ``(N, V)`` (or ``(1, N, V)``), ``labels`` and
+            ``sequence_ids`` ``(N,)`` (or ``(1, N)``). The scored tokens whose id is j make up
+            sequence j: the chosen response of pair j for ``j < num_pairs``, the rejected
+            response of pair ``j − num_pairs`` otherwise, in any order in the stream. Tokens
+            whose label is ``ignore_index`` are not scored, whatever their id.
 
     Returns:
         ``EpsilonDPOOutput``; ``.loss`` is the mean over pairs. ``.metrics()`` gives TRL's names.
@@ -76,6 +84,12 @@ def epsilon_dpo_loss(
     P.check_loss_options(**options)
     P.check_flag("inplace_backward", inplace_backward)
     V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
+    if V.check_packing(sequence_ids, num_pairs):
+        policy_logits = V.packed_stream("policy_logits", policy_logits)
+        ref_logits = V.packed_stream("ref_logits", ref_logits)
+        tokens = policy_logits.shape[1]
+        labels = V.packed_index("labels", labels, tokens)
+        sequence_ids = V.packed_index("sequence_ids", sequence_ids, tokens)
     V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
     V.check_tensor("ref_logits", ref_logits, ndim=3, float_dtype=True)
     if ref_logits.shape != policy_logits.shape:
@@ -84,13 +98,16 @@ def epsilon_dpo_loss(
             f"got {tuple(ref_logits.shape)}"
         )
     rows, tokens, vocab = policy_logits.shape
-    V.check_pair_rows("policy_logits", rows)
+    if num_pairs is None:
+        V.check_pair_rows("policy_logits", rows)
     if tokens == 0 or vocab == 0:
         raise ValueError(
             f"policy_logits must have T > 0 and V > 0, got shape {(rows, tokens, vocab)}"
         )
     V.check_labels(labels, rows=rows, tokens=tokens)
-    device = V.check_same_device(policy_logits=policy_logits, ref_logits=ref_logits, labels=labels)
+    device = V.check_same_device(
+        policy_logits=policy_logits, ref_logits=ref_logits, labels=labels, sequence_ids=sequence_ids
+    )
     return compute_loss(
         EpsilonDPOLogitsFunction,
         (policy_logits, ref_logits, labels),
@@ -100,4 +117,6 @@ def epsilon_dpo_loss(
         options=options,
         backend=P.resolve_backend(backend, device),
         path_option=inplace_backward,
+        sequence_ids=sequence_ids,
+        num_pairs=num_pairs,
     )

@@ -1,9 +1,8 @@
-"""The per-pair head: from per-token log-probabilities to the ε-DPO step, loss and gradient scale.
+"""The per-pair head: from per-sequence sums to the ε-DPO step, loss and gradient scale.
 
-Two implementations of the same few lines of docs/SPEC.md (Per sequence, Per pair): a Triton kernel
-with one program per pair, so a step launches one kernel whatever B is, and plain torch for the
-torch backend. Both read the ``(TOKEN_FIELDS, 2B·T)`` token stats and write ``(PAIR_FIELDS, B)``;
-the sums run in a fixed order (no atomics), so results are bitwise reproducible.
+Two implementations of the same few lines of docs/SPEC.md (Per pair): a Triton kernel with one
+program per pair, so a step launches one kernel whatever B is, and plain torch for the torch
+backend. Both read the ``(SEQUENCE_FIELDS, 2B)`` sequence sums and write ``(PAIR_FIELDS, B)``.
 """
 
 from __future__ import annotations
@@ -14,25 +13,17 @@ import torch.nn.functional as F
 from . import layout as L
 
 
-def _sequence_sums(stats: torch.Tensor, scored: torch.Tensor, average: bool):
-    """(TOKEN_FIELDS, 2B) row sums of the token stats, and the (2B,) scored-token counts."""
-    two_b, t = scored.shape
-    sums = stats.view(L.TOKEN_FIELDS, two_b, t).sum(-1)
-    counts = scored.sum(-1).to(torch.float32)
-    if average:
-        # Only the log-probabilities are averaged; the logit sum feeds a token-weighted metric.
-        sums[list(L.TOK_AVERAGED)] /= counts.clamp(min=1)
-    return sums, counts
-
-
-def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
+def pair_head(sequence_sums: torch.Tensor, params) -> torch.Tensor:
     beta, epsilon, label_smoothing = params.beta, params.epsilon, params.label_smoothing
-    scored = labels != params.ignore_index
-    sums, counts = _sequence_sums(stats, scored, params.average_log_prob)
-    b = scored.shape[0] // 2
+    counts = sequence_sums[L.SEQ_COUNT]
+    b = counts.shape[0] // 2
     A, R, dU, dD = (
-        sums[f] for f in (L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_DELTA, L.TOK_N_EPS_DELTA)
+        sequence_sums[f] for f in (L.SEQ_LOGP, L.SEQ_REF_LOGP, L.SEQ_P_EPS_DELTA, L.SEQ_N_EPS_DELTA)
     )
+    if params.average_log_prob:
+        # Only the log-probabilities are averaged; the logit sum feeds a token-weighted metric.
+        denom = counts.clamp(min=1)
+        A, R, dU, dD = A / denom, R / denom, dU / denom, dD / denom
 
     logratio = A[:b] - A[b:]
     ref_logratio = R[:b] - R[b:]
@@ -49,7 +40,7 @@ def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor
         (1 - label_smoothing) * torch.sigmoid(-z) - label_smoothing * torch.sigmoid(z)
     )
 
-    out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
+    out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=sequence_sums.device)
     out[L.PAIR_LOSS] = loss
     out[L.PAIR_STEP] = step
     out[L.PAIR_BETA_USED] = beta_used
@@ -62,8 +53,8 @@ def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor
     out[L.PAIR_DLOSS_DLOGRATIO] = dloss
     out[L.PAIR_CHOSEN_COUNT] = counts[:b]
     out[L.PAIR_REJECTED_COUNT] = counts[b:]
-    out[L.PAIR_CHOSEN_LOGIT_SUM] = sums[L.TOK_LOGIT_SUM, :b]
-    out[L.PAIR_REJECTED_LOGIT_SUM] = sums[L.TOK_LOGIT_SUM, b:]
+    out[L.PAIR_CHOSEN_LOGIT_SUM] = sequence_sums[L.SEQ_LOGIT_SUM, :b]
+    out[L.PAIR_REJECTED_LOGIT_SUM] = sequence_sums[L.SEQ_LOGIT_SUM, b:]
     out[L.PAIR_LOGRATIO] = logratio
     out[L.PAIR_REF_LOGRATIO] = ref_logratio
     out[L.PAIR_P_EPS_LOGRATIO] = logratio + p_gap

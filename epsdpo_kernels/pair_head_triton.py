@@ -9,16 +9,13 @@ import triton.language as tl
 from . import layout as L
 from .launch import launch
 
-# Token rows summed per step of the per-row loop: 512 keeps the six fp32 accumulators of a
-# 4-warp program in registers (1024 spills on sm_90; benchmarks/kernel_report.py).
-MAX_BLOCK_T = 512
-
 # Field indices (layout.py) as compile-time constants the kernels can use.
-TOK_LOGP = tl.constexpr(L.TOK_LOGP)
-TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
-TOK_P_EPS_DELTA = tl.constexpr(L.TOK_P_EPS_DELTA)
-TOK_N_EPS_DELTA = tl.constexpr(L.TOK_N_EPS_DELTA)
-TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
+SEQ_LOGP = tl.constexpr(L.SEQ_LOGP)
+SEQ_REF_LOGP = tl.constexpr(L.SEQ_REF_LOGP)
+SEQ_P_EPS_DELTA = tl.constexpr(L.SEQ_P_EPS_DELTA)
+SEQ_N_EPS_DELTA = tl.constexpr(L.SEQ_N_EPS_DELTA)
+SEQ_LOGIT_SUM = tl.constexpr(L.SEQ_LOGIT_SUM)
+SEQ_COUNT = tl.constexpr(L.SEQ_COUNT)
 PAIR_LOSS = tl.constexpr(L.PAIR_LOSS)
 PAIR_STEP = tl.constexpr(L.PAIR_STEP)
 PAIR_BETA_USED = tl.constexpr(L.PAIR_BETA_USED)
@@ -40,44 +37,6 @@ PAIR_N_EPS_LOGRATIO = tl.constexpr(L.PAIR_N_EPS_LOGRATIO)
 
 
 @triton.jit
-def _row_sums(
-    stats_ptr, labels_ptr, seq, T, n_rows, stride_ln, stride_lt, ignore_index, BLOCK_T: tl.constexpr
-):
-    """Σ_t of the four log-probability fields (a, r, u − a, d − a) and the logit sum over one
-    sequence row, and its scored-token count; blocks are visited in order, so the sums are
-    deterministic."""
-    a = tl.zeros([BLOCK_T], dtype=tl.float32)
-    r = tl.zeros([BLOCK_T], dtype=tl.float32)
-    u = tl.zeros([BLOCK_T], dtype=tl.float32)
-    d = tl.zeros([BLOCK_T], dtype=tl.float32)
-    logit_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
-    count = tl.zeros([BLOCK_T], dtype=tl.float32)
-    base = seq * T
-    for start in range(0, T, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)
-        valid = t < T
-        idx = base + t
-        labels = tl.load(
-            labels_ptr + seq * stride_ln + t * stride_lt, mask=valid, other=ignore_index
-        )
-        count += tl.where(labels != ignore_index, 1.0, 0.0)
-        # Ignored token rows hold zeros in stats, so no further masking is needed.
-        a += tl.load(stats_ptr + TOK_LOGP * n_rows + idx, mask=valid, other=0.0)
-        r += tl.load(stats_ptr + TOK_REF_LOGP * n_rows + idx, mask=valid, other=0.0)
-        u += tl.load(stats_ptr + TOK_P_EPS_DELTA * n_rows + idx, mask=valid, other=0.0)
-        d += tl.load(stats_ptr + TOK_N_EPS_DELTA * n_rows + idx, mask=valid, other=0.0)
-        logit_sum += tl.load(stats_ptr + TOK_LOGIT_SUM * n_rows + idx, mask=valid, other=0.0)
-    return (
-        tl.sum(a, 0),
-        tl.sum(r, 0),
-        tl.sum(u, 0),
-        tl.sum(d, 0),
-        tl.sum(logit_sum, 0),
-        tl.sum(count, 0),
-    )
-
-
-@triton.jit
 def _log_sigmoid(x):
     # log σ(x) = min(x, 0) − log1p(exp(−|x|)); log1p via the (w−1) correction trick, since
     # log(1 + e) rounds to 0 for e < 2^-24 and the loss of a well-separated pair is that small.
@@ -96,31 +55,34 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _sequence(seq_ptr, n, S):
+    """The five sums and the count of sequence n from the ``(SEQUENCE_FIELDS, S)`` buffer."""
+    return (
+        tl.load(seq_ptr + SEQ_LOGP * S + n),
+        tl.load(seq_ptr + SEQ_REF_LOGP * S + n),
+        tl.load(seq_ptr + SEQ_P_EPS_DELTA * S + n),
+        tl.load(seq_ptr + SEQ_N_EPS_DELTA * S + n),
+        tl.load(seq_ptr + SEQ_LOGIT_SUM * S + n),
+        tl.load(seq_ptr + SEQ_COUNT * S + n),
+    )
+
+
+@triton.jit
 def pair_head_kernel(
-    stats_ptr,  # (TOKEN_FIELDS, 2B·T) fp32 token stats
-    labels_ptr,  # (2B, T) integer labels
+    seq_ptr,  # (SEQUENCE_FIELDS, 2B) fp32 sequence sums
     out_ptr,  # (PAIR_FIELDS, B) fp32 out, see layout.py
     B,
-    T,
-    n_rows,  # 2B·T
-    stride_ln,
-    stride_lt,
     beta,
     epsilon,
     label_smoothing,
-    ignore_index,
     AVERAGE_LOG_PROB: tl.constexpr,
-    BLOCK_T: tl.constexpr,
 ):
-    """One program owns one pair i: it sums rows i (chosen) and B+i (rejected), decides the
-    step from the three log-ratios, and writes the loss, β̃, rewards, logps and ∂L_i/∂ℓ_i."""
+    """One program owns one pair i: from the sums of sequences i (chosen) and B+i (rejected) it
+    decides the step from the three log-ratios and writes the loss, β̃, rewards, logps and
+    ∂L_i/∂ℓ_i."""
     i = tl.program_id(0)
-    a_c, r_c, u_c, d_c, lsum_c, n_c = _row_sums(
-        stats_ptr, labels_ptr, i, T, n_rows, stride_ln, stride_lt, ignore_index, BLOCK_T
-    )
-    a_j, r_j, u_j, d_j, lsum_j, n_j = _row_sums(
-        stats_ptr, labels_ptr, i + B, T, n_rows, stride_ln, stride_lt, ignore_index, BLOCK_T
-    )
+    a_c, r_c, u_c, d_c, lsum_c, n_c = _sequence(seq_ptr, i, 2 * B)
+    a_j, r_j, u_j, d_j, lsum_j, n_j = _sequence(seq_ptr, i + B, 2 * B)
     if AVERAGE_LOG_PROB:
         inv_c = 1.0 / tl.maximum(n_c, 1.0)
         inv_j = 1.0 / tl.maximum(n_j, 1.0)
@@ -164,48 +126,28 @@ def pair_head_kernel(
     tl.store(out_ptr + PAIR_N_EPS_LOGRATIO * B + i, logratio + n_gap)
 
 
-def pair_head_launch(
-    stats, labels, out, beta, epsilon, label_smoothing, ignore_index, average_log_prob
-):
+def pair_head_launch(sequence_sums, out, beta, epsilon, label_smoothing, average_log_prob):
     """(kernel, grid, args, constexprs, num_warps), shared by the launch and the compile check."""
-    two_b, t = labels.shape
-    b = two_b // 2
+    b = sequence_sums.shape[1] // 2
     return (
         pair_head_kernel,
         (b,),
-        (
-            stats,
-            labels,
-            out,
-            b,
-            t,
-            two_b * t,
-            labels.stride(0),
-            labels.stride(1),
-            beta,
-            epsilon,
-            label_smoothing,
-            ignore_index,
-        ),
-        dict(
-            AVERAGE_LOG_PROB=average_log_prob, BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(t))
-        ),
-        4,
+        (sequence_sums, out, b, beta, epsilon, label_smoothing),
+        dict(AVERAGE_LOG_PROB=average_log_prob),
+        1,
     )
 
 
-def pair_head(stats: torch.Tensor, labels: torch.Tensor, params) -> torch.Tensor:
-    b = labels.shape[0] // 2
-    out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=stats.device)
+def pair_head(sequence_sums: torch.Tensor, params) -> torch.Tensor:
+    b = sequence_sums.shape[1] // 2
+    out = torch.empty((L.PAIR_FIELDS, b), dtype=torch.float32, device=sequence_sums.device)
     spec = pair_head_launch(
-        stats,
-        labels,
+        sequence_sums,
         out,
         params.beta,
         params.epsilon,
         params.label_smoothing,
-        params.ignore_index,
         params.average_log_prob,
     )
-    launch(spec, stats.device)
+    launch(spec, sequence_sums.device)
     return out

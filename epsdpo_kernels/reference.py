@@ -39,18 +39,22 @@ def reference_epsilon_dpo(
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     average_log_prob: bool = False,
+    sequence_ids: torch.Tensor | None = None,
+    num_pairs: int | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
     """ε-DPO on materialised logits; every field of ``EpsilonDPOOutput`` as a dict.
 
     ``policy_logits``/``ref_logits``: ``(2B, T, V)``, rows ``[0, B)`` chosen, ``[B, 2B)`` rejected.
-    ``labels``: ``(2B, T)``, already shifted. Arithmetic is done in ``dtype`` (float64 in tests).
+    ``labels``: ``(2B, T)``, already shifted. Or a packed stream: logits ``(N, V)``, labels and
+    ``sequence_ids`` ``(N,)``, and ``num_pairs`` = B (sequence j < B is the chosen response of
+    pair j, sequence B + j its rejected response). Arithmetic is done in ``dtype`` (float64 in
+    tests).
     """
     h = policy_logits.to(dtype)
     g = ref_logits.to(dtype).detach()
     scored = labels != ignore_index
-    two_b = h.shape[0]
-    b = two_b // 2
+    b = h.shape[0] // 2 if num_pairs is None else num_pairs
 
     # Per token: the four log-probabilities of the label.
     a = _label_logps(h, labels, scored)
@@ -59,8 +63,15 @@ def reference_epsilon_dpo(
     d = _label_logps(_mix(h.detach(), g, -epsilon), labels, scored)
 
     # Per sequence: sums over scored tokens (optionally averaged).
-    counts = scored.sum(-1).to(dtype)
-    A, R, U, D = (x.sum(-1) for x in (a, r, u, d))
+    logit_sums = h.detach().sum(-1) * scored
+    if sequence_ids is None:
+        per_sequence = lambda x: x.sum(-1)  # noqa: E731
+    else:
+        owner = sequence_ids[scored]
+        per_sequence = lambda x: x.new_zeros(2 * b).index_add(0, owner, x[scored])  # noqa: E731
+    counts = per_sequence(scored.to(dtype))
+    A, R, U, D = (per_sequence(x) for x in (a, r, u, d))
+    logit_sums = per_sequence(logit_sums)
     if average_log_prob:
         denom = counts.clamp(min=1)
         A, R, U, D = A / denom, R / denom, U / denom, D / denom
@@ -84,7 +95,6 @@ def reference_epsilon_dpo(
     )
 
     # Metrics: mean raw logit over scored tokens and the whole vocabulary.
-    logit_sums = (h.detach().sum(-1) * scored).sum(-1)
     vocab = h.shape[-1]
     chosen_tokens = counts[:b].sum().clamp(min=1)
     rejected_tokens = counts[b:].sum().clamp(min=1)

@@ -109,30 +109,30 @@ def token_backward(
     policy_logits: torch.Tensor,
     labels: torch.Tensor,
     stats: torch.Tensor,
-    row_coef: torch.Tensor,
+    token_coef: torch.Tensor,
     params,
     *,
     inplace: bool,
     vocab_offset: int = 0,
 ) -> torch.Tensor:
-    """Column j of the logits is vocabulary entry ``vocab_offset + j`` (a slice of V in the
-    linear path); labels are full-vocabulary indices."""
+    """``token_coef`` (N·T,) is each token row's c_n. Column j of the logits is vocabulary
+    entry ``vocab_offset + j`` (a slice of V in the linear path); labels are full-vocabulary
+    indices."""
     ignore_index = params.ignore_index
     n, t, v = policy_logits.shape
     grad = policy_logits if inplace else torch.zeros_like(policy_logits)
     rows = _ScoredRows(labels, ignore_index, v, policy_logits, grad)
-    coef = row_coef.float()
+    coef = token_coef.float()
     # Scored rows first: in place, each sub-chunk reads its own logits before overwriting them.
     for sel, r, c in rows.chunks():
         h = rows.take(policy_logits, sel, r, c)
         y = rows.take(labels.unsqueeze(-1), sel, r, c).long()
-        seq = (torch.arange(sel.start, sel.stop, device=h.device) // t) if r is None else r
         # c·(onehot − p), with p = exp(h − lse) from the forward's lse: one exp per element.
         g = torch.sub(h.float(), stats[L.TOK_LSE, sel].unsqueeze(1)).exp_()
         local = y - vocab_offset  # the label's column, if it falls in this slice
         inside = (local >= 0) & (local < v)
         g.scatter_add_(1, local.clamp(0, v - 1), -inside.float())
-        g.mul_(-coef[seq].unsqueeze(1))
+        g.mul_(-coef[sel].unsqueeze(1))
         if r is None:
             grad.reshape(-1, v)[sel] = g
         else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import sequences as S
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -21,33 +23,100 @@ def check_tensor(name: str, x, *, ndim: int, float_dtype: bool) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def check_labels(labels, *, rows: int, tokens: int) -> None:
-    """Type, dtype and shape of ``labels``."""
+def check_labels(labels, *, rows: int, tokens: int, name: str = "labels") -> None:
+    """Type, dtype and shape of ``labels`` (or another per-token index tensor)."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != (rows, tokens):
         raise ValueError(
-            f"labels must have shape (2B, T) = {(rows, tokens)} to match the logits/hidden states, "
-            f"got {tuple(labels.shape)}"
+            f"{name} must have shape (2B, T) = {(rows, tokens)} to match the logits/hidden "
+            f"states, got {tuple(labels.shape)}"
         )
 
 
-def count_scored_labels(labels: torch.Tensor, *, vocab: int, ignore_index: int) -> int:
-    """The number of scored labels, after checking that every label is in [0, V) or
-    ignore_index (a wrong one would read out of bounds in the kernels). Both come back in one
-    transfer: this is the only host synchronisation of a loss call."""
+def check_packing(sequence_ids, num_pairs) -> bool:
+    """Whether the call is packed (``sequence_ids`` and ``num_pairs`` given), after checking
+    that they come together and that ``num_pairs`` is a positive int."""
+    if (sequence_ids is None) != (num_pairs is None):
+        raise ValueError(
+            "sequence_ids and num_pairs must be given together (a packed stream) or not at "
+            f"all (padded rows); got sequence_ids={'None' if sequence_ids is None else 'a tensor'}"
+            f" and num_pairs={num_pairs!r}"
+        )
+    if num_pairs is None:
+        return False
+    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
+        raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+    return True
+
+
+def packed_stream(name: str, x) -> torch.Tensor:
+    """A packed stream's ``(N, F)`` or ``(1, N, F)`` float tensor as ``(1, N, F)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or x.shape[0] != 1:
+        raise ValueError(
+            f"{name} must have shape (N, F) or (1, N, F) for a packed stream (sequence_ids "
+            f"given), got {tuple(x.shape)}"
+        )
+    check_tensor(name, x, ndim=3, float_dtype=True)
+    return x
+
+
+def packed_index(name: str, x, tokens: int) -> torch.Tensor:
+    """A packed stream's ``(N,)`` or ``(1, N)`` integer tensor (labels, sequence ids) as
+    ``(1, N)``."""
+    if isinstance(x, torch.Tensor) and x.dim() == 1:
+        x = x.unsqueeze(0)
+    if isinstance(x, torch.Tensor) and tuple(x.shape) not in ((1, tokens),):
+        raise ValueError(
+            f"{name} must have shape (N,) or (1, N) with N = {tokens} tokens for a packed "
+            f"stream, got {tuple(x.shape)}"
+        )
+    check_labels(x, rows=1, tokens=tokens, name=name)
+    return x
+
+
+def scan_labels(
+    labels: torch.Tensor,
+    *,
+    vocab: int,
+    ignore_index: int,
+    sequence_ids: torch.Tensor | None = None,
+    num_sequences: int = 0,
+) -> tuple[int, S.Sequences]:
+    """The number of scored labels and the token-to-sequence map, after checking that every
+    label is in [0, V) or ignore_index (a wrong one would read out of bounds in the kernels)
+    and, for a packed stream, that every scored token's sequence id is in [0, 2B). Everything
+    comes back in one transfer: this is the only host synchronisation of a loss call."""
     scored = labels != ignore_index
     bad = scored & ((labels < 0) | (labels >= vocab))
-    count, n_bad = torch.stack([scored.sum(), bad.sum()]).tolist()
+    checks = [scored.sum(), bad.sum()]
+    if sequence_ids is not None:
+        keys, bad_ids = S.sequence_keys(sequence_ids, scored, num_sequences)
+        runs = S.run_lengths(keys, num_sequences)
+        checks += [bad_ids.sum(), runs.max()]
+    values = torch.stack(checks).tolist()
+    count, n_bad = values[0], values[1]
     if n_bad:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
             f"labels{list(first)} = {int(labels[first])}"
         )
-    return int(count)
+    if sequence_ids is None:
+        return int(count), S.padded_sequences(labels)
+    if values[2]:
+        first = int(bad_ids.nonzero()[0])
+        raise ValueError(
+            f"sequence_ids must be in [0, 2·num_pairs = {num_sequences}) wherever the label is "
+            f"scored; token {first} has sequence id {int(sequence_ids.reshape(-1)[first])}"
+        )
+    return int(count), S.packed_sequences(keys, runs, int(count), int(values[3]))
 
 
 def check_not_sharded(**tensors) -> None:

@@ -31,6 +31,8 @@ KERNELS = [
     "token_forward_kernel-split",
     "token_merge_kernel",
     "token_backward_kernel",
+    "sequence_sums_kernel",
+    "sequence_sums_kernel-packed",
     "pair_head_kernel",
 ]
 # The forward's loop budget per (h, g) element pair on sm_90 (issue: memory-bound needs ≤ 32;

@@ -12,52 +12,10 @@ from hypothesis import strategies as st
 from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
 from tests.helpers.batches import make_batch
-from tests.helpers.compare import VALUE_TOL, assert_close, grad_atol_floor, grad_rtol
-from tests.helpers.parity import (
-    check_outputs,
-    grad_coef_atol,
-    objective,
-    on_device,
-    upstream_weights,
-)
+from tests.helpers.checks import compare_to_reference
+from tests.helpers.compare import VALUE_TOL, assert_close
 
 BACKENDS = ["torch", "triton"]
-
-
-def compare_to_reference(policy, ref, labels, *, backend, inplace=False, strided=False, **kw):
-    """``strided``: pass the logits as ``x[:, :-1]`` of a longer tensor (the usual shift), a
-    view with a T-stride of (T+1)·V, so the kernels' stride handling is exercised."""
-    b = policy.shape[0] // 2
-    weights = upstream_weights(b)
-    leaf64 = policy.detach().cpu().double().requires_grad_()
-    expected = reference_epsilon_dpo(leaf64, ref.cpu(), labels.cpu(), **kw)
-    objective(expected, weights).backward()
-
-    data = policy.detach()
-    if strided:
-        data = torch.cat([data, torch.randn_like(data[:, :1])], dim=1)
-    leaf = data.clone().requires_grad_()
-    source = leaf * 1 if inplace else leaf  # in place needs a non-leaf to overwrite
-    logits = source[:, :-1] if strided else source
-    assert logits.is_contiguous() != strided
-    out = epsilon_dpo_loss(logits, ref, labels, backend=backend, inplace_backward=inplace, **kw)
-    objective(out, on_device(weights, policy.device)).backward()
-    agree = check_outputs(out, expected)
-
-    grad = leaf.grad
-    if strided:
-        assert (grad[:, -1] == 0).all(), "gradient leaked into the column outside the view"
-        grad = grad[:, :-1]
-    assert grad is not None and grad.dtype == policy.dtype
-    e = {k: v.detach() for k, v in expected.items()}
-    row_mask = torch.cat([agree, agree]).view(-1, 1, 1)
-    atol = grad_coef_atol(e, weights, labels.cpu(), kw).view(-1, 1, 1) + grad_atol_floor(
-        policy.dtype
-    )
-    rtol = grad_rtol(policy.dtype, backend, policy.device)
-    assert_close(grad, leaf64.grad, rtol=rtol, atol=atol, name="grad", mask=row_mask)
-    assert ref.grad is None
-    return out, expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,166 @@
+"""The merge of vocabulary partials: per-token (max, Σexp) states over parts of V, combined.
+
+Every per-token statistic the loss needs is a function of four log-sum-exps over the vocabulary
+(policy h, reference g, the two mixes h ± ε(h − g)) and of the label's h_y, g_y. A log-sum-exp over
+V splits exactly over any partition of V: each part keeps (m_k, s_k) = (max, Σ exp(x − m_k)), and
+the parts combine as m = max_k m_k, s = Σ_k s_k·exp(m_k − m). Three places use it:
+
+- the lanes of one forward program, once per row after the loop (``_merge_lanes``);
+- the V-splits of a row when the forward splits the vocabulary across programs
+  (``token_merge_kernel``, reading the ``(splits, PARTIAL_FIELDS, N)`` partial buffer);
+- vocabulary shards on other ranks (tensor parallelism) combine the same states.
+
+``_finish`` turns a row's merged states into the ``(TOKEN_FIELDS, N)`` token stats (layout.py).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import layout as L
+
+TOK_LOGP = tl.constexpr(L.TOK_LOGP)
+TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
+TOK_P_EPS_DELTA = tl.constexpr(L.TOK_P_EPS_DELTA)
+TOK_N_EPS_DELTA = tl.constexpr(L.TOK_N_EPS_DELTA)
+TOK_LSE = tl.constexpr(L.TOK_LSE)
+TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
+TOKEN_FIELDS = tl.constexpr(L.TOKEN_FIELDS)
+# A partial state of one V-split of one row: (max, sum) of the four streams and the logit sum.
+N_PARTIAL = 9
+PARTIAL_FIELDS = tl.constexpr(N_PARTIAL)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp2(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _unstack(x):
+    """(h, g, mix_p, mix_n) values of a [2, 2] stacked state (see _fold_block)."""
+    hg, mixes = tl.split(x)
+    h, g = tl.split(hg)
+    mix_p, mix_n = tl.split(mixes)
+    return h, g, mix_p, mix_n
+
+
+@triton.jit
+def _stack(h, g, mix_p, mix_n):
+    return tl.join(tl.join(h, g), tl.join(mix_p, mix_n))
+
+
+@triton.jit
+def _merge_lanes(run_max, run_sum, FAST_MATH: tl.constexpr):
+    """Combine per-lane (or per-split) states along axis 0 into one (max, sum) each."""
+    row_max = tl.max(run_max, axis=0)
+    shift = tl.where(row_max == -float("inf"), 0.0, row_max) * LOG2E
+    return row_max, tl.sum(run_sum * _exp2(run_max * LOG2E - shift, FAST_MATH), axis=0)
+
+
+@triton.jit
+def _log_ratio(s, s_ref):
+    """ln(s / s_ref), correctly rounded division, exactly 0 where s == s_ref (see _finish)."""
+    ratio = tl.math.div_rn(s, s_ref)
+    return tl.where(ratio == 1.0, 0.0, tl.log2(ratio) * LN2)
+
+
+@triton.jit
+def _finish(
+    stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
+):
+    """Write one token row's stats from its four (max, sum) states and the label's logits.
+
+    u − a = ε·(h_y − g_y) − (lse_p − lse_h), with lse_p − lse_h = (m_p − m_h) + ln(s_p / s_h):
+    a small number computed from small numbers, never the difference of two rounded ~log V
+    log-sum-exps. A log-probability is ≤ 0: rounding must not make a, r, u or d positive (the
+    clamps are selects, so a NaN stays NaN).
+
+    At policy == reference every mix is bitwise h, so s_p == s_h and u − a must be exactly 0:
+    the ratio is divided with round-to-nearest (``/`` compiles to ``div.full.f32``, an
+    approximate reciprocal times s_p, for which x / x need not be 1), and a ratio of exactly 1
+    gives exactly 0 without relying on the approximate ``lg2`` at 1."""
+    lse_h = m_h + tl.log2(s_h) * LN2
+    lse_g = m_g + tl.log2(s_g) * LN2
+    a = h_y - lse_h
+    a = tl.where(a > 0.0, 0.0, a)
+    r = g_y - lse_g
+    r = tl.where(r > 0.0, 0.0, r)
+    label_diff = epsilon * (h_y - g_y)
+    du = label_diff - ((m_p - m_h) + _log_ratio(s_p, s_h))
+    dd = -label_diff - ((m_n - m_h) + _log_ratio(s_n, s_h))
+    du = tl.where(du > -a, -a, du)
+    dd = tl.where(dd > -a, -a, dd)
+    tl.store(stats_ptr + TOK_LOGP * n_rows + row, a)
+    tl.store(stats_ptr + TOK_REF_LOGP * n_rows + row, r)
+    tl.store(stats_ptr + TOK_P_EPS_DELTA * n_rows + row, du)
+    tl.store(stats_ptr + TOK_N_EPS_DELTA * n_rows + row, dd)
+    tl.store(stats_ptr + TOK_LSE * n_rows + row, lse_h)
+    tl.store(stats_ptr + TOK_LOGIT_SUM * n_rows + row, logit_sum)
+
+
+@triton.jit
+def token_merge_kernel(
+    policy_ptr,
+    ref_ptr,
+    labels_ptr,  # as token_forward_kernel
+    partial_ptr,  # (splits, PARTIAL_FIELDS, N·T) fp32 from token_forward_kernel
+    stats_ptr,  # (TOKEN_FIELDS, N·T) fp32 out
+    T,
+    n_rows,
+    n_splits,
+    stride_pn,
+    stride_pt,
+    stride_rn,
+    stride_rt,
+    stride_ln,
+    stride_lt,
+    epsilon,
+    ignore_index,
+    BLOCK_S: tl.constexpr,
+    FAST_MATH: tl.constexpr,
+):
+    """One program owns one token row: it combines the row's per-split states exactly as the
+    unsplit kernel combines its lanes, then writes the row's stats."""
+    row = tl.program_id(0).to(tl.int64)
+    n = row // T
+    t = row % T
+    label = tl.load(labels_ptr + n * stride_ln + t * stride_lt).to(tl.int64)
+    if label == ignore_index:
+        for field in tl.static_range(TOKEN_FIELDS):
+            tl.store(stats_ptr + field * n_rows + row, 0.0)
+        return
+    splits = tl.arange(0, BLOCK_S)
+    valid = splits < n_splits
+    base = partial_ptr + splits.to(tl.int64) * PARTIAL_FIELDS * n_rows + row
+    neg_inf = -float("inf")
+    split_max = _stack(
+        tl.load(base + 0 * n_rows, mask=valid, other=neg_inf),
+        tl.load(base + 2 * n_rows, mask=valid, other=neg_inf),
+        tl.load(base + 4 * n_rows, mask=valid, other=neg_inf),
+        tl.load(base + 6 * n_rows, mask=valid, other=neg_inf),
+    )
+    split_sum = _stack(
+        tl.load(base + 1 * n_rows, mask=valid, other=0.0),
+        tl.load(base + 3 * n_rows, mask=valid, other=0.0),
+        tl.load(base + 5 * n_rows, mask=valid, other=0.0),
+        tl.load(base + 7 * n_rows, mask=valid, other=0.0),
+    )
+    row_max, row_sum = _merge_lanes(split_max, split_sum, FAST_MATH)
+    m_h, m_g, m_p, m_n = _unstack(row_max)
+    s_h, s_g, s_p, s_n = _unstack(row_sum)
+    logit_sum = tl.sum(tl.load(base + 8 * n_rows, mask=valid, other=0.0), axis=0)
+    h_y = tl.load(policy_ptr + n * stride_pn + t * stride_pt + label).to(tl.float32)
+    g_y = tl.load(ref_ptr + n * stride_rn + t * stride_rt + label).to(tl.float32)
+    _finish(
+        stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
+    )
