@@ -92,6 +92,9 @@ phase_train_small() {
         | tee "$OUT_DIR/train_default.log"
     cp /tmp/campaign/default/metrics.jsonl "$OUT_DIR/train_default_metrics.jsonl"
     cp /tmp/campaign/default/metrics.png "$OUT_DIR/train_default_metrics.png"
+    # Padded against packed batches (padding share and time per 100 pairs, one run).
+    $RUN $PY benchmarks/bench_packing.py --json "$OUT_DIR/packing.json" \
+        --plot "$OUT_DIR/packing.png" 2>&1 | tee "$OUT_DIR/packing.log"
     # EpsilonDPOTrainer on CUDA (bf16 autocast) against DPOTrainer's memory, printed.
     $RUN $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k cuda 2>&1 \
         | tee "$OUT_DIR/trl_cuda.log"
@@ -101,14 +104,17 @@ phase_train_1b() {
     mkdir -p /tmp/campaign
     long_dataset /tmp/campaign/long.jsonl
     local status=0
-    for loss in linear logits; do
+    # The linear loss padded and packed (tokens/s, peak memory), and the logits loss padded.
+    for run in linear:no-padding-free linear:padding-free logits:no-padding-free; do
+        local loss=${run%%:*} layout=${run##*:}
         timeout 280 $PY train/run.py --model train/configs/llama-1b.json \
-            --dataset /tmp/campaign/long.jsonl \
+            --dataset /tmp/campaign/long.jsonl --"$layout" \
             --loss "$loss" --max-length 2048 --max-prompt-length 1024 --micro-batch-size 2 \
             --global-batch-size 8 --max-steps 12 --warmup-steps 2 --eval-every 0 \
-            --save-every 0 --lr 1e-4 --output-dir "/tmp/campaign/1b-$loss" 2>&1 \
-            | tee "$OUT_DIR/train_1b_$loss.log" || status=1
-        cp "/tmp/campaign/1b-$loss/metrics.jsonl" "$OUT_DIR/train_1b_${loss}_metrics.jsonl"
+            --save-every 0 --lr 1e-4 --output-dir "/tmp/campaign/1b-$loss-$layout" 2>&1 \
+            | tee "$OUT_DIR/train_1b_${loss}_$layout.log" || status=1
+        cp "/tmp/campaign/1b-$loss-$layout/metrics.jsonl" \
+            "$OUT_DIR/train_1b_${loss}_${layout}_metrics.jsonl"
     done
     return $status
 }

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.scripts import script_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -188,3 +190,32 @@ def test_missing_register_count_is_an_error_not_a_silent_none():
 
     with pytest.raises(RuntimeError, match="gave no register count"):
         resources(SimpleNamespace(asm={"ptx": "this is not PTX"}), 90)
+
+
+def test_packing_benchmark_runs_both_layouts_and_they_agree(tmp_path):
+    """bench_packing.py on a few generated HH-format pairs: both layouts' losses agree (the
+    script exits 1 otherwise), and the packed one runs fewer positions with less padding."""
+    out = tmp_path / "packing.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_packing.py"),
+            "--pairs",
+            "16",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["pairs"] == 16 and result["max_loss_difference"] <= 1e-4
+    padded, packed = result["padded"], result["packed"]
+    assert padded["tokens"] == packed["tokens"]
+    assert packed["positions"] < padded["positions"]
+    assert 0 <= packed["padding_share"] < padded["padding_share"]

@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.helpers.hh_data import write_hh_jsonl_gz  # noqa: E402
+from hh_format import write_hh_jsonl_gz  # noqa: E402
+
 from tests.helpers.scripts import FAST, ROOT, metrics, run  # noqa: E402
 from tests.helpers.scripts import script_env as _env
 

@@ -7,15 +7,24 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from data import DataError, Row, collate, extract_prompt, load_rows, split_row, tokenize_rows  # noqa: E402
+from data import (  # noqa: E402
+    DataError,
+    Row,
+    collate,
+    collate_packed,
+    extract_prompt,
+    load_rows,
+    split_row,
+    tokenize_rows,
+)
+from hh_format import hh_rows, write_hh_jsonl_gz  # noqa: E402
 from tokenizer import byte_tokenizer  # noqa: E402
-
-from tests.helpers.hh_data import hh_rows, write_hh_jsonl_gz  # noqa: E402
 
 HH = "\n\nHuman: Is it safe?\n\nAssistant:"
 
@@ -254,3 +263,24 @@ def test_unreadable_files_are_named(tmp_path, content, match):
         path.write_text(content)
     with pytest.raises(DataError, match=match):
         load_rows(str(path))
+
+
+def test_packed_rows_hold_the_padded_sequences():
+    """collate_packed: every sequence whole in one row of at most row_length tokens, positions
+    from 0, the labels collate gives it, its sequence id; filler is unscored."""
+    pairs = _tokenize(hh_rows(12), max_length=60, max_prompt_length=30).pairs
+    padded = collate(pairs, pad_id=0)
+    packed = collate_packed(pairs, pad_id=0, row_length=120)
+    assert packed["input_ids"].shape[1] <= 120
+    lengths = padded["attention_mask"].sum(-1)
+    for n, length in enumerate(lengths.tolist()):
+        row, cols = (packed["sequence_ids"] == n).nonzero(as_tuple=True)
+        assert row.unique().numel() == 1 and cols.numel() == length
+        assert torch.equal(cols, cols[0] + torch.arange(length))  # contiguous, whole
+        r = int(row[0])
+        assert torch.equal(packed["input_ids"][r, cols], padded["input_ids"][n, :length])
+        assert torch.equal(packed["labels"][r, cols], padded["labels"][n, :length])
+        assert torch.equal(packed["position_ids"][r, cols], torch.arange(length))
+    filler = packed["sequence_ids"] < 0
+    assert (packed["labels"][filler] == -100).all()
+    assert filler.float().mean() < (padded["attention_mask"] == 0).float().mean()

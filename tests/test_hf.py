@@ -72,3 +72,24 @@ def test_refuses_softcapped_logits():
 def test_refuses_non_causal_lm():
     with pytest.raises(TypeError, match="get_decoder"):
         causal_lm_hidden_and_head(torch.nn.Linear(2, 2), torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_packed_sequence_sees_only_itself(tie):
+    """Packed rows (position_ids restarting at 0, no attention mask): each sequence's hidden
+    states are those it has alone, so a packed batch trains on exactly the padded batch's
+    sequences."""
+    model = tiny_llama(tie).eval()
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 1, 12, 4]
+    seqs = [torch.randint(3, 100, (n,), generator=gen) for n in lengths]
+    ids = torch.cat(seqs).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        packed, _, _ = causal_lm_hidden_and_head(model, ids, None, position_ids=positions)
+        at = 0
+        for seq in seqs:
+            alone, _, _ = causal_lm_hidden_and_head(model, seq.unsqueeze(0))
+            span = packed[0, at : at + len(seq)]
+            assert_close(span, alone[0], rtol=1e-5, atol=1e-5, name=f"sequence at {at}")
+            at += len(seq)

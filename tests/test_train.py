@@ -48,6 +48,29 @@ def test_two_processes_match_one(tmp_path):
     assert (tmp_path / "two" / "metrics.png").exists()
 
 
+@pytest.mark.parametrize("loss", ["linear", "logits"])
+def test_packed_run_trains_the_padded_run_steps(tmp_path, loss):
+    """--padding-free and --no-padding-free (the default) train the same pairs per step, so
+    every metric agrees to fp32 rounding (the models see different layouts, so not bitwise).
+    Rewards and margins are β·(differences of ~300-nat sums): their rounding scales with those
+    sums, not with the small result."""
+    args = ["--max-steps", "3", "--loss", loss, *FAST]
+    run([*args, "--output-dir", str(tmp_path / "packed"), "--padding-free"])
+    run([*args, "--output-dir", str(tmp_path / "padded"), "--no-padding-free"])
+    packed, padded = metrics(tmp_path / "packed"), metrics(tmp_path / "padded")
+    assert [r["step"] for r in packed] == [r["step"] for r in padded] == [1, 2, 3]
+    for a, b in zip(packed, padded):
+        operands = b["kl/beta"] * (abs(b["logps/chosen"]) + abs(b["logps/rejected"]))
+        for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5 * operands), (a["step"], key)
+        assert a["kl/beta"] == pytest.approx(b["kl/beta"], rel=1e-9)
+        assert a["rewards/accuracies"] == b["rewards/accuracies"]
+        # At --max-length 96 no two of these sequences share a row: the same padding.
+        assert 0 <= a["padding_share"] <= b["padding_share"] < 1
+
+
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
     args = [
         "--max-steps",

@@ -90,7 +90,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text)
+            # A flag that is on by default, or says it is negatable, also gets its --no- form.
+            negatable = f.default or f.metadata.get("negatable", False)
+            action = argparse.BooleanOptionalAction if negatable else "store_true"
+            parser.add_argument(flag, action=action, default=f.default, help=help_text)
             continue
         kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
         parser.add_argument(

@@ -399,3 +399,55 @@ def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[n, : len(seq)] = 1
         labels[n, p - 1 : len(seq) - 1] = torch.tensor(seq[p:])
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices per row, each row holding at most ``row_length``
+    tokens (every length is at most ``row_length``, as tokenisation truncates to it). Longest
+    first wastes less of each row than arrival order."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - n)
+    return rows
+
+
+def collate_packed(pairs: list[Pair], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
+    """The same 2P sequences as ``collate``, packed whole into rows of at most ``row_length``
+    tokens (first-fit), with ``position_ids`` restarting at 0 for each sequence (the model keeps
+    attention inside each) and ``sequence_ids`` (sequence n as in ``collate``: chosen of pair n
+    for n < P, else rejected of pair n − P). Rows are right-padded to the longest; a row's
+    padding is a sequence of its own (positions from 0) whose labels are -100."""
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [
+        p.prompt_ids + p.rejected_ids for p in pairs
+    ]
+    prompt_lens = [len(p.prompt_ids) for p in pairs] * 2
+    rows = pack_rows([len(s) for s in seqs], row_length)
+    length = max(sum(len(seqs[i]) for i in row) for row in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, -100, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for n in row:
+            seq, p = seqs[n], prompt_lens[n]
+            span = slice(at, at + len(seq))
+            input_ids[r, span] = torch.tensor(seq)
+            position_ids[r, span] = torch.arange(len(seq))
+            labels[r, at + p - 1 : at + len(seq) - 1] = torch.tensor(seq[p:])
+            sequence_ids[r, span] = n
+            at += len(seq)
+        position_ids[r, at:] = torch.arange(length - at)
+    return dict(
+        input_ids=input_ids, position_ids=position_ids, labels=labels, sequence_ids=sequence_ids
+    )

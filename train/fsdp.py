@@ -57,10 +57,32 @@ class EpsilonDPOPolicy(nn.Module):
         self.loss = loss
 
     def forward(
-        self, input_ids, attention_mask, labels, ref_hidden, ref_weight, ref_bias, beta, epsilon
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        beta,
+        epsilon,
+        position_ids=None,
+        sequence_ids=None,
+        num_pairs=None,
     ):
+        """Padded rows (``attention_mask``), or packed rows (``position_ids`` restarting at 0
+        per sequence, ``sequence_ids``, ``num_pairs``, no mask): the loss then takes the rows as
+        one stream."""
+        layout = {}
+        if sequence_ids is not None:
+            layout = dict(sequence_ids=sequence_ids.reshape(-1), num_pairs=num_pairs)
+            labels = labels.reshape(-1)
         if self.loss == "linear":
-            hidden, _, _ = causal_lm_hidden_and_head(self.model, input_ids, attention_mask)
+            hidden, _, _ = causal_lm_hidden_and_head(
+                self.model, input_ids, attention_mask, position_ids=position_ids
+            )
+            if layout:
+                hidden, ref_hidden = hidden.flatten(0, 1), ref_hidden.flatten(0, 1)
             out = self.head(
                 hidden,
                 ref_hidden,
@@ -69,11 +91,20 @@ class EpsilonDPOPolicy(nn.Module):
                 ref_bias=ref_bias,
                 beta=beta,
                 epsilon=epsilon,
+                **layout,
             )
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            # No cache: with none, transformers reads packed sequences from position_ids.
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            ).logits
             ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype), ref_bias)
-            out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon)
+            if layout:
+                logits, ref_logits = logits.flatten(0, 1), ref_logits.flatten(0, 1)
+            out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon, **layout)
         return out
 
 
@@ -85,8 +116,10 @@ class ReferenceHidden(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return causal_lm_hidden_and_head(self.model, input_ids, attention_mask)[0]
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        return causal_lm_hidden_and_head(
+            self.model, input_ids, attention_mask, position_ids=position_ids
+        )[0]
 
 
 def shard(module: nn.Module, layers, mesh, mixed_precision, *, root_reshard: bool):

@@ -22,7 +22,8 @@ class MetricSums:
         self.names: list[str] | None = None
         self.sums = None
         self.device = device
-        self.pairs = torch.zeros(2, dtype=torch.float64, device=device)  # [pairs, tokens]
+        # [pairs, tokens, positions]: positions count padding too, tokens only real ones.
+        self.pairs = torch.zeros(3, dtype=torch.float64, device=device)
 
     def add(self, out: EpsilonDPOOutput, weight: torch.Tensor):
         per_pair = out.pair_metrics()
@@ -32,15 +33,16 @@ class MetricSums:
         self.sums += values
         self.pairs[0] += weight.sum()
 
-    def add_tokens(self, n):
-        self.pairs[1] += n
+    def add_tokens(self, tokens, positions):
+        self.pairs[1] += tokens
+        self.pairs[2] += positions
 
     def reduce(self, prefix=""):
         dist.all_reduce(self.sums)
         dist.all_reduce(self.pairs)
-        pairs, tokens = self.pairs.tolist()
+        pairs, tokens, positions = self.pairs.tolist()
         means = (self.sums / max(pairs, 1.0)).tolist()
-        return {prefix + k: v for k, v in zip(self.names, means)}, tokens
+        return {prefix + k: v for k, v in zip(self.names, means)}, tokens, positions
 
 
 def load_average() -> float | None:

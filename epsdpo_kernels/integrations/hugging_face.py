@@ -13,6 +13,9 @@ def causal_lm_hidden_and_head(
 
     Runs only the decoder (``model.get_decoder()``), so the ``(N, T, V)`` logits are never
     formed. ``hidden_states[:, t]`` scores token ``t + 1``: shift labels as for the logits.
+    Without a key/value cache (``use_cache=False`` unless given): none is needed to score, and
+    with none, transformers reads packed sequences from ``position_ids`` that restart at 0 (when
+    ``attention_mask`` is None) and keeps attention inside each.
     Models whose logits are not ``hidden @ W.T + b`` (soft-capped or scaled logits) are refused,
     since the linear loss would compute something else.
     """
@@ -24,6 +27,7 @@ def causal_lm_hidden_and_head(
             "model must be a Hugging Face causal LM with get_decoder() and "
             f"get_output_embeddings(), got {type(model).__name__}"
         )
+    kwargs.setdefault("use_cache", False)
     outputs = get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
     return hidden, head.weight, getattr(head, "bias", None)

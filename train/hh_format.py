@@ -1,4 +1,5 @@
-"""Rows in Anthropic HH-RLHF's published format, for tests that must not download it.
+"""Rows in Anthropic HH-RLHF's published format, generated: for the tests and benchmarks, which
+must not download the real file.
 
 HH-RLHF ships gzipped JSONL whose rows are ``{"chosen": "\\n\\nHuman: … \\n\\nAssistant: …",
 "rejected": …}``: implicit prompts, multi-turn, the two responses often sharing their first words,
