@@ -35,7 +35,8 @@ def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch):
     policy, ref, labels = make_batch(2, 4, 40)
     policy.requires_grad_()
     epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend="triton").loss.backward()
-    assert len(seen) == 3 and set(seen) == {policy.device}  # token forward, pair head, backward
+    # Token forward, sequence sums, pair head, backward.
+    assert len(seen) == 4 and set(seen) == {policy.device}
 
 
 def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
