@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from data import Row, collate, collate_packed, load_rows, tokenize_rows
-    from fsdp import EpsilonDPOPolicy, ReferenceHidden
+    from data import Row, load_rows, model_batch, tokenize_rows
+    from fsdp import EpsilonDPOPolicy, ReferenceHidden, preference_forward
     from hh_format import hh_rows
     from models import load_policy_and_reference, load_tokenizer
 
@@ -66,25 +66,17 @@ def main(argv=None) -> int:
     with torch.no_grad():  # a policy some way into training, so that the losses say something
         for p in policy_lm.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    # On a GPU when there is one (the campaign); the times then include the CUDA kernels.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy_lm, reference_lm = policy_lm.to(device), reference_lm.to(device)
     policy, reference = EpsilonDPOPolicy(policy_lm, "linear"), ReferenceHidden(reference_lm)
     ref_weight = reference_lm.get_output_embeddings().weight.detach()
 
     def step(batch_pairs, packed):
-        if packed:
-            batch = collate_packed(batch_pairs, tokenizer.pad_token_id, args.max_length)
-            mask, layout = None, dict(position_ids=batch["position_ids"])
-            layout.update(sequence_ids=batch["sequence_ids"], num_pairs=len(batch_pairs))
-            tokens = int((batch["sequence_ids"] >= 0).sum())
-        else:
-            batch = collate(batch_pairs, tokenizer.pad_token_id)
-            mask, layout = batch["attention_mask"], {}
-            tokens = int(mask.sum())
-        with torch.no_grad():
-            ref_hidden = reference(batch["input_ids"], mask, layout.get("position_ids"))
-        out = policy(
-            batch["input_ids"], mask, batch["labels"], ref_hidden, ref_weight, None, 0.1, 0.01,
-            **layout,
-        )  # fmt: skip
+        batch, tokens = model_batch(
+            batch_pairs, tokenizer.pad_token_id, padding_free=packed, row_length=args.max_length
+        )
+        out = preference_forward(policy, reference, batch, ref_weight, None, 0.1, 0.01, device)
         out.loss.backward()
         policy.zero_grad(set_to_none=True)
         return out.loss.item(), tokens, batch["input_ids"].numel()
@@ -95,7 +87,7 @@ def main(argv=None) -> int:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            runs = [step(b, packed) for b in batches]
+            runs = [step(b, packed) for b in batches]  # .item() waits for the device
             times.append(time.perf_counter() - start)
         losses, tokens, positions = (list(x) for x in zip(*runs))
         results[name] = dict(
@@ -109,7 +101,10 @@ def main(argv=None) -> int:
     speedup = (
         results["padded"]["seconds_per_100_pairs"] / results["packed"]["seconds_per_100_pairs"]
     )
-    print(f"data: {source}; {len(pairs)} pairs in micro-batches of {args.micro_batch_size}")
+    print(
+        f"data: {source}; {len(pairs)} pairs in micro-batches of {args.micro_batch_size}; "
+        f"device {device}"
+    )
     print("| layout | positions run | real tokens | padding share | s / 100 pairs |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
@@ -122,7 +117,7 @@ def main(argv=None) -> int:
         print("error: the two layouts' losses disagree", file=sys.stderr)
         return 1
     summary = dict(
-        source=source, pairs=len(pairs), micro_batch_size=args.micro_batch_size,
+        source=source, device=str(device), pairs=len(pairs), micro_batch_size=args.micro_batch_size,
         max_length=args.max_length, speedup=speedup, max_loss_difference=gap,
         **{k: {f: v for f, v in r.items() if f != "losses"} for k, r in results.items()},
     )  # fmt: skip

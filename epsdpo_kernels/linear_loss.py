@@ -105,11 +105,9 @@ def linear_epsilon_dpo_loss(
         ref_bias=ref_bias,
     )
     if V.check_packing(sequence_ids, num_pairs):
-        policy_hidden = V.packed_stream("policy_hidden", policy_hidden)
-        ref_hidden = V.packed_stream("ref_hidden", ref_hidden)
-        tokens = policy_hidden.shape[1]
-        labels = V.packed_index("labels", labels, tokens)
-        sequence_ids = V.packed_index("sequence_ids", sequence_ids, tokens)
+        policy_hidden, ref_hidden, labels, sequence_ids = V.packed_inputs(
+            "policy_hidden", policy_hidden, "ref_hidden", ref_hidden, labels, sequence_ids
+        )
     V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)

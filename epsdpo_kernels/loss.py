@@ -85,11 +85,9 @@ def epsilon_dpo_loss(
     P.check_flag("inplace_backward", inplace_backward)
     V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
     if V.check_packing(sequence_ids, num_pairs):
-        policy_logits = V.packed_stream("policy_logits", policy_logits)
-        ref_logits = V.packed_stream("ref_logits", ref_logits)
-        tokens = policy_logits.shape[1]
-        labels = V.packed_index("labels", labels, tokens)
-        sequence_ids = V.packed_index("sequence_ids", sequence_ids, tokens)
+        policy_logits, ref_logits, labels, sequence_ids = V.packed_inputs(
+            "policy_logits", policy_logits, "ref_logits", ref_logits, labels, sequence_ids
+        )
     V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
     V.check_tensor("ref_logits", ref_logits, ndim=3, float_dtype=True)
     if ref_logits.shape != policy_logits.shape:

@@ -19,19 +19,20 @@ def sequence_sums(
     stats: torch.Tensor, labels: torch.Tensor, sequences: Sequences, params
 ) -> torch.Tensor:
     count = sequences.count
-    summed = stats[list(L.SEQ_FROM_TOKEN)]
+    fields = list(L.SEQ_FROM_TOKEN)
     out = torch.empty((L.SEQUENCE_FIELDS, count), dtype=torch.float32, device=stats.device)
     if sequences.padded:
         tokens = sequences.longest
-        out[: L.SEQ_COUNT] = summed.view(len(L.SEQ_FROM_TOKEN), count, tokens).sum(-1)
+        # Summed as a view of all the fields, then picked: no copy of the token stats.
+        out[: L.SEQ_COUNT] = stats.view(L.TOKEN_FIELDS, count, tokens).sum(-1)[fields]
         scored = (labels != params.ignore_index).view(count, tokens)
         out[L.SEQ_COUNT] = scored.sum(-1).to(torch.float32)
         return out
     order, offsets = sequences.order, sequences.offsets
     owner = sequences.keys[order]
     position = torch.arange(order.numel(), device=order.device) - offsets[owner]
-    grid = stats.new_zeros((len(L.SEQ_FROM_TOKEN), count, sequences.longest))
-    grid[:, owner, position] = summed[:, order]
+    grid = stats.new_zeros((len(fields), count, sequences.longest))
+    grid[:, owner, position] = stats[fields][:, order]
     out[: L.SEQ_COUNT] = grid.sum(-1)
     out[L.SEQ_COUNT] = offsets.diff().to(torch.float32)
     return out

@@ -72,13 +72,27 @@ def packed_index(name: str, x, tokens: int) -> torch.Tensor:
     ``(1, N)``."""
     if isinstance(x, torch.Tensor) and x.dim() == 1:
         x = x.unsqueeze(0)
-    if isinstance(x, torch.Tensor) and tuple(x.shape) not in ((1, tokens),):
+    if isinstance(x, torch.Tensor) and tuple(x.shape) != (1, tokens):
         raise ValueError(
             f"{name} must have shape (N,) or (1, N) with N = {tokens} tokens for a packed "
             f"stream, got {tuple(x.shape)}"
         )
     check_labels(x, rows=1, tokens=tokens, name=name)
     return x
+
+
+def packed_inputs(policy_name: str, policy, ref_name: str, ref, labels, sequence_ids):
+    """Both entry points' packed inputs (logits or hidden states, labels, sequence ids), checked
+    and viewed as one row of N tokens: ``(1, N, F)`` and ``(1, N)``."""
+    policy = packed_stream(policy_name, policy)
+    ref = packed_stream(ref_name, ref)
+    tokens = policy.shape[1]
+    return (
+        policy,
+        ref,
+        packed_index("labels", labels, tokens),
+        packed_index("sequence_ids", sequence_ids, tokens),
+    )
 
 
 def scan_labels(

@@ -451,3 +451,16 @@ def collate_packed(pairs: list[Pair], pad_id: int, row_length: int) -> dict[str,
     return dict(
         input_ids=input_ids, position_ids=position_ids, labels=labels, sequence_ids=sequence_ids
     )
+
+
+def model_batch(pairs: list[Pair], pad_id: int, *, padding_free: bool, row_length: int):
+    """(batch, real tokens): the micro-batch as the models take it, padded (``collate``:
+    ``attention_mask``) or packed (``collate_packed``: ``position_ids``, ``sequence_ids``,
+    ``num_pairs``, no mask). Absent entries are None; ``fsdp.preference_forward`` runs it."""
+    if padding_free:
+        batch = collate_packed(pairs, pad_id, row_length)
+        batch.update(attention_mask=None, num_pairs=len(pairs))
+        return batch, int((batch["sequence_ids"] >= 0).sum())
+    batch = collate(pairs, pad_id)
+    batch.update(position_ids=None, sequence_ids=None, num_pairs=None)
+    return batch, int(batch["attention_mask"].sum())

@@ -122,6 +122,27 @@ class ReferenceHidden(nn.Module):
         )[0]
 
 
+def preference_forward(policy, reference, batch, ref_weight, ref_bias, beta, epsilon, device):
+    """The reference (no gradient), then the policy and its loss, on a ``data.model_batch``
+    moved to ``device``; the caller decides whether gradients are recorded."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        ref_hidden = reference(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    return policy(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        beta,
+        epsilon,
+        position_ids=batch["position_ids"],
+        sequence_ids=batch["sequence_ids"],
+        num_pairs=batch["num_pairs"],
+    )
+
+
 def shard(module: nn.Module, layers, mesh, mixed_precision, *, root_reshard: bool):
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed_precision)

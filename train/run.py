@@ -36,7 +36,7 @@ from cli import (
     run_main,
     watch_for_interrupt,
 )
-from data import DATASET_HELP, check_dataset_arg, collate, collate_packed, read_pairs
+from data import DATASET_HELP, check_dataset_arg, model_batch, read_pairs
 from fsdp import (
     EpsilonDPOPolicy,
     ReferenceHidden,
@@ -45,6 +45,7 @@ from fsdp import (
     init_distributed,
     latest_checkpoint,
     load_checkpoint,
+    preference_forward,
     save_checkpoint,
     shard,
 )
@@ -267,36 +268,14 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
     def run_batch(pairs, *, train_mode):
         """(loss output, real tokens, positions the model ran on: padding included)."""
-        if cfg.padding_free:
-            batch = collate_packed(pairs, tokenizer.pad_token_id, cfg.max_length)
-            tokens = int((batch["sequence_ids"] >= 0).sum())
-            layout = dict(
-                position_ids=batch["position_ids"].to(device),
-                sequence_ids=batch["sequence_ids"].to(device),
-                num_pairs=len(pairs),
-            )
-            mask = None
-        else:
-            batch = collate(pairs, tokenizer.pad_token_id)
-            tokens = int(batch["attention_mask"].sum())
-            layout = {}
-            mask = batch["attention_mask"].to(device)
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        with torch.no_grad():
-            ref_hidden = reference(input_ids, mask, layout.get("position_ids"))
+        batch, tokens = model_batch(
+            pairs, tokenizer.pad_token_id, padding_free=cfg.padding_free, row_length=cfg.max_length
+        )
         with torch.set_grad_enabled(train_mode):
-            out = policy(
-                input_ids,
-                mask,
-                labels,
-                ref_hidden,
-                ref_weight,
-                ref_bias,
-                beta_ctl.beta,
-                cfg.epsilon,
-                **layout,
+            out = preference_forward(
+                policy, reference, batch, ref_weight, ref_bias, beta_ctl.beta, cfg.epsilon, device
             )
-        return out, tokens, input_ids.numel()
+        return out, tokens, batch["input_ids"].numel()
 
     def evaluate():
         policy.eval()
