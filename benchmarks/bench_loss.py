@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BETA, EPSILON = 0.1, 0.01
 QUICK_CPU_SHAPES = [dict(B=2, T=256, H=64, V=8000), dict(B=2, T=512, H=64, V=16000)]
@@ -224,11 +223,7 @@ def _run_row(cfg: dict) -> dict:
     env = dict(os.environ)
     # Return freed memory to the OS at once, so RSS follows live memory (glibc's defaults keep
     # up to 32 MiB blocks in the heap, hiding reuse from the peak).
-    env.update(
-        MALLOC_MMAP_THRESHOLD_="131072",
-        MALLOC_TRIM_THRESHOLD_="131072",
-        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
-    )
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=ROW_TIMEOUT_S)

@@ -22,11 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# The train/ scripts' modules import their siblings by name, as when a script runs.
-sys.path.insert(0, str(ROOT / "train"))
-sys.path.insert(0, str(ROOT))
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,10 +36,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from data import Row, load_rows, model_batch, tokenize_rows
-    from fsdp import EpsilonDPOPolicy, ReferenceHidden, preference_forward
-    from hh_format import hh_rows
-    from models import load_policy_and_reference, load_tokenizer
+
+    from train.data import Row, load_rows, model_batch, tokenize_rows
+    from train.fsdp import EpsilonDPOPolicy, ReferenceHidden, preference_forward
+    from train.hh_format import hh_rows
+    from train.models import load_policy_and_reference, load_tokenizer
 
     if args.dataset:
         rows, _ = load_rows(args.dataset, seed=0, eval_fraction=0.0)

@@ -36,9 +36,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 # H100 SXM: copy bandwidth as commonly measured on one (~3.0 TB/s of the 3.35 TB/s datasheet
 # figure), SMs, boost clock (1.98 GHz; 1.755 GHz is the PCIe card's) and per-SM limits from the
 # datasheet and CUDA's occupancy tables for sm_90.

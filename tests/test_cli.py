@@ -10,10 +10,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hh_format import write_hh_jsonl_gz  # noqa: E402
-
 from tests.helpers.scripts import FAST, ROOT, metrics, run  # noqa: E402
 from tests.helpers.scripts import script_env as _env
+from train.hh_format import write_hh_jsonl_gz  # noqa: E402
 
 
 def _error_lines(proc) -> list[str]:
@@ -138,7 +137,7 @@ def test_help_documents_every_flag_with_its_default():
     assert proc.returncode == 0
     import dataclasses
 
-    from run import Config
+    from train.run import Config
 
     text = " ".join(proc.stdout.split())
     for f in dataclasses.fields(Config):
@@ -151,7 +150,7 @@ def test_help_documents_every_flag_with_its_default():
 def test_readme_usage_line_lists_every_flag():
     import dataclasses
 
-    from run import Config
+    from train.run import Config
 
     readme = (ROOT / "README.md").read_text()
     for f in dataclasses.fields(Config):

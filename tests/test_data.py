@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from data import (  # noqa: E402
+from train.data import (  # noqa: E402
     DataError,
     Row,
     collate,
@@ -23,8 +23,8 @@ from data import (  # noqa: E402
     split_row,
     tokenize_rows,
 )
-from hh_format import hh_rows, write_hh_jsonl_gz  # noqa: E402
-from tokenizer import byte_tokenizer  # noqa: E402
+from train.hh_format import hh_rows, write_hh_jsonl_gz  # noqa: E402
+from train.tokenizer import byte_tokenizer  # noqa: E402
 
 HH = "\n\nHuman: Is it safe?\n\nAssistant:"
 

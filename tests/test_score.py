@@ -122,7 +122,7 @@ def test_histogram_axis_is_not_stretched_by_one_outlier(tmp_path):
     counted at the edge instead of squeezing every other pair into one bar."""
     import random
 
-    from score import histogram_range, plot_histograms
+    from train.score import histogram_range, plot_histograms
 
     rng = random.Random(0)
     values = [rng.uniform(-3, 3) for _ in range(2300)] + [-24.0]

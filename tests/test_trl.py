@@ -496,9 +496,8 @@ def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
 def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path):
     """HH-RLHF's format at the default lengths: TRL alone would drop every row whose prompt
     fills max_length; run_trl.py reads, truncates and skips as run.py does and says so."""
-    from hh_format import write_hh_jsonl_gz
-
     from tests.helpers.scripts import run
+    from train.hh_format import write_hh_jsonl_gz
 
     data = tmp_path / "test.jsonl.gz"
     write_hh_jsonl_gz(data, n=200)

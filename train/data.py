@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from cli import UsageError, looks_like_path
+
+from train.cli import UsageError, looks_like_path
 
 EVAL_SPLITS = ("eval", "test", "validation")
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from outputs import RUN_RECORD, write_record
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -26,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsilon_dpo_loss
+from train.outputs import RUN_RECORD, write_record
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

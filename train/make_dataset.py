@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from cli import ArgumentParser
+from train.cli import ArgumentParser
 
 COLORS = ["red", "blue", "green", "grey", "brown", "white", "black", "golden", "silver", "pink"]
 ANIMALS = ["fox", "cat", "dog", "owl", "bear", "frog", "duck", "wolf", "deer", "goat", "crab"]

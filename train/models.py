@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 import torch
-from cli import UsageError, looks_like_path
+
+from train.cli import UsageError, looks_like_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-llama.json"
 MODEL_HELP = (
@@ -60,7 +61,7 @@ def load_tokenizer(model: str | None):
     from transformers import AutoTokenizer
 
     if model is None or is_config_file(model):
-        from tokenizer import byte_tokenizer
+        from train.tokenizer import byte_tokenizer
 
         tokenizer = byte_tokenizer()
     else:

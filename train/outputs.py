@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli import UsageError
+from train.cli import UsageError
 
 RUN_RECORD = "run.json"
 

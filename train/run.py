@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from cli import (
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from epsdpo_kernels import AdaptiveBeta
+from train.cli import (
     ArgumentParser,
     Interrupted,
     UsageError,
@@ -36,8 +39,8 @@ from cli import (
     run_main,
     watch_for_interrupt,
 )
-from data import DATASET_HELP, check_dataset_arg, model_batch, read_pairs
-from fsdp import (
+from train.data import DATASET_HELP, check_dataset_arg, model_batch, read_pairs
+from train.fsdp import (
     EpsilonDPOPolicy,
     ReferenceHidden,
     decoder_layers,
@@ -49,9 +52,9 @@ from fsdp import (
     save_checkpoint,
     shard,
 )
-from metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics
-from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
-from outputs import (
+from train.metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics
+from train.models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from train.outputs import (
     RUN_RECORD,
     MetricsLog,
     check_output_dir,
@@ -61,9 +64,6 @@ from outputs import (
     run_record,
     start_run_dir,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy
-
-from epsdpo_kernels import AdaptiveBeta
 
 
 # ----------------------------------------------------------------------------- config

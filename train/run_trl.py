@@ -21,7 +21,9 @@ import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cli import (
+from transformers import TrainerCallback
+
+from train.cli import (
     ArgumentParser,
     Interrupted,
     UsageError,
@@ -32,10 +34,10 @@ from cli import (
     run_main,
     watch_for_interrupt,
 )
-from data import DATASET_HELP, check_dataset_arg, read_pairs
-from metrics import machine_note, plot_metrics
-from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
-from outputs import (
+from train.data import DATASET_HELP, check_dataset_arg, read_pairs
+from train.metrics import machine_note, plot_metrics
+from train.models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from train.outputs import (
     MetricsLog,
     check_output_dir,
     check_overwrite,
@@ -43,7 +45,6 @@ from outputs import (
     run_record,
     start_run_dir,
 )
-from transformers import TrainerCallback
 
 
 @dataclass

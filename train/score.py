@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from cli import ArgumentParser, UsageError, add_dataclass_flags, option, run_main
-from data import (
+
+from epsdpo_kernels import ches_scores
+from train.cli import ArgumentParser, UsageError, add_dataclass_flags, option, run_main
+from train.data import (
     DATASET_HELP,
     DEFAULT_DATASET,
     check_dataset_arg,
@@ -39,10 +41,8 @@ from data import (
     read_splits,
     tokenize_rows,
 )
-from models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
-from outputs import check_output_dir
-
-from epsdpo_kernels import ches_scores
+from train.models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from train.outputs import check_output_dir
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
