@@ -484,6 +484,17 @@ def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out / "final")
     assert model.config.vocab_size >= len(tokenizer)
 
+    # Packed micro-batches train the same steps (fp32 rounding apart).
+    packed_out = tmp_path / "packed"
+    packed_args = [*args[:-1], str(packed_out), "--padding-free"]
+    run(packed_args, script="run_trl.py")
+    packed_rows = metrics(packed_out)
+    assert json.loads((packed_out / "run.json").read_text())["padding_free"] is True
+    for name in ("loss", "rewards/margins", "kl/beta"):
+        assert [r[name] for r in packed_rows] == pytest.approx(
+            [r[name] for r in rows], rel=1e-4, abs=1e-5
+        ), name
+
     again = run(args, check=False, script="run_trl.py")  # one run per directory
     assert again.returncode == 2 and "is not empty" in again.stderr
     bad = run(args + ["--epsilon", "1.5"], check=False, script="run_trl.py")
@@ -681,4 +692,117 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     for rank in (0, 1):
         torch.testing.assert_close(
             results[rank], expected, rtol=1e-5, atol=1e-7, msg=f"lm_head gradient on rank {rank}"
+        )
+
+
+# -- padding_free=True: packed rows through the model and the fused loss ----------------------
+
+
+def _token_pairs(seed: int = 0, n: int = 4) -> Dataset:
+    """Token-id pairs of ragged lengths; the first has an empty prompt, so its first completion
+    token opens a sequence and must not be scored (it has no preceding token of its own)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        length = int(torch.randint(low, high, (), generator=gen))
+        return torch.randint(0, 256, (length,), generator=gen).tolist()
+
+    rows = [dict(prompt_ids=[], chosen_ids=ids(3, 9), rejected_ids=ids(3, 9))]
+    rows += [
+        dict(prompt_ids=ids(2, 14), chosen_ids=ids(1, 12), rejected_ids=ids(1, 12))
+        for _ in range(n - 1)
+    ]
+    return Dataset.from_list(rows)
+
+
+def test_packed_collator_lays_out_whole_sequences_in_one_row():
+    from epsdpo_kernels.trl import DataCollatorForPackedPreference
+
+    examples = [
+        dict(prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4, 5, 6]),
+        dict(prompt_ids=[7], chosen_ids=[8, 9], rejected_ids=[10]),
+    ]
+    batch = DataCollatorForPackedPreference(pad_to_multiple_of=8, pad_token_id=0)(examples)
+    assert batch["num_pairs"] == 2
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 8, 9, 1, 2, 4, 5, 6, 7, 10, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, -1, -1, -1]]
+    assert "attention_mask" not in batch
+
+    # Each sequence truncated on its own, as TRL's padded collator does.
+    end = DataCollatorForPackedPreference(max_length=2, truncation_mode="keep_end")(examples)
+    assert end["input_ids"].tolist() == [[2, 3, 8, 9, 5, 6, 7, 10]]
+    assert end["completion_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 0, 1]]
+    with pytest.raises(ValueError, match="truncation_mode"):
+        DataCollatorForPackedPreference(truncation_mode="middle")
+    with pytest.raises(ValueError, match="pad_token_id"):
+        DataCollatorForPackedPreference(pad_to_multiple_of=8)
+
+
+@pytest.mark.parametrize(
+    "truncation_mode, rpo_alpha", [("keep_start", None), ("keep_end", 0.5)], ids=["start", "rpo"]
+)
+def test_packed_batch_equals_padded_batch(tmp_path, truncation_mode, rpo_alpha):
+    """One batch, packed into one row (position_ids, no mask) or padded by TRL's collator: the
+    same loss and the same gradient of every parameter, to fp32 rounding (the two attention
+    layouts sum in different orders). Ragged lengths, an empty prompt, truncation."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    overrides = dict(padding_free=True, max_length=16, truncation_mode=truncation_mode)
+    if rpo_alpha is not None:
+        overrides.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha])
+    trainer = make_trainer(tmp_path, train=_token_pairs(), **overrides)
+    assert trainer.args.padding_free  # the user's config is left as given
+    examples = list(trainer.train_dataset)
+    packed = trainer.data_collator(examples)
+    padded = DataCollatorForPreference(
+        pad_token_id=258, max_length=16, truncation_mode=truncation_mode
+    )(examples)
+    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())
+
+    model = trainer.model
+    model.train()
+    results = []
+    for batch in (packed, padded):
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_free_trains_the_same_steps_as_padded(tmp_path):
+    """Six optimizer steps with padding_free=True and False: every logged metric agrees to fp32
+    rounding, the step decisions and TRL's token count exactly."""
+    runs = {}
+    for padding_free in (False, True):
+        trainer = make_trainer(tmp_path / str(padding_free), max_steps=6, padding_free=padding_free)
+        trainer.train()
+        runs[padding_free] = step_logs(trainer)
+    assert len(runs[True]) == len(runs[False]) == 6
+    exact = ("kl/avg_steps", "kl/p_epsilon_steps", "kl/n_epsilon_steps", "num_tokens", "step")
+    for packed, padded in zip(runs[True], runs[False]):
+        for name, value in padded.items():
+            if name in exact:
+                assert packed[name] == value, name
+            elif name in ("grad_norm", "learning_rate", "loss", "epoch") or "/" in name:
+                assert packed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_padding_free_refuses_prompt_learning_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    policy, _ = tiny_models()
+    prompt_tuning = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    with pytest.raises(ValueError, match="padding_free=True: prompt-learning"):
+        EpsilonDPOTrainer(
+            policy,
+            args=config(tmp_path, padding_free=True),
+            train_dataset=pairs(8),
+            processing_class=byte_tokenizer(),
+            peft_config=prompt_tuning,
         )

@@ -60,6 +60,12 @@ class Config:
     epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
     max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
     max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
+    padding_free: bool = option(
+        False,
+        "each micro-batch's sequences packed whole into one row with position_ids "
+        "(EpsilonDPOConfig(padding_free=True)); the same steps as padded rows",
+        negatable=True,
+    )
     eval_every: int = option(20, "evaluate every N steps (0: never)")
     overwrite: bool = option(
         False,
@@ -144,6 +150,7 @@ def main(argv=None) -> int:
             beta=cfg.beta,
             epsilon=cfg.epsilon,
             max_length=cfg.max_length,
+            padding_free=cfg.padding_free,
             seed=cfg.seed,
             logging_steps=1,
             eval_strategy="steps" if evaluate else "no",

@@ -46,6 +46,8 @@ class EpsilonDPOConfig(DPOConfig):
     step. ``label_smoothing`` is conservative DPO (cDPO) on the ε-DPO loss, as in the ε-DPO
     authors' trainer (TRL 1.x's own ``sigmoid`` loss ignores it). ``loss_type=["sigmoid", "sft"]``
     with ``loss_weights=[1.0, α]`` adds α times the chosen responses' NLL (RPO), as in TRL.
+    ``padding_free=True`` trains packed rows (``DataCollatorForPackedPreference``), which TRL
+    1.16's own ``DPOTrainer`` switches off.
     """
 
     epsilon: float = field(
@@ -114,6 +116,72 @@ def check_options(args: DPOConfig) -> None:
     problems = refused_options(args)
     if problems:
         raise ValueError("EpsilonDPOConfig: " + "; ".join(problems))
+
+
+@dataclass
+class DataCollatorForPackedPreference:
+    """Padding-free preference batches: every sequence of the batch, whole, in one row.
+
+    Takes the examples TRL's ``DataCollatorForPreference`` takes (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``) and truncates each sequence as it does (``max_length``,
+    ``truncation_mode``), then concatenates them, chosen sequences first: sequence ``n < P`` is
+    the chosen response of pair ``n``, ``n ≥ P`` the rejected one of pair ``n − P`` (P pairs), as
+    the padded batch's rows. Returns ``input_ids``, ``position_ids`` (restarting at 0 for each
+    sequence, from which transformers keeps attention inside each sequence), ``completion_mask``
+    and ``sequence_ids``, each of shape ``(1, N)`` with N the batch's real tokens, and
+    ``num_pairs``; there is no attention mask. With ``pad_to_multiple_of``, the row is filled
+    up with ``pad_token_id`` tokens of sequence id -1 that are never scored.
+    """
+
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(
+                f"truncation_mode={self.truncation_mode!r}: expected 'keep_start' or 'keep_end'"
+            )
+        if self.pad_to_multiple_of is not None and self.pad_token_id is None:
+            raise ValueError("pad_to_multiple_of needs pad_token_id (the filler token)")
+
+    def _truncate(self, values: list[int]) -> list[int]:
+        if self.max_length is None:
+            return values
+        return (
+            values[: self.max_length]
+            if self.truncation_mode == "keep_start"
+            else values[-self.max_length :]
+        )
+
+    def __call__(self, examples: list[dict]) -> dict:
+        input_ids, completion_mask, position_ids, sequence_ids = [], [], [], []
+        sides = ("chosen_ids", "rejected_ids")
+        for n, (side, example) in enumerate((s, e) for s in sides for e in examples):
+            prompt, completion = list(example["prompt_ids"]), list(example[side])
+            ids = self._truncate(prompt + completion)
+            input_ids += ids
+            completion_mask += self._truncate([0] * len(prompt) + [1] * len(completion))
+            position_ids += range(len(ids))
+            sequence_ids += [n] * len(ids)
+        if self.pad_to_multiple_of is not None:
+            filler = -len(input_ids) % self.pad_to_multiple_of
+            input_ids += [self.pad_token_id] * filler
+            completion_mask += [0] * filler
+            position_ids += range(filler)
+            sequence_ids += [-1] * filler
+
+        def row(values):
+            return torch.tensor(values, dtype=torch.long).reshape(1, -1)
+
+        return {
+            "input_ids": row(input_ids),
+            "position_ids": row(position_ids),
+            "completion_mask": row(completion_mask),
+            "sequence_ids": row(sequence_ids),
+            "num_pairs": len(examples),
+        }
 
 
 def _hidden_state_forward(model: torch.nn.Module) -> None:
@@ -204,7 +272,14 @@ class EpsilonDPOTrainer(DPOTrainer):
                 "compute_metrics: the fused loss never forms the logits that compute_metrics "
                 "receives; log what you need from trainer.state.log_history instead"
             )
-        super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        # TRL 1.16 turns padding_free off with a warning (its loss cannot take packed rows);
+        # the fused loss can, so it is kept off only while DPOTrainer is built.
+        padding_free, args.padding_free = args.padding_free, False
+        try:
+            super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        finally:
+            args.padding_free = padding_free
+        self.padding_free = padding_free
         if self._is_vision_dataset:
             raise ValueError(
                 "train_dataset has images: EpsilonDPOTrainer supports text-only causal LMs"
@@ -216,6 +291,8 @@ class EpsilonDPOTrainer(DPOTrainer):
             )
         policy = self._unwrapped_policy()
         check_linear_head(policy.config.get_text_config())
+        if padding_free:
+            self._use_packed_batches(kwargs.get("data_collator"))
         _hidden_state_forward(policy)
         if self.ref_model is not None:
             reference = self.accelerator.unwrap_model(self.ref_model)
@@ -226,6 +303,23 @@ class EpsilonDPOTrainer(DPOTrainer):
         self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
         self._train_tokens = 0  # attention-mask tokens of the training batches, all processes
         self.add_callback(_BetaUpdate(self))
+
+    def _use_packed_batches(self, data_collator) -> None:
+        """padding_free=True: batches reach the model as one packed row with ``position_ids``
+        (``DataCollatorForPackedPreference`` unless the caller passed a collator of its own)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+            raise ValueError(
+                "padding_free=True: prompt-learning PEFT adapters prepend virtual tokens to each "
+                "row, which would join the packed sequences; use padding_free=False"
+            )
+        if data_collator is None:
+            self.data_collator = DataCollatorForPackedPreference(
+                max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode,
+                pad_to_multiple_of=self.args.pad_to_multiple_of,
+                pad_token_id=self._tokenizer.pad_token_id,
+            )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Text rows go through TRL's preparation (prompt extraction, EOS, tokenization, the
@@ -250,7 +344,9 @@ class EpsilonDPOTrainer(DPOTrainer):
         reference's forward was wrapped before ``_hidden_state_forward`` replaced it (TRL
         prepares it in ``__init__``, the policy only in ``train()``), so the same is applied
         here to both: at policy == reference the two then give bitwise equal hidden states."""
-        kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+        kwargs = {
+            k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
+        }
         with self.accelerator.autocast():
             hidden, weight, bias = model(**kwargs, epsdpo_hidden=True)
         if hidden.dtype in (torch.float16, torch.bfloat16) and self._upcast_outputs():
@@ -283,8 +379,16 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:]
+        scored = inputs["completion_mask"] != 0
+        packing = {}
+        if "sequence_ids" in inputs:
+            # hidden[:, t] scores token t + 1, which must be of the same sequence: a sequence's
+            # first token (position 0) is never scored, as column 0 of a padded row is not.
+            scored = scored & (inputs["position_ids"] != 0)
+            packing = dict(
+                sequence_ids=inputs["sequence_ids"][:, 1:], num_pairs=inputs["num_pairs"]
+            )
+        labels = inputs["input_ids"].masked_fill(~scored, -100)[:, 1:]
         policy_hidden, policy_weight, policy_bias = self._hidden(model, inputs)
         ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
         beta = self.adaptive_beta.beta
@@ -299,15 +403,26 @@ class EpsilonDPOTrainer(DPOTrainer):
             label_smoothing=self.args.label_smoothing,
             policy_bias=policy_bias,
             ref_bias=ref_bias,
+            **{
+                k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
+                for k, v in packing.items()
+            },
         )
         loss = self.loss_weights["sigmoid"] * out.loss
         if "sft" in self.loss_weights:
             # TRL's "sft" term: mean NLL over the batch's chosen completion tokens.
-            chosen_tokens = (labels[: labels.shape[0] // 2] != -100).sum().clamp(min=1)
-            loss = loss + self.loss_weights["sft"] * (-out.chosen_logps.sum() / chosen_tokens)
+            if packing:
+                chosen = (labels != -100) & (packing["sequence_ids"] < packing["num_pairs"])
+            else:
+                chosen = labels[: labels.shape[0] // 2] != -100
+            loss = loss + self.loss_weights["sft"] * (
+                -out.chosen_logps.sum() / chosen.sum().clamp(min=1)
+            )
         if mode == "train":
             self.adaptive_beta.observe(out.steps)
-        self._accumulate(mode, out, inputs["attention_mask"].sum())
+        # TRL's num_tokens counts the batch's real tokens (its attention mask; packed: no filler).
+        tokens = (inputs["sequence_ids"] >= 0).sum() if packing else inputs["attention_mask"].sum()
+        self._accumulate(mode, out, tokens)
         if return_outputs:
             return loss, out
         return loss
@@ -435,6 +550,7 @@ class _BetaUpdate(TrainerCallback):
 __all__ = [
     "EpsilonDPOConfig",
     "EpsilonDPOTrainer",
+    "DataCollatorForPackedPreference",
     "refused_options",
     "BETA_STATE_FILE",
     "TOKENIZED_COLUMNS",
