@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .params import LossParams
+from .sequence_group import complete_sums
 from .sequences import Sequences
 
 
@@ -49,12 +50,13 @@ def sequence_sums(
     stats: torch.Tensor, labels: torch.Tensor, sequences: Sequences, params: LossParams
 ) -> torch.Tensor:
     """``(SEQUENCE_FIELDS, 2B)`` sums of the token stats per sequence (docs/SPEC.md, Per
-    sequence), for padded rows or a packed stream alike."""
+    sequence), for padded rows or a packed stream alike; over every rank of the sequence group
+    when there is one."""
     if params.backend == "triton":
         from .sequence_sums_triton import sequence_sums as impl
     else:
         from .sequence_sums_torch import sequence_sums as impl
-    return impl(stats, labels, sequences, params)
+    return complete_sums(impl(stats, labels, sequences, params), sequences.group)
 
 
 def pair_head(sequence_sums: torch.Tensor, params: LossParams) -> torch.Tensor:

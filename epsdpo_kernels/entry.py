@@ -7,12 +7,15 @@ inputs and their autograd Function; from checked inputs to ``EpsilonDPOOutput`` 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import validation as V
 from .autograd import split_pair
 from .output import EpsilonDPOOutput, build_output
 from .params import loss_params
+from .sequence_group import check_group_agrees, resolve_group
 
 
 def compute_loss(
@@ -27,12 +30,15 @@ def compute_loss(
     path_option,
     sequence_ids: torch.Tensor | None = None,
     num_pairs: int | None = None,
+    sequence_group=None,
 ) -> EpsilonDPOOutput:
     """Run ``function`` (an autograd Function with an ``evaluate`` twin, autograd.py) on
     ``inputs`` with the call's ``LossParams`` and token-to-sequence map (``Sequences``), built
     here once the labels are counted, and the Function's own ``path_option`` (the logits path's
     in-place flag, the linear path's chunks). ``sequence_ids`` and ``num_pairs`` describe a
     packed stream (inputs of one row of N tokens); without them the rows are the 2B sequences.
+    ``sequence_group`` (sequence_group.py): the ranks holding the other tokens of the same
+    sequences; the per-sequence sums are completed over it.
 
     The first ``n_policy`` inputs are the policy's (they may receive gradients); the rest are
     detached. Checking the labels syncs the host once; nothing else in a call does (on the
@@ -40,6 +46,7 @@ def compute_loss(
     ``torch.no_grad()``), the forward runs without building a Function, so nothing is saved for
     a backward that will not come.
     """
+    group = resolve_group(sequence_group)
     count, sequences = V.scan_labels(
         labels,
         vocab=vocab,
@@ -48,6 +55,9 @@ def compute_loss(
         num_sequences=2 * num_pairs if num_pairs else labels.shape[0],
     )
     params = loss_params(options, backend, count)
+    if group is not None:
+        check_group_agrees(group, labels.device, sequences.count, options)
+        sequences = replace(sequences, group=group)
     policy = inputs[:n_policy]
     rest = tuple(None if x is None else x.detach() for x in inputs[n_policy:])
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in policy):

@@ -35,6 +35,7 @@ def linear_epsilon_dpo_loss(
     vocab_chunk_size: int | None = None,
     sequence_ids: torch.Tensor | None = None,
     num_pairs: int | None = None,
+    sequence_group=None,
 ) -> EpsilonDPOOutput:
     """ε-DPO from the last hidden states and the lm_head weights, never materialising the
     ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
@@ -67,8 +68,9 @@ def linear_epsilon_dpo_loss(
         sequence_ids, num_pairs: a packed (padding-free) stream, as for ``epsilon_dpo_loss``:
             hidden states ``(N, H)`` (or ``(1, N, H)``), labels and ``sequence_ids`` ``(N,)``
             (or ``(1, N)``).
-        beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend: as for
-            ``epsilon_dpo_loss``.
+        beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend,
+            sequence_group: as for ``epsilon_dpo_loss``. Under a sequence group, the weight
+            gradients summed over the group equal the single-process gradient.
 
     Gradients reach ``policy_hidden``, ``policy_weight`` and ``policy_bias``, in their dtypes.
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, so the matmuls run
@@ -167,6 +169,7 @@ def linear_epsilon_dpo_loss(
             path_option=chunks,
             sequence_ids=sequence_ids,
             num_pairs=num_pairs,
+            sequence_group=sequence_group,
         )
 
 

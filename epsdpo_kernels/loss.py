@@ -26,6 +26,7 @@ def epsilon_dpo_loss(
     inplace_backward: bool = False,
     sequence_ids: torch.Tensor | None = None,
     num_pairs: int | None = None,
+    sequence_group=None,
 ) -> EpsilonDPOOutput:
     """ε-DPO loss (Lee et al., 2025, arXiv 2502.13177) on concatenated chosen/rejected logits.
 
@@ -58,6 +59,12 @@ def epsilon_dpo_loss(
             sequence j: the chosen response of pair j for ``j < num_pairs``, the rejected
             response of pair ``j − num_pairs`` otherwise, in any order in the stream. Tokens
             whose label is ``ignore_index`` are not scored, whatever their id.
+        sequence_group: sequence (context) parallelism: a ProcessGroup, or a 1-D DeviceMesh
+            such as ``mesh["cp"]``, whose ranks each hold some tokens of every sequence (any
+            split; padded rows or packed streams). Every rank passes its own tokens, the same
+            number of sequences and the same options; the per-sequence sums are all-reduced
+            (6·2B floats), so every rank gets the whole loss and every per-pair field, and its
+            backward gives its own tokens' share of the single-process gradient.
 
     Returns:
         ``EpsilonDPOOutput``; ``.loss`` is the mean over pairs. ``.metrics()`` gives TRL's names.
@@ -117,4 +124,5 @@ def epsilon_dpo_loss(
         path_option=inplace_backward,
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
+        sequence_group=sequence_group,
     )

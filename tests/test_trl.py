@@ -236,6 +236,18 @@ def test_refused_options_fail_at_construction(tmp_path, overrides, match):
         config(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize("sizes", [dict(tp_size=2), dict(cp_size=2), dict(tp_size=2, cp_size=4)])
+def test_tensor_and_context_parallel_configs_are_refused(tmp_path, sizes):
+    """Each rank would hold part of the vocabulary or of every sequence; the trainer refuses
+    rather than sum a part as if it were the whole. Data parallelism alone is accepted."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    named = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    with pytest.raises(ValueError, match=f"parallelism_config with {named}: tensor parallelism"):
+        config(tmp_path, parallelism_config=ParallelismConfig(**sizes))
+    assert config(tmp_path, parallelism_config=ParallelismConfig(dp_shard_size=2))
+
+
 def test_trainer_refuses_plain_dpo_config_and_compute_metrics(tmp_path):
     from trl import DPOConfig
 

@@ -99,6 +99,21 @@ def refused_options(args: DPOConfig) -> list[str]:
             "sync_ref_model=True: ε-DPO adapts β against a fixed reference; moving the reference "
             "(TR-DPO) changes what the step decisions measure; use sync_ref_model=False"
         )
+    parallelism = getattr(args, "parallelism_config", None)
+    split = {
+        name: size
+        for name in ("tp_size", "cp_size", "sp_size")
+        if (size := getattr(parallelism, name, 1) or 1) > 1
+    }
+    if split:
+        sizes = ", ".join(f"{name}={size}" for name, size in split.items())
+        problems.append(
+            f"parallelism_config with {sizes}: tensor parallelism splits the lm_head over the "
+            "vocabulary and context/sequence parallelism splits every sequence over ranks, and "
+            "this trainer would sum each rank's part as if it were the whole sequence; use data "
+            "parallelism only (dp_replicate_size, dp_shard_size). Outside the trainer, "
+            "linear_epsilon_dpo_loss takes sequence_group= for context parallelism"
+        )
     # The loss's own checks, so that the config says what the loss would say.
     for check, value in (
         (check_beta, args.beta),

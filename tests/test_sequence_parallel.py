@@ -1,0 +1,218 @@
+"""Sequence parallelism (``sequence_group=``): gloo ranks each holding some tokens of every
+sequence equal one process holding them all: the loss, every field and step on every rank, each
+rank's gradient of its own tokens, weight gradients summed over the ranks, β carried by
+``AdaptiveBeta``; and groups that disagree get a clear error on every rank."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from epsdpo_kernels import AdaptiveBeta, epsilon_dpo_loss, linear_epsilon_dpo_loss
+from tests.helpers.batches import make_batch, make_linear_batch
+from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
+from tests.helpers.distributed import gloo_group, rendezvous_file
+from tests.helpers.packing import pack
+
+BETA, EPSILON = 0.1, 0.2
+FIELDS = (
+    "loss",
+    "losses",
+    "steps",
+    "beta_used",
+    "chosen_logps",
+    "rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "p_epsilon_logratios",
+    "n_epsilon_logratios",
+    "mean_chosen_logits",
+    "mean_rejected_logits",
+)
+# (entry, backend, dtype, layout, split). Layouts: padded (2B, T) rows, or a packed stream with
+# sequences interleaved token by token and unscored fillers. Splits: contiguous blocks of
+# positions (uneven: T = 7 over 2 or 3 ranks), context parallelism's load-balanced chunks (rank r
+# holds chunks r and 2w−1−r), or every w-th token of a packed stream.
+CASES = [
+    ("logits", "torch", torch.float32, "padded", "blocks"),
+    ("logits", "torch", torch.float32, "padded", "balanced"),
+    ("logits", "torch", torch.bfloat16, "packed", "strided"),
+    ("logits", "triton", torch.float32, "padded", "balanced"),
+    ("logits", "triton", torch.float32, "packed", "strided"),
+    ("linear", "torch", torch.float32, "padded", "blocks"),
+    ("linear", "torch", torch.float32, "packed", "strided"),
+    ("linear", "triton", torch.float32, "padded", "blocks"),
+]
+B, T, V, H = 3, 7, 507, 16
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _positions(split: str, n: int, rank: int, world: int) -> torch.Tensor:
+    if split == "blocks":
+        return torch.arange(n).tensor_split(world)[rank]
+    if split == "balanced":
+        chunks = torch.arange(n).tensor_split(2 * world)
+        return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]])
+    return torch.arange(rank, n, world)
+
+
+def _inputs(entry, dtype, layout):
+    """The whole batch as one process sees it: (policy inputs, other inputs, packing kwargs);
+    token positions are dimension 1 of every per-token tensor (the stream's, when packed)."""
+    if entry == "logits":
+        policy, ref, labels = make_batch(B, T, V, dtype=dtype, seed=3)
+        policy_inputs, rest = dict(policy_logits=policy), dict(ref_logits=ref)
+    else:
+        data = make_linear_batch(B, T, H, V, dtype=dtype, device="cpu", bias=True, seed=3)
+        labels = data.pop("labels")
+        policy_inputs = {k: data.pop(k) for k in ("policy_hidden", "policy_weight", "policy_bias")}
+        rest = data
+    packing = {}
+    if layout == "packed":
+        stream = pack(labels, seed=5, mode="tokens", fillers=3)
+        per_token = "policy_logits" if entry == "logits" else "policy_hidden"
+        policy_inputs[per_token] = stream.stream(policy_inputs[per_token]).unsqueeze(0)
+        other = "ref_logits" if entry == "logits" else "ref_hidden"
+        rest[other] = stream.stream(rest[other]).unsqueeze(0)
+        labels = stream.labels(labels).unsqueeze(0)
+        packing = dict(sequence_ids=stream.sequence_ids.unsqueeze(0), num_pairs=stream.num_pairs)
+    return policy_inputs, dict(rest, labels=labels), packing
+
+
+def _call(case, positions=None, group=None, grad=True):
+    """One call of the case's entry point on the tokens at ``positions`` (all when None):
+    (fields, gradients of the policy inputs, β after one AdaptiveBeta step)."""
+    entry, backend, dtype, layout, _ = case
+    policy_inputs, rest, packing = _inputs(entry, dtype, layout)
+    if positions is not None:
+        per_token = ("policy_logits", "ref_logits", "policy_hidden", "ref_hidden", "labels")
+        policy_inputs = {
+            k: v[:, positions] if k in per_token else v for k, v in policy_inputs.items()
+        }
+        rest = {k: v[:, positions] if k in per_token else v for k, v in rest.items()}
+        packing = {k: v[:, positions] if k == "sequence_ids" else v for k, v in packing.items()}
+    for tensor in policy_inputs.values():
+        tensor.requires_grad_(grad)
+    fn = epsilon_dpo_loss if entry == "logits" else linear_epsilon_dpo_loss
+    with torch.set_grad_enabled(grad):
+        out = fn(
+            **policy_inputs,
+            **rest,
+            **packing,
+            beta=BETA,
+            epsilon=EPSILON,
+            backend=backend,
+            sequence_group=group,
+        )
+    if grad:
+        out.loss.backward()
+    beta = AdaptiveBeta(BETA, EPSILON)
+    beta.observe(out.steps)
+    beta.update()  # all-reduces over the default group: here, the sequence group's ranks
+    fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
+    grads = {k: v.grad.clone() for k, v in policy_inputs.items() if grad}
+    return fields, grads, beta.beta
+
+
+def _worker(rank, world, store, results):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with gloo_group(rank, world, store):
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+        for i, case in enumerate(CASES):
+            if case[1] == "triton" and not _interpreted():
+                continue
+            n = (
+                T
+                if case[3] == "padded"
+                else _inputs(case[0], case[2], case[3])[1]["labels"].shape[1]
+            )
+            positions = _positions(case[4], n, rank, world)
+            group = mesh["cp"] if i % 2 else mesh.get_group()  # a DeviceMesh or a ProcessGroup
+            results[(i, rank)] = _call(case, positions, group)
+        # Evaluation (no gradient) takes the same path.
+        case = CASES[1]
+        positions = _positions(case[4], T, rank, world)
+        results[("eval", rank)] = _call(case, positions, mesh, grad=False)[0]
+
+        # Ranks that disagree fail alike, before any kernel: the options, or the sequences.
+        policy, ref, labels = make_batch(B, T, V, seed=3)
+        errors = []
+        for kwargs in (dict(beta=0.1 * (1 + rank)), dict(beta=0.1, policy_rows=2 * B + 2 * rank)):
+            rows = kwargs.pop("policy_rows", 2 * B)
+            source = make_batch(rows // 2, T, V, seed=3)
+            try:
+                epsilon_dpo_loss(*source, **kwargs, backend="torch", sequence_group=mesh)
+            except ValueError as e:
+                errors.append(str(e))
+        grid = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
+        try:
+            epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend="torch", sequence_group=grid)
+        except ValueError as e:
+            errors.append(str(e))
+        try:
+            epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend="torch", sequence_group=rank)
+        except TypeError as e:
+            errors.append(str(e))
+        results[("errors", rank)] = errors
+
+
+def _slice(case, grads_full, positions):
+    per_token = {"policy_logits", "policy_hidden"}
+    return {k: v[:, positions] for k, v in grads_full.items() if k in per_token}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_ranks_equal_one_process(world):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
+
+    for i, case in enumerate(CASES):
+        if case[1] == "triton" and not _interpreted():
+            continue
+        fields, grads, beta = _call(case)
+        _, backend, dtype, layout, split = case
+        rtol = grad_rtol(dtype, backend, "cpu")
+        n = T if layout == "padded" else _inputs(case[0], dtype, layout)[1]["labels"].shape[1]
+        weight_sums = {}
+        for rank in range(world):
+            got_fields, got_grads, got_beta = results[(i, rank)]
+            where = f"{case} rank {rank}/{world}"
+            assert torch.equal(got_fields["steps"], fields["steps"]), where
+            for name in FIELDS:
+                assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+            assert got_beta == pytest.approx(beta, rel=1e-12), where
+            positions = _positions(split, n, rank, world)
+            for name, grad in _slice(case, grads, positions).items():
+                assert grad.abs().max() > 0, f"{where} {name}"
+                assert_close(got_grads[name], grad, rtol=rtol, atol=1e-7, name=f"{where} {name}")
+            for name in ("policy_weight", "policy_bias"):
+                if name in got_grads:
+                    weight_sums[name] = weight_sums.get(name, 0) + got_grads[name].double()
+        for name, total in weight_sums.items():
+            assert_close(total, grads[name], rtol=1e-5, atol=1e-7, name=f"{case} Σ ranks {name}")
+
+    fields = _call(CASES[1], grad=False)[0]
+    for rank in range(world):
+        for name in FIELDS:
+            assert_close(results[("eval", rank)][name], fields[name], **VALUE_TOL, name=name)
+
+    for rank in range(world):
+        beta, sequences, grid, not_a_group = results[("errors", rank)]
+        assert "same sequences and options" in beta and "beta from 0.1 to" in beta
+        assert f"sequences (2B) from {2 * B:g} to {2 * B + 2 * (world - 1):g}" in sequences
+        assert "a DeviceMesh of 2 dimensions" in grid and "mesh['cp']" in grid
+        assert "sequence_group must be a torch.distributed ProcessGroup" in not_a_group
+
+
+def test_sequence_group_needs_an_initialised_process_group():
+    policy, ref, labels = make_batch(B, T, V, seed=3)
+    with pytest.raises(ValueError, match="sequence_group: torch.distributed is not initialised"):
+        epsilon_dpo_loss(policy, ref, labels, beta=0.1, sequence_group=object())
