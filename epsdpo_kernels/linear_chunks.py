@@ -43,6 +43,7 @@ from . import layout as L
 from .dispatch import pair_head, sequence_sums, token_backward, token_forward
 from .params import LossParams
 from .sequences import Sequences
+from .vocab_parallel import VocabShard, complete_hidden_gradient, shard_token_forward
 
 # Budget for one chunk's or slice's temporaries. On CUDA, 256 MiB holds 512 rows of bf16
 # policy + reference logits at V = 128k, or an 8192 × 16384 bf16 slice: enough for the GEMMs
@@ -61,6 +62,9 @@ class LinearChunks:
 
     chunk_rows: int
     vocab_chunk_rows: int = 0
+    # Vocabulary parallelism: the lm_head rows this rank holds (vocab_parallel.py); the token
+    # statistics then merge over the shard's group and the hidden-state gradient sums over it.
+    shard: VocabShard | None = None
 
 
 def _round_rows(rows: int, limit: int) -> int:
@@ -167,12 +171,21 @@ def linear_forward(
         policy_logits = _logits(flat_policy[idx], policy_weight, policy_bias)
         ref_logits = _logits(flat_ref[idx], ref_weight, ref_bias)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
-        stats[:, idx] = token_forward(
-            policy_logits.unsqueeze(1),
-            ref_logits.unsqueeze(1),
-            flat_labels[idx].unsqueeze(1),
-            params,
-        )
+        if chunks.shard is None:
+            stats[:, idx] = token_forward(
+                policy_logits.unsqueeze(1),
+                ref_logits.unsqueeze(1),
+                flat_labels[idx].unsqueeze(1),
+                params,
+            )
+        else:
+            stats[:, idx] = shard_token_forward(
+                policy_logits.unsqueeze(1),
+                ref_logits.unsqueeze(1),
+                flat_labels[idx].unsqueeze(1),
+                params,
+                chunks.shard,
+            )
         del policy_logits, ref_logits
     pair = pair_head(sequence_sums(stats, labels, sequences, params), params)
     return stats, pair, scored
@@ -212,7 +225,9 @@ def linear_backward(
     new_weight = torch.empty_like if n_scored else torch.zeros_like
     grad_weight = new_weight(policy_weight) if need_weight else None
     grad_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
-    for vs in _chunks(vocab, slice_rows):
+    # Column j of a slice is vocabulary entry offset + j (this rank's shard starts at offset).
+    offset = chunks.shard.offset if chunks.shard is not None else 0
+    for vs in _chunks(vocab, max(1, slice_rows)):
         weight = policy_weight[vs]
         bias = policy_bias[vs] if policy_bias is not None else None
         weight_acc = None
@@ -230,7 +245,7 @@ def linear_backward(
                 token_coef[ts],
                 params,
                 inplace=True,
-                vocab_offset=vs.start,
+                vocab_offset=offset + vs.start,
             ).squeeze(1)
             if need_hidden:
                 _accumulate_fp32(grad_hidden[ts], grad, weight)
@@ -246,6 +261,7 @@ def linear_backward(
             grad_weight[vs] = weight_acc
     full_grad_hidden = None
     if need_hidden:
+        complete_hidden_gradient(grad_hidden, chunks.shard)
         full_grad_hidden = torch.zeros_like(flat_hidden)
         full_grad_hidden[scored] = grad_hidden.to(flat_hidden.dtype)
         full_grad_hidden = full_grad_hidden.view_as(policy_hidden)

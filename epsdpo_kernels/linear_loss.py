@@ -9,6 +9,7 @@ from torch import nn
 
 from . import params as P
 from . import validation as V
+from . import vocab_parallel as VP
 from .autograd import LinearEpsilonDPOFunction
 from .entry import compute_loss
 from .linear_chunks import LinearChunks, default_chunk_rows
@@ -54,7 +55,10 @@ def linear_epsilon_dpo_loss(
     Args:
         policy_hidden: ``(2B, T, H)`` last hidden states of the policy (rows ``[0, B)`` chosen,
             ``[B, 2B)`` rejected); ``policy_hidden[:, t]`` scores ``labels[:, t]``.
-        policy_weight: ``(V, H)`` policy lm_head weight (tied embeddings are fine).
+        policy_weight: ``(V, H)`` policy lm_head weight (tied embeddings are fine); or a
+            DTensor sharded over the vocabulary (``Shard(0)`` on one mesh dimension, as
+            ``ColwiseParallel`` gives) with the hidden states replicated: vocabulary
+            parallelism (vocab_parallel.py); its gradient comes back with its placement.
         ref_hidden: ``(2B, T, H_ref)`` reference hidden states; no gradient.
         ref_weight: ``(V, H_ref)`` reference lm_head weight; no gradient.
         labels: ``(2B, T)`` integer labels, ``ignore_index`` on prompt and padding.
@@ -98,14 +102,23 @@ def linear_epsilon_dpo_loss(
         backend=backend,
     )
     P.check_loss_options(**options)
-    V.check_not_sharded(
-        policy_hidden=policy_hidden,
-        policy_weight=policy_weight,
-        policy_bias=policy_bias,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
+    local, shard = VP.localize(
+        dict(
+            policy_hidden=policy_hidden,
+            policy_weight=policy_weight,
+            policy_bias=policy_bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+        )
     )
+    V.check_not_sharded(**local)
+    policy_hidden, policy_weight, policy_bias = (
+        local["policy_hidden"],
+        local["policy_weight"],
+        local["policy_bias"],
+    )
+    ref_hidden, ref_weight, ref_bias = local["ref_hidden"], local["ref_weight"], local["ref_bias"]
     if V.check_packing(sequence_ids, num_pairs):
         policy_hidden, ref_hidden, labels, sequence_ids = V.packed_inputs(
             "policy_hidden", policy_hidden, "ref_hidden", ref_hidden, labels, sequence_ids
@@ -125,10 +138,10 @@ def linear_epsilon_dpo_loss(
         )
         ref_hidden, ref_weight, ref_bias = map(cast, (ref_hidden, ref_weight, ref_bias))
     rows, tokens, hidden_size = policy_hidden.shape
-    vocab = policy_weight.shape[0]
+    vocab = policy_weight.shape[0]  # this rank's rows under vocabulary parallelism
     if num_pairs is None:
         V.check_pair_rows("policy_hidden", rows)
-    if tokens == 0 or vocab == 0 or hidden_size == 0:
+    if tokens == 0 or (vocab == 0 and shard is None) or hidden_size == 0:
         raise ValueError(
             f"policy_hidden must have T > 0 and H > 0 and policy_weight V > 0, got hidden "
             f"{tuple(policy_hidden.shape)} and weight {tuple(policy_weight.shape)}"
@@ -154,16 +167,19 @@ def linear_epsilon_dpo_loss(
     backend = P.resolve_backend(backend, device)
     element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
     chunks = LinearChunks(
-        chunk_rows=chunk_size or default_chunk_rows(vocab, element_size, device.type),
+        chunk_rows=chunk_size or default_chunk_rows(max(1, vocab), element_size, device.type),
         vocab_chunk_rows=vocab_chunk_size or 0,
+        shard=shard,
     )
+    if shard is not None:
+        VP.check_vocab_group(shard, labels, options)
     with torch.autocast(device.type, enabled=False) if autocast_dtype else nullcontext():
         return compute_loss(
             LinearEpsilonDPOFunction,
             (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
             n_policy=3,
             labels=labels,
-            vocab=vocab,
+            vocab=vocab if shard is None else shard.vocab,
             options=options,
             backend=backend,
             path_option=chunks,

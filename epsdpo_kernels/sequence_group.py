@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-# The per-call values every rank of a group must agree on, as (name, value) pairs.
-_AGREED = ("sequences (2B)", "beta", "epsilon", "label_smoothing", "average_log_prob")
+from .groups import check_ranks_agree, option_values
 
 
 def resolve_group(sequence_group):
@@ -53,33 +52,15 @@ def resolve_group(sequence_group):
 
 
 def check_group_agrees(group, device: torch.device, count: int, options: dict) -> None:
-    """One all-reduce of a few floats: every rank of ``group`` holds the same number of
-    sequences and the same options; otherwise a ValueError, raised on every rank alike."""
-    import torch.distributed as dist
-
-    mine = torch.tensor(
-        [
-            float(count),
-            float(options["beta"]),
-            float(options["epsilon"]),
-            float(options["label_smoothing"]),
-            float(options["average_log_prob"]),
-        ],
-        dtype=torch.float64,
-        device=device,
+    """Every rank of ``group`` holds the same number of sequences and the same options;
+    otherwise a ValueError, raised on every rank alike."""
+    check_ranks_agree(
+        group,
+        device,
+        {"sequences (2B)": count, **option_values(options)},
+        "sequence_group",
+        "every rank must call the loss with the same sequences and options",
     )
-    # max(v) and −min(v) in one MAX all-reduce.
-    extremes = torch.cat([mine, -mine])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
-    high, low = extremes[: mine.numel()].tolist(), (-extremes[mine.numel() :]).tolist()
-    differ = [
-        f"{name} from {lo:g} to {hi:g}" for name, lo, hi in zip(_AGREED, low, high) if lo != hi
-    ]
-    if differ:
-        raise ValueError(
-            "sequence_group: every rank must call the loss with the same sequences and options; "
-            "over the group they range: " + "; ".join(differ)
-        )
 
 
 def complete_sums(sums: torch.Tensor, group) -> torch.Tensor:

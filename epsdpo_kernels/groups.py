@@ -1,0 +1,32 @@
+"""The one check both parallel layouts make before any kernel runs: do the group's ranks agree?
+
+A loss call whose ranks disagree (different sequences, options or, for vocabulary parallelism,
+different tokens) would otherwise hang in a collective or return wrong sums without a word.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_ranks_agree(group, device: torch.device, values: dict, argument: str, why: str) -> None:
+    """One MAX all-reduce of 2·len(values) float64s (max(v) and −min(v) together): raise a
+    ValueError naming ``argument`` on every rank alike when any value differs over ``group``."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    extremes = torch.cat([mine, -mine])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    high, low = extremes[: mine.numel()].tolist(), (-extremes[mine.numel() :]).tolist()
+    differ = [
+        f"{name} from {lo:g} to {hi:g}" for name, lo, hi in zip(values, low, high) if lo != hi
+    ]
+    if differ:
+        raise ValueError(f"{argument}: {why}; over the group they range: " + "; ".join(differ))
+
+
+def option_values(options: dict) -> dict:
+    """The loss options every rank of a group must share, by name."""
+    return {
+        name: options[name] for name in ("beta", "epsilon", "label_smoothing", "average_log_prob")
+    }

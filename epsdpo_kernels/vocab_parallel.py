@@ -1,0 +1,220 @@
+"""Vocabulary parallelism: each rank of a group holds rows ``[offset, offset + V_r)`` of the
+lm_head (a DTensor ``Shard(0)``, what ``ColwiseParallel`` on the lm_head gives) and the same,
+replicated hidden states.
+
+Forward, per scored token: each rank computes its shard's logits and, for each of the four
+distributions of docs/SPEC.md (policy h, reference g, the two mixes h ± ε(h − g)), the partial
+log-sum-exp as (max, Σ exp(z − max)), the label's logit when the label falls in its shard, and
+Σ_v h. The partials merge exactly: one MAX all-reduce of the 4 maxes, then one SUM all-reduce of
+the 4 rescaled sums, the 4 label logits (0 where not owned) and Σ h: 13 floats per token, never a
+logit. The merged values give the token fields of layout.py, after which everything (sequence
+sums, pair head) is the single-process path.
+
+Backward: the per-token gradient ``c·(onehot − softmax)`` of a shard needs only the shard's
+logits and the merged lse, so each rank runs the usual vocabulary-slice backward on its own rows
+(labels offset by its shard) and gets its weight (and bias) gradient shard; the hidden-state
+gradient Σ_v G[:, v]·W[v] is a sum over shards, completed by one SUM all-reduce of S × H floats.
+
+The partials are torch operations on the shard's logits, on both backends (a Triton partial
+kernel would save the fp32 temporaries; the backward uses the backend's own kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import layout as L
+from .groups import check_ranks_agree, option_values
+from .token_torch import _chunk_rows, _nonpositive
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's part of the vocabulary: rows ``[offset, offset + rows)`` of ``vocab``."""
+
+    offset: int
+    rows: int
+    vocab: int
+    group: object  # the ProcessGroup of the ranks sharing the vocabulary
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _vocab_dim(name: str, x) -> int:
+    """The mesh dimension over which DTensor ``x`` is sharded on dim 0, every other mesh
+    dimension replicated; a TypeError for any other placement."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    shards = [d for d, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim == 0]
+    others = [
+        p for d, p in enumerate(x.placements) if d not in shards and not isinstance(p, Replicate)
+    ]
+    if len(shards) != 1 or others or type(x.placements[shards[0]]) is not Shard:
+        raise TypeError(
+            f"{name} is a DTensor with placements {tuple(x.placements)}: the loss takes a "
+            "lm_head sharded over the vocabulary on one mesh dimension (Shard(0), every other "
+            "dimension Replicate(), as ColwiseParallel gives); an FSDP2-sharded weight must be "
+            f"gathered first (LinearEpsilonDPOHead inside a fully_shard-ed module, or "
+            f"{name}.full_tensor())"
+        )
+    return shards[0]
+
+
+def shard_of(name: str, weight) -> VocabShard:
+    """The ``VocabShard`` of a vocabulary-sharded DTensor weight (torch.chunk's split: the
+    first ranks hold ⌈V/n⌉ rows, the last may hold fewer or none)."""
+    dim = _vocab_dim(name, weight)
+    mesh = weight.device_mesh
+    vocab, size = weight.shape[0], mesh.size(dim)
+    per_rank = math.ceil(vocab / size)
+    coordinate = mesh.get_local_rank(dim)
+    offset = min(vocab, coordinate * per_rank)
+    rows = min(vocab, offset + per_rank) - offset
+    if weight.to_local().shape[0] != rows:
+        raise TypeError(
+            f"{name}: its local shard has {weight.to_local().shape[0]} rows where Shard(0) of "
+            f"{vocab} rows over {size} ranks gives {rows}"
+        )
+    return VocabShard(offset=offset, rows=rows, vocab=vocab, group=mesh.get_group(dim))
+
+
+def localize(tensors: dict) -> tuple[dict, VocabShard | None]:
+    """Plain tensors for the loss from a call whose ``policy_weight`` may be vocabulary-sharded:
+    the weights' and biases' local shards (a plain reference weight or bias is sliced to the
+    policy's shard), the hidden states' local values (plain, or replicated DTensors). DTensors
+    keep their gradient path: ``to_local``'s backward gives the weight gradient the weight's
+    placement. Without a sharded policy weight nothing changes, and any DTensor is left for
+    ``validation.check_not_sharded`` to refuse."""
+    dtensor = _dtensor_type()
+    weight = tensors["policy_weight"]
+    if dtensor is None or not isinstance(weight, dtensor):
+        return tensors, None
+    shard = shard_of("policy_weight", weight)
+    out = {}
+    for name, x in tensors.items():
+        if x is None:
+            out[name] = None
+        elif name.endswith("_hidden"):
+            if isinstance(x, dtensor):
+                from torch.distributed.tensor import Replicate
+
+                if not all(isinstance(p, Replicate) for p in x.placements):
+                    raise TypeError(
+                        f"{name} is a DTensor with placements {tuple(x.placements)}: with a "
+                        "vocabulary-sharded lm_head the hidden states must be replicated "
+                        "(a plain tensor, or Replicate())"
+                    )
+                x = x.to_local()
+            out[name] = x
+        elif isinstance(x, dtensor):
+            other = shard_of(name, x)
+            if (other.offset, other.rows, other.vocab) != (shard.offset, shard.rows, shard.vocab):
+                raise TypeError(
+                    f"{name} is sharded as rows [{other.offset}, {other.offset + other.rows}) of "
+                    f"{other.vocab}, policy_weight as [{shard.offset}, "
+                    f"{shard.offset + shard.rows}) of {shard.vocab}: shard them alike"
+                )
+            out[name] = x.to_local()
+        else:
+            if x.shape[0] != shard.vocab:
+                raise ValueError(
+                    f"{name} must have {shard.vocab} rows (the vocabulary of the sharded "
+                    f"policy_weight), got shape {tuple(x.shape)}"
+                )
+            out[name] = x[shard.offset : shard.offset + shard.rows]
+    return out, shard
+
+
+def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) -> None:
+    """The ranks sharing the vocabulary must hold the same tokens and options. A weight that
+    is FSDP-sharded over data-parallel ranks (a Shard(0) too, but with other data on every
+    rank) fails here instead of merging unrelated tokens."""
+    flat = labels.reshape(-1).double()
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=labels.device)
+    values = {
+        "tokens": labels.numel(),
+        "label checksum": float((flat * weights.remainder(9973)).sum()),
+        **option_values(options),
+    }
+    check_ranks_agree(
+        shard.group,
+        labels.device,
+        values,
+        "policy_weight",
+        "the ranks sharing the vocabulary-sharded lm_head must hold the same tokens (replicated "
+        "hidden states and labels) and options; is the weight FSDP-sharded over data-parallel "
+        "ranks instead? Then gather it (LinearEpsilonDPOHead)",
+    )
+
+
+def _partials(z: torch.Tensor, column: torch.Tensor, owned: torch.Tensor):
+    """(max, Σ exp(z − max), z at the label or 0) per row of one distribution's shard logits.
+    NaN (from infinities in the mixes) reads as −inf, as in the single-process kernels."""
+    z = z.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    if z.shape[1] == 0:
+        m = z.new_full((z.shape[0],), -torch.inf)
+        return m, torch.zeros_like(m), torch.zeros_like(m)
+    m = z.amax(1)
+    safe = torch.where(torch.isfinite(m), m, 0.0)
+    total = (z - safe.unsqueeze(1)).exp_().sum(1)
+    label = z.gather(1, column.unsqueeze(1)).squeeze(1)
+    return m, total, torch.where(owned, label, 0.0)
+
+
+@torch.no_grad()
+def shard_token_forward(policy_logits, ref_logits, labels, params, shard: VocabShard):
+    """The token fields of layout.py for ``(C, 1, V_r)`` shard logits of C scored tokens with
+    full-vocabulary ``labels`` (C, 1), merged over the shard's group (see the module docstring)."""
+    import torch.distributed as dist
+
+    rows = policy_logits.shape[0]
+    device = policy_logits.device
+    maxes = torch.empty((4, rows), dtype=torch.float32, device=device)
+    sums = torch.empty((9, rows), dtype=torch.float32, device=device)  # 4 Σexp, 4 labels, Σh
+    column = (labels.reshape(-1) - shard.offset).long()
+    owned = (column >= 0) & (column < shard.rows)
+    column = column.clamp(0, max(0, shard.rows - 1))
+    step = _chunk_rows(max(1, shard.rows), device)
+    for start in range(0, rows, step):
+        sl = slice(start, min(rows, start + step))
+        h = policy_logits[sl, 0].float()
+        g = ref_logits[sl, 0].float()
+        diff = h - g
+        streams = (h, g, h + params.epsilon * diff, h - params.epsilon * diff)
+        for k, z in enumerate(streams):
+            maxes[k, sl], sums[k, sl], sums[4 + k, sl] = _partials(z, column[sl], owned[sl])
+        sums[8, sl] = h.sum(1)
+    local = maxes.clone()
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=shard.group)
+    safe = torch.where(torch.isfinite(maxes), maxes, 0.0)
+    sums[:4] *= torch.where(torch.isfinite(local), (local - safe).exp(), 0.0)
+    dist.all_reduce(sums, group=shard.group)
+    lse = maxes + sums[:4].log()
+    logp = sums[4:8] - lse  # a, r, u, d
+    stats = torch.empty((L.TOKEN_FIELDS, rows), dtype=torch.float32, device=device)
+    a = _nonpositive(logp[0])
+    stats[L.TOK_LOGP] = a
+    stats[L.TOK_REF_LOGP] = _nonpositive(logp[1])
+    for field, k in ((L.TOK_P_EPS_DELTA, 2), (L.TOK_N_EPS_DELTA, 3)):
+        delta = logp[k] - a
+        stats[field] = torch.where(delta > -a, -a, delta)
+    stats[L.TOK_LSE] = lse[0]
+    stats[L.TOK_LOGIT_SUM] = sums[8]
+    return stats
+
+
+def complete_hidden_gradient(grad_hidden: torch.Tensor, shard: VocabShard | None) -> None:
+    """This shard's part of ∂hidden = Σ_v G[:, v]·W[v] → the whole sum, in place."""
+    if shard is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(grad_hidden, group=shard.group)

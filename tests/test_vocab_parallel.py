@@ -1,0 +1,153 @@
+"""Vocabulary parallelism: ``linear_epsilon_dpo_loss`` with the lm_head a DTensor sharded over
+the vocabulary (Shard(0), as ColwiseParallel gives) on gloo ranks equals one process with the
+whole head: the loss, every field and step, each rank's weight and bias gradient shard, the whole
+hidden-state gradient on every rank; uneven and empty shards; bad placements and ranks holding
+different tokens get clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from epsdpo_kernels import linear_epsilon_dpo_loss
+from tests.helpers.batches import make_linear_batch
+from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
+from tests.helpers.distributed import gloo_group, rendezvous_file
+from tests.helpers.packing import pack
+from tests.test_sequence_parallel import FIELDS
+
+# (backend, dtype, layout, V, reference weight: "sharded" DTensor or "plain" whole tensor,
+# mesh: "1d" or "2d" (a (1, w) data × tensor mesh, sharded on "tp")). V = 301 splits unevenly
+# over 2 and 3 ranks; V = 4 over 3 ranks leaves the last rank no rows at all.
+CASES = [
+    ("torch", torch.float32, "padded", 301, "sharded", "1d"),
+    ("torch", torch.float32, "packed", 301, "plain", "2d"),
+    ("torch", torch.bfloat16, "padded", 301, "sharded", "1d"),
+    ("triton", torch.float32, "padded", 301, "sharded", "2d"),
+    ("triton", torch.float32, "packed", 301, "plain", "1d"),
+    ("torch", torch.float32, "padded", 4, "sharded", "1d"),
+]
+B, T, H = 2, 5, 16
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _runnable(case) -> bool:
+    return case[0] == "torch" or _interpreted()
+
+
+def _inputs(case):
+    _, dtype, layout, vocab, _, _ = case
+    data = make_linear_batch(B, T, H, vocab, dtype=dtype, device="cpu", bias=True, seed=4)
+    packing = {}
+    if layout == "packed":
+        stream = pack(data["labels"], seed=2, mode="tokens", fillers=2)
+        for name in ("policy_hidden", "ref_hidden"):
+            data[name] = stream.stream(data[name]).unsqueeze(0)
+        data["labels"] = stream.labels(data["labels"]).unsqueeze(0)
+        packing = dict(sequence_ids=stream.sequence_ids.unsqueeze(0), num_pairs=stream.num_pairs)
+    return data, packing
+
+
+def _call(case, mesh=None, labels_shift=0):
+    """(fields, grads) of one call; with ``mesh``, the weights (and biases) are distributed over
+    its "tp" dimension and the gradients returned are this rank's local shards."""
+    backend, _, _, _, ref_kind, _ = case
+    data, packing = _inputs(case)
+    if labels_shift:
+        data["labels"] = data["labels"].roll(labels_shift, dims=1)
+    if mesh is not None:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
+        names = ["policy_weight", "policy_bias"]
+        if ref_kind == "sharded":
+            names += ["ref_weight", "ref_bias"]
+        for name in names:
+            data[name] = distribute_tensor(data[name], mesh, placements)
+    for name in ("policy_hidden", "policy_weight", "policy_bias"):
+        data[name].requires_grad_()
+    out = linear_epsilon_dpo_loss(
+        **data, **packing, beta=0.1, epsilon=0.2, backend=backend, chunk_size=4
+    )
+    out.loss.backward()
+    fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
+    grads = {}
+    for name in ("policy_hidden", "policy_weight", "policy_bias"):
+        grad = data[name].grad
+        if hasattr(grad, "to_local"):
+            assert grad.placements == data[name].placements, name
+            grad = grad.to_local()
+        grads[name] = grad.clone()
+    return fields, grads
+
+
+def _worker(rank, world, store, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with gloo_group(rank, world, store):
+        meshes = {
+            "1d": init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)),
+            "2d": init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp")),
+        }
+        for i, case in enumerate(CASES):
+            if _runnable(case):
+                results[(i, rank)] = _call(case, meshes[case[5]])
+        errors = []
+        try:  # ranks holding different tokens, e.g. a weight FSDP-sharded over data ranks
+            _call(CASES[0], meshes["1d"], labels_shift=rank)
+        except ValueError as e:
+            errors.append(str(e))
+        data, _ = _inputs(CASES[0])
+        data["policy_weight"] = distribute_tensor(data["policy_weight"], meshes["1d"], [Shard(1)])
+        try:
+            linear_epsilon_dpo_loss(**data, beta=0.1, backend="torch")
+        except TypeError as e:
+            errors.append(str(e))
+        results[("errors", rank)] = errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocabulary_parallel_ranks_equal_one_process(world):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
+
+    for i, case in enumerate(CASES):
+        if not _runnable(case):
+            continue
+        fields, grads = _call(case)
+        backend, dtype, _, vocab, _, _ = case
+        rtol = grad_rtol(dtype, backend, "cpu")
+        per_rank = -(-vocab // world)
+        for rank in range(world):
+            got_fields, got_grads = results[(i, rank)]
+            where = f"{case} rank {rank}/{world}"
+            assert torch.equal(got_fields["steps"], fields["steps"]), where
+            for name in FIELDS:
+                assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+            assert_close(
+                got_grads["policy_hidden"],
+                grads["policy_hidden"],
+                rtol=rtol,
+                atol=1e-7,
+                name=f"{where} hidden",
+            )
+            rows = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
+            for name in ("policy_weight", "policy_bias"):
+                assert_close(
+                    got_grads[name], grads[name][rows], rtol=rtol, atol=1e-7, name=f"{where} {name}"
+                )
+        assert grads["policy_weight"].abs().max() > 0
+
+    for rank in range(world):
+        different_tokens, bad_placement = results[("errors", rank)]
+        assert "policy_weight: the ranks sharing the vocabulary-sharded lm_head" in different_tokens
+        assert "label checksum from" in different_tokens
+        assert "placements (Shard(dim=1),)" in bad_placement and "Shard(0)" in bad_placement
