@@ -10,6 +10,8 @@ backward directly (logits) or through the vocabulary-sliced driver (linear).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import layout as L
@@ -17,6 +19,7 @@ from .dispatch import pair_head, sequence_sums, token_backward, token_forward
 from .linear_chunks import LinearChunks, linear_backward, linear_forward
 from .params import LossParams
 from .sequences import Sequences
+from .vocab_parallel import VocabShard, shard_logits_forward
 
 
 def split_pair(pair: torch.Tensor):
@@ -58,27 +61,39 @@ def row_coefficients(
     return coef
 
 
-def logits_forward(policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences):
+@dataclass(frozen=True)
+class LogitsPlan:
+    """How the logits path runs: the backward in place or not, and this rank's vocabulary
+    shard when the logits are vocabulary-sharded (vocab_parallel.py)."""
+
+    inplace: bool = False
+    shard: VocabShard | None = None
+
+
+def logits_forward(
+    policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences, plan: LogitsPlan
+):
     """Token pass, sums per sequence, pair head: (token stats, pair buffer). No autograd."""
-    stats = token_forward(policy_logits, ref_logits, labels, params)
+    if plan.shard is None:
+        stats = token_forward(policy_logits, ref_logits, labels, params)
+    else:
+        stats = shard_logits_forward(policy_logits, ref_logits, labels, params, plan.shard)
     return stats, pair_head(sequence_sums(stats, labels, sequences, params), params)
 
 
 class EpsilonDPOLogitsFunction(torch.autograd.Function):
-    """(policy_logits, ref_logits, labels, params, sequences, inplace) → (losses, chosen_logps,
+    """(policy_logits, ref_logits, labels, params, sequences, plan) → (losses, chosen_logps,
     rejected_logps, pair).
 
     Saves the policy logits (by reference, no copy), the labels, the token stats (6 floats per
-    token) and the pair buffer. Only ``policy_logits`` gets a gradient; ``inplace`` writes it
-    over the logits' storage.
+    token) and the pair buffer. Only ``policy_logits`` gets a gradient; ``plan.inplace`` writes
+    it over the logits' storage.
     """
 
     @staticmethod
-    def evaluate(
-        policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences, inplace: bool
-    ):
+    def evaluate(policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences, plan):
         """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return logits_forward(policy_logits, ref_logits, labels, params, sequences)[1]
+        return logits_forward(policy_logits, ref_logits, labels, params, sequences, plan)[1]
 
     @staticmethod
     def forward(
@@ -88,10 +103,10 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
         labels,
         params: LossParams,
         sequences: Sequences,
-        inplace: bool,
+        plan: LogitsPlan,
     ):
-        stats, pair = logits_forward(policy_logits, ref_logits, labels, params, sequences)
-        ctx.params, ctx.sequences, ctx.inplace = params, sequences, inplace
+        stats, pair = logits_forward(policy_logits, ref_logits, labels, params, sequences, plan)
+        ctx.params, ctx.sequences, ctx.plan = params, sequences, plan
         ctx.save_for_backward(policy_logits, labels, stats, pair)
         ctx.mark_non_differentiable(pair)
         return (*split_pair(pair), pair)
@@ -109,7 +124,18 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
             average_log_prob=params.average_log_prob,
         )
         token_coef = ctx.sequences.token_coefficients(row_coef)
-        grad = token_backward(policy_logits, labels, stats, token_coef, params, inplace=ctx.inplace)
+        plan: LogitsPlan = ctx.plan
+        if policy_logits.shape[-1] == 0:  # a vocabulary shard with no entries
+            return torch.zeros_like(policy_logits), None, None, None, None, None
+        grad = token_backward(
+            policy_logits,
+            labels,
+            stats,
+            token_coef,
+            params,
+            inplace=plan.inplace,
+            vocab_offset=plan.shard.offset if plan.shard is not None else 0,
+        )
         return grad, None, None, None, None, None
 
 

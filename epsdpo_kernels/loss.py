@@ -6,7 +6,8 @@ import torch
 
 from . import params as P
 from . import validation as V
-from .autograd import EpsilonDPOLogitsFunction
+from . import vocab_parallel as VP
+from .autograd import EpsilonDPOLogitsFunction, LogitsPlan
 from .entry import compute_loss
 from .output import EpsilonDPOOutput
 
@@ -38,7 +39,10 @@ def epsilon_dpo_loss(
 
     Args:
         policy_logits: ``(2B, T, V)`` float32/bfloat16/float16; rows ``[0, B)`` are the chosen
-            responses, ``[B, 2B)`` the rejected ones (pair i = rows i and B+i).
+            responses, ``[B, 2B)`` the rejected ones (pair i = rows i and B+i). Or a DTensor
+            sharded over the vocabulary (``Shard(-1)`` on one mesh dimension: a ColwiseParallel
+            lm_head with ``use_local_output=False``), whose ranks hold the same tokens; its
+            gradient comes back with its placement (vocab_parallel.py).
         ref_logits: ``(2B, T, V)`` reference-model logits; never receives a gradient.
         labels: ``(2B, T)`` integer, already shifted (``policy_logits[:, t]`` scores
             ``labels[:, t]``); ``ignore_index`` marks prompt and padding positions.
@@ -90,6 +94,7 @@ def epsilon_dpo_loss(
     )
     P.check_loss_options(**options)
     P.check_flag("inplace_backward", inplace_backward)
+    policy_logits, ref_logits, shard = VP.localize_logits(policy_logits, ref_logits)
     V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
     if V.check_packing(sequence_ids, num_pairs):
         policy_logits, ref_logits, labels, sequence_ids = V.packed_inputs(
@@ -105,7 +110,7 @@ def epsilon_dpo_loss(
     rows, tokens, vocab = policy_logits.shape
     if num_pairs is None:
         V.check_pair_rows("policy_logits", rows)
-    if tokens == 0 or vocab == 0:
+    if tokens == 0 or (vocab == 0 and shard is None):
         raise ValueError(
             f"policy_logits must have T > 0 and V > 0, got shape {(rows, tokens, vocab)}"
         )
@@ -113,6 +118,9 @@ def epsilon_dpo_loss(
     device = V.check_same_device(
         policy_logits=policy_logits, ref_logits=ref_logits, labels=labels, sequence_ids=sequence_ids
     )
+    if shard is not None:
+        VP.check_vocab_group(shard, labels, options)
+        vocab = shard.vocab
     return compute_loss(
         EpsilonDPOLogitsFunction,
         (policy_logits, ref_logits, labels),
@@ -121,7 +129,7 @@ def epsilon_dpo_loss(
         vocab=vocab,
         options=options,
         backend=P.resolve_backend(backend, device),
-        path_option=inplace_backward,
+        path_option=LogitsPlan(inplace=inplace_backward, shard=shard),
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
         sequence_group=sequence_group,

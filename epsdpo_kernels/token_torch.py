@@ -27,7 +27,7 @@ TORCH_CHUNK_BYTES = {"cpu": 512 * 2**10, "cuda": 64 * 2**20}
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:
     budget = TORCH_CHUNK_BYTES.get(device.type, TORCH_CHUNK_BYTES["cuda"])
-    return max(1, budget // (4 * vocab))
+    return max(1, budget // (4 * max(1, vocab)))
 
 
 class _ScoredRows:

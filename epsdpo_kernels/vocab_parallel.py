@@ -30,6 +30,9 @@ from . import layout as L
 from .groups import check_ranks_agree, option_values
 from .token_torch import _chunk_rows, _nonpositive
 
+# Logits elements of the scored rows gathered at a time by the logits path (16M: 32 MiB bf16).
+_GATHER_ELEMENTS = 2**24
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -49,19 +52,24 @@ def _dtensor_type():
     return DTensor
 
 
-def _vocab_dim(name: str, x) -> int:
-    """The mesh dimension over which DTensor ``x`` is sharded on dim 0, every other mesh
-    dimension replicated; a TypeError for any other placement."""
+def _vocab_dim(name: str, x, tensor_dim: int = 0) -> int:
+    """The mesh dimension over which DTensor ``x`` is sharded on ``tensor_dim`` (its vocabulary
+    dimension), every other mesh dimension replicated; a TypeError for any other placement."""
     from torch.distributed.tensor import Replicate, Shard
 
-    shards = [d for d, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim == 0]
+    tensor_dim %= x.ndim
+    shards = [
+        d
+        for d, p in enumerate(x.placements)
+        if isinstance(p, Shard) and p.dim % x.ndim == tensor_dim
+    ]
     others = [
         p for d, p in enumerate(x.placements) if d not in shards and not isinstance(p, Replicate)
     ]
     if len(shards) != 1 or others or type(x.placements[shards[0]]) is not Shard:
         raise TypeError(
-            f"{name} is a DTensor with placements {tuple(x.placements)}: the loss takes a "
-            "lm_head sharded over the vocabulary on one mesh dimension (Shard(0), every other "
+            f"{name} is a DTensor with placements {tuple(x.placements)}: the loss takes it "
+            f"sharded over the vocabulary on one mesh dimension (Shard({tensor_dim}), every other "
             "dimension Replicate(), as ColwiseParallel gives); an FSDP2-sharded weight must be "
             f"gathered first (LinearEpsilonDPOHead inside a fully_shard-ed module, or "
             f"{name}.full_tensor())"
@@ -69,19 +77,20 @@ def _vocab_dim(name: str, x) -> int:
     return shards[0]
 
 
-def shard_of(name: str, weight) -> VocabShard:
-    """The ``VocabShard`` of a vocabulary-sharded DTensor weight (torch.chunk's split: the
-    first ranks hold ⌈V/n⌉ rows, the last may hold fewer or none)."""
-    dim = _vocab_dim(name, weight)
+def shard_of(name: str, weight, tensor_dim: int = 0) -> VocabShard:
+    """The ``VocabShard`` of a DTensor sharded over the vocabulary on ``tensor_dim`` (torch.chunk's
+    split: the first ranks hold ⌈V/n⌉ entries, the last may hold fewer or none)."""
+    dim = _vocab_dim(name, weight, tensor_dim)
     mesh = weight.device_mesh
-    vocab, size = weight.shape[0], mesh.size(dim)
+    vocab, size = weight.shape[tensor_dim], mesh.size(dim)
     per_rank = math.ceil(vocab / size)
     coordinate = mesh.get_local_rank(dim)
     offset = min(vocab, coordinate * per_rank)
     rows = min(vocab, offset + per_rank) - offset
-    if weight.to_local().shape[0] != rows:
+    if weight.to_local().shape[tensor_dim] != rows:
         raise TypeError(
-            f"{name}: its local shard has {weight.to_local().shape[0]} rows where Shard(0) of "
+            f"{name}: its local shard has {weight.to_local().shape[tensor_dim]} entries where a "
+            f"shard of "
             f"{vocab} rows over {size} ranks gives {rows}"
         )
     return VocabShard(offset=offset, rows=rows, vocab=vocab, group=mesh.get_group(dim))
@@ -132,6 +141,57 @@ def localize(tensors: dict) -> tuple[dict, VocabShard | None]:
                 )
             out[name] = x[shard.offset : shard.offset + shard.rows]
     return out, shard
+
+
+def localize_logits(policy_logits, ref_logits):
+    """(policy, ref, shard) for ``epsilon_dpo_loss``: with ``policy_logits`` a DTensor sharded
+    on its last (vocabulary) dimension (a ColwiseParallel lm_head with use_local_output=False),
+    the local shards (``ref_logits`` sharded alike, or whole and sliced here); otherwise the
+    inputs unchanged and no shard."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(policy_logits, dtensor):
+        return policy_logits, ref_logits, None
+    shard = shard_of("policy_logits", policy_logits, -1)
+    if isinstance(ref_logits, dtensor):
+        other = shard_of("ref_logits", ref_logits, -1)
+        if (other.offset, other.rows) != (shard.offset, shard.rows):
+            raise TypeError("ref_logits must be sharded over the vocabulary as policy_logits is")
+        ref_logits = ref_logits.to_local()
+    elif isinstance(ref_logits, torch.Tensor):
+        if ref_logits.shape[-1] != shard.vocab:
+            raise ValueError(
+                f"ref_logits must have {shard.vocab} vocabulary entries (those of the sharded "
+                f"policy_logits), got shape {tuple(ref_logits.shape)}"
+            )
+        ref_logits = ref_logits[..., shard.offset : shard.offset + shard.rows]
+    return policy_logits.to_local(), ref_logits, shard
+
+
+@torch.no_grad()
+def shard_logits_forward(policy_logits, ref_logits, labels, params, shard: VocabShard):
+    """The ``(TOKEN_FIELDS, N·T)`` token stats (zeros at ignored tokens) of ``(N, T, V_r)``
+    shard logits: the scored tokens, a bounded number at a time, through
+    ``shard_token_forward``."""
+    flat_labels = labels.reshape(-1)
+    stats = torch.zeros(
+        (L.TOKEN_FIELDS, flat_labels.numel()), dtype=torch.float32, device=labels.device
+    )
+    # The scored tokens first, in order, without a host sync (their count is known).
+    unscored = (flat_labels == params.ignore_index).to(torch.uint8)
+    scored = torch.argsort(unscored, stable=True)[: params.scored_count]
+    policy = policy_logits.flatten(0, 1)
+    ref = ref_logits.flatten(0, 1)
+    step = max(1, _GATHER_ELEMENTS // max(1, shard.rows))
+    for start in range(0, scored.numel(), step):
+        idx = scored[start : start + step]
+        stats[:, idx] = shard_token_forward(
+            policy[idx].unsqueeze(1),
+            ref[idx].unsqueeze(1),
+            flat_labels[idx].unsqueeze(1),
+            params,
+            shard,
+        )
+    return stats
 
 
 def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) -> None:

@@ -1,8 +1,9 @@
 """Vocabulary parallelism: ``linear_epsilon_dpo_loss`` with the lm_head a DTensor sharded over
-the vocabulary (Shard(0), as ColwiseParallel gives) on gloo ranks equals one process with the
-whole head: the loss, every field and step, each rank's weight and bias gradient shard, the whole
-hidden-state gradient on every rank; uneven and empty shards; bad placements and ranks holding
-different tokens get clear errors."""
+the vocabulary (Shard(0), as ColwiseParallel gives), and ``epsilon_dpo_loss`` with logits sharded
+over it (Shard(-1)), on gloo ranks equal one process with the whole head or logits: the loss,
+every field and step, each rank's weight, bias or logits gradient shard, the whole hidden-state
+gradient on every rank; uneven and empty shards; bad placements and ranks holding different
+tokens get clear errors."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import os
 import pytest
 import torch
 
-from epsdpo_kernels import linear_epsilon_dpo_loss
-from tests.helpers.batches import make_linear_batch
+from epsdpo_kernels import epsilon_dpo_loss, linear_epsilon_dpo_loss
+from tests.helpers.batches import make_batch, make_linear_batch
 from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
 from tests.helpers.distributed import gloo_group, rendezvous_file
 from tests.helpers.packing import pack
@@ -86,6 +87,42 @@ def _call(case, mesh=None, labels_shift=0):
     return fields, grads
 
 
+# (backend, dtype, layout, V, reference logits: "sharded" or "plain", mesh)
+LOGITS_CASES = [
+    ("torch", torch.float32, "padded", 301, "sharded", "1d"),
+    ("torch", torch.bfloat16, "packed", 301, "plain", "2d"),
+    ("triton", torch.float32, "packed", 301, "sharded", "1d"),
+    ("torch", torch.float32, "padded", 4, "plain", "1d"),
+]
+
+
+def _call_logits(case, mesh=None):
+    backend, dtype, layout, vocab, ref_kind, _ = case
+    policy, ref, labels = make_batch(B, T, vocab, dtype=dtype, seed=6, scale=3.0)
+    packing = {}
+    if layout == "packed":
+        stream = pack(labels, seed=1, mode="sequences", fillers=2)
+        policy, ref = stream.stream(policy).unsqueeze(0), stream.stream(ref).unsqueeze(0)
+        labels = stream.labels(labels).unsqueeze(0)
+        packing = dict(sequence_ids=stream.sequence_ids.unsqueeze(0), num_pairs=stream.num_pairs)
+    if mesh is not None:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        placements = [Shard(2)] if mesh.ndim == 1 else [Replicate(), Shard(2)]
+        policy = distribute_tensor(policy, mesh, placements)
+        if ref_kind == "sharded":
+            ref = distribute_tensor(ref, mesh, placements)
+    policy.requires_grad_()
+    out = epsilon_dpo_loss(policy, ref, labels, **packing, beta=0.1, epsilon=0.2, backend=backend)
+    out.loss.backward()
+    fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
+    grad = policy.grad
+    if mesh is not None:
+        assert grad.placements == policy.placements
+        grad = grad.to_local()
+    return fields, grad.clone()
+
+
 def _worker(rank, world, store, results):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -98,6 +135,9 @@ def _worker(rank, world, store, results):
         for i, case in enumerate(CASES):
             if _runnable(case):
                 results[(i, rank)] = _call(case, meshes[case[5]])
+        for i, case in enumerate(LOGITS_CASES):
+            if _runnable(case):
+                results[("logits", i, rank)] = _call_logits(case, meshes[case[5]])
         errors = []
         try:  # ranks holding different tokens, e.g. a weight FSDP-sharded over data ranks
             _call(CASES[0], meshes["1d"], labels_shift=rank)
@@ -145,6 +185,27 @@ def test_vocabulary_parallel_ranks_equal_one_process(world):
                     got_grads[name], grads[name][rows], rtol=rtol, atol=1e-7, name=f"{where} {name}"
                 )
         assert grads["policy_weight"].abs().max() > 0
+
+    for i, case in enumerate(LOGITS_CASES):
+        if not _runnable(case):
+            continue
+        fields, grad = _call_logits(case)
+        backend, dtype, _, vocab, _, _ = case
+        per_rank = -(-vocab // world)
+        for rank in range(world):
+            got_fields, got_grad = results[("logits", i, rank)]
+            where = f"logits {case} rank {rank}/{world}"
+            assert torch.equal(got_fields["steps"], fields["steps"]), where
+            for name in FIELDS:
+                assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+            columns = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
+            assert_close(
+                got_grad,
+                grad[..., columns],
+                rtol=grad_rtol(dtype, backend, "cpu"),
+                atol=1e-7,
+                name=f"{where} grad",
+            )
 
     for rank in range(world):
         different_tokens, bad_placement = results[("errors", rank)]
