@@ -219,3 +219,32 @@ def test_packing_benchmark_runs_both_layouts_and_they_agree(tmp_path):
     assert padded["tokens"] == packed["tokens"]
     assert packed["positions"] < padded["positions"]
     assert 0 <= packed["padding_share"] < padded["padding_share"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_vocab_parallel_benchmark_counts_the_modelled_bytes(tmp_path):
+    """Two gloo ranks and one process at a small size: the same loss, and the payload each rank
+    hands to all_reduce is exactly the scaling model's (RESULTS.md): 13 fp32 per token in the
+    forward, H fp32 per token for the hidden-state gradient, and the one agreement check."""
+    out = tmp_path / "vp.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_vocab_parallel.py"),
+            *("--vocab", "1001", "--ranks", "1", "2", "--tokens", "32", "--hidden", "16"),
+            *("--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        env=script_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, double = json.loads(out.read_text())
+    assert single["all_reduce_payload_bytes_per_rank"] == 0
+    assert double["losses"] == pytest.approx(single["losses"], rel=1e-6)
+    tokens, hidden = 32, 16
+    check = 2 * 6 * 8  # max and −min of 6 float64 values (tokens, label checksum, 4 options)
+    assert (
+        double["all_reduce_payload_bytes_per_rank"] == 13 * 4 * tokens + 4 * hidden * tokens + check
+    )
