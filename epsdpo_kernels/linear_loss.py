@@ -103,22 +103,10 @@ def linear_epsilon_dpo_loss(
     )
     P.check_loss_options(**options)
     local, shard = VP.localize(
-        dict(
-            policy_hidden=policy_hidden,
-            policy_weight=policy_weight,
-            policy_bias=policy_bias,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            ref_bias=ref_bias,
-        )
+        policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias
     )
-    V.check_not_sharded(**local)
-    policy_hidden, policy_weight, policy_bias = (
-        local["policy_hidden"],
-        local["policy_weight"],
-        local["policy_bias"],
-    )
-    ref_hidden, ref_weight, ref_bias = local["ref_hidden"], local["ref_weight"], local["ref_bias"]
+    V.check_not_sharded(**dict(zip(VP.LINEAR_INPUTS, local)))
+    policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias = local
     if V.check_packing(sequence_ids, num_pairs):
         policy_hidden, ref_hidden, labels, sequence_ids = V.packed_inputs(
             "policy_hidden", policy_hidden, "ref_hidden", ref_hidden, labels, sequence_ids

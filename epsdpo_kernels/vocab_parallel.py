@@ -96,20 +96,30 @@ def shard_of(name: str, weight, tensor_dim: int = 0) -> VocabShard:
     return VocabShard(offset=offset, rows=rows, vocab=vocab, group=mesh.get_group(dim))
 
 
-def localize(tensors: dict) -> tuple[dict, VocabShard | None]:
-    """Plain tensors for the loss from a call whose ``policy_weight`` may be vocabulary-sharded:
-    the weights' and biases' local shards (a plain reference weight or bias is sliced to the
-    policy's shard), the hidden states' local values (plain, or replicated DTensors). DTensors
+LINEAR_INPUTS = (
+    "policy_hidden",
+    "policy_weight",
+    "policy_bias",
+    "ref_hidden",
+    "ref_weight",
+    "ref_bias",
+)
+
+
+def localize(*tensors) -> tuple[tuple, VocabShard | None]:
+    """Plain tensors for the loss (``LINEAR_INPUTS``, in that order) from a call whose
+    ``policy_weight`` may be vocabulary-sharded: the weights' and biases' local shards (a plain
+    reference weight or bias is sliced to the policy's shard), the hidden states' local values (plain, or replicated DTensors). DTensors
     keep their gradient path: ``to_local``'s backward gives the weight gradient the weight's
     placement. Without a sharded policy weight nothing changes, and any DTensor is left for
     ``validation.check_not_sharded`` to refuse."""
     dtensor = _dtensor_type()
-    weight = tensors["policy_weight"]
+    weight = tensors[LINEAR_INPUTS.index("policy_weight")]
     if dtensor is None or not isinstance(weight, dtensor):
         return tensors, None
     shard = shard_of("policy_weight", weight)
     out = {}
-    for name, x in tensors.items():
+    for name, x in zip(LINEAR_INPUTS, tensors):
         if x is None:
             out[name] = None
         elif name.endswith("_hidden"):
@@ -140,7 +150,7 @@ def localize(tensors: dict) -> tuple[dict, VocabShard | None]:
                     f"policy_weight), got shape {tuple(x.shape)}"
                 )
             out[name] = x[shard.offset : shard.offset + shard.rows]
-    return out, shard
+    return tuple(out.values()), shard
 
 
 def localize_logits(policy_logits, ref_logits):
