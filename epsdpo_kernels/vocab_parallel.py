@@ -109,10 +109,10 @@ LINEAR_INPUTS = (
 def localize(*tensors) -> tuple[tuple, VocabShard | None]:
     """Plain tensors for the loss (``LINEAR_INPUTS``, in that order) from a call whose
     ``policy_weight`` may be vocabulary-sharded: the weights' and biases' local shards (a plain
-    reference weight or bias is sliced to the policy's shard), the hidden states' local values (plain, or replicated DTensors). DTensors
-    keep their gradient path: ``to_local``'s backward gives the weight gradient the weight's
-    placement. Without a sharded policy weight nothing changes, and any DTensor is left for
-    ``validation.check_not_sharded`` to refuse."""
+    reference weight or bias is sliced to the policy's shard), the hidden states' local values
+    (plain, or replicated DTensors). DTensors keep their gradient path: ``to_local``'s backward
+    gives the weight gradient the weight's placement. Without a sharded policy weight nothing
+    changes, and any DTensor is left for ``validation.check_not_sharded`` to refuse."""
     dtensor = _dtensor_type()
     weight = tensors[LINEAR_INPUTS.index("policy_weight")]
     if dtensor is None or not isinstance(weight, dtensor):
