@@ -13,23 +13,24 @@ import triton.language as tl
 
 from . import layout as L
 from .launch import launch
+from .layout_triton import (
+    SEQ_COUNT,
+    SEQ_LOGIT_SUM,
+    SEQ_LOGP,
+    SEQ_N_EPS_DELTA,
+    SEQ_P_EPS_DELTA,
+    SEQ_REF_LOGP,
+    TOK_LOGIT_SUM,
+    TOK_LOGP,
+    TOK_N_EPS_DELTA,
+    TOK_P_EPS_DELTA,
+    TOK_REF_LOGP,
+)
 from .sequences import Sequences
 
 # Token rows summed per step of the loop: 512 keeps the six fp32 accumulators of a 4-warp
 # program in registers (1024 spills on sm_90; benchmarks/kernel_report.py).
 MAX_BLOCK_T = 512
-
-TOK_LOGP = tl.constexpr(L.TOK_LOGP)
-TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
-TOK_P_EPS_DELTA = tl.constexpr(L.TOK_P_EPS_DELTA)
-TOK_N_EPS_DELTA = tl.constexpr(L.TOK_N_EPS_DELTA)
-TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
-SEQ_LOGP = tl.constexpr(L.SEQ_LOGP)
-SEQ_REF_LOGP = tl.constexpr(L.SEQ_REF_LOGP)
-SEQ_P_EPS_DELTA = tl.constexpr(L.SEQ_P_EPS_DELTA)
-SEQ_N_EPS_DELTA = tl.constexpr(L.SEQ_N_EPS_DELTA)
-SEQ_LOGIT_SUM = tl.constexpr(L.SEQ_LOGIT_SUM)
-SEQ_COUNT = tl.constexpr(L.SEQ_COUNT)
 
 
 @triton.jit

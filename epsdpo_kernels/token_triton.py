@@ -34,6 +34,7 @@ import triton.language as tl
 
 from . import layout as L
 from .launch import launch
+from .layout_triton import TOK_LSE, TOKEN_FIELDS
 from .triton_mode import triton_interpreter_active
 from .vocab_merge_triton import (
     LOG2E,
@@ -47,9 +48,6 @@ from .vocab_merge_triton import (
     token_merge_kernel,
 )
 
-# Field indices (layout.py) as compile-time constants the kernels can use.
-TOK_LSE = tl.constexpr(L.TOK_LSE)
-TOKEN_FIELDS = tl.constexpr(L.TOKEN_FIELDS)
 # Launch shape: warps per program and lanes per thread per block (tuned from ptxas's register
 # counts for sm_90 with zero spills; see kernel_report.py). VEC = 16 bytes / element size.
 FWD_WARPS, FWD_LANES_PER_THREAD = 8, 1

@@ -18,15 +18,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import layout as L
+from .layout_triton import (
+    TOK_LOGIT_SUM,
+    TOK_LOGP,
+    TOK_LSE,
+    TOK_N_EPS_DELTA,
+    TOK_P_EPS_DELTA,
+    TOK_REF_LOGP,
+    TOKEN_FIELDS,
+)
 
-TOK_LOGP = tl.constexpr(L.TOK_LOGP)
-TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)
-TOK_P_EPS_DELTA = tl.constexpr(L.TOK_P_EPS_DELTA)
-TOK_N_EPS_DELTA = tl.constexpr(L.TOK_N_EPS_DELTA)
-TOK_LSE = tl.constexpr(L.TOK_LSE)
-TOK_LOGIT_SUM = tl.constexpr(L.TOK_LOGIT_SUM)
-TOKEN_FIELDS = tl.constexpr(L.TOKEN_FIELDS)
 # A partial state of one V-split of one row: (max, sum) of the four streams and the logit sum.
 N_PARTIAL = 9
 PARTIAL_FIELDS = tl.constexpr(N_PARTIAL)
