@@ -42,7 +42,7 @@ import torch
 from . import layout as L
 from .dispatch import pair_head, sequence_sums, token_backward, token_forward
 from .params import LossParams
-from .sequences import Sequences
+from .sequences import Sequences, scored_rows
 from .vocab_parallel import VocabShard, complete_hidden_gradient, shard_token_forward
 
 # Budget for one chunk's or slice's temporaries. On CUDA, 256 MiB holds 512 rows of bf16
@@ -133,13 +133,6 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
         acc.addmm_(a.float(), b.float())
 
 
-def scored_rows(labels: torch.Tensor, params: LossParams) -> torch.Tensor:
-    """Flat indices of the scored rows in order, without a host sync: a stable sort puts them
-    first, and their count is already known (params.scored_count)."""
-    unscored = (labels == params.ignore_index).flatten().to(torch.uint8)
-    return torch.argsort(unscored, stable=True)[: params.scored_count]
-
-
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -161,7 +154,7 @@ def linear_forward(
     """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, N·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
     rows, t, _ = policy_hidden.shape
-    scored = scored_rows(labels, params)
+    scored = scored_rows(labels, params.ignore_index, params.scored_count)
     stats = torch.zeros((L.TOKEN_FIELDS, rows * t), dtype=torch.float32, device=labels.device)
     flat_policy = policy_hidden.reshape(rows * t, -1)
     flat_ref = ref_hidden.reshape(rows * t, -1)

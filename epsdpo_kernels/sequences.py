@@ -51,6 +51,13 @@ class Sequences:
         return torch.cat([coef, coef.new_zeros(1)])[self.keys]
 
 
+def scored_rows(labels: torch.Tensor, ignore_index: int, scored_count: int) -> torch.Tensor:
+    """Flat indices of the scored token rows in order, without a host sync: a stable sort puts
+    them first, and their count is already known (from the call's one label scan)."""
+    unscored = (labels == ignore_index).flatten().to(torch.uint8)
+    return torch.argsort(unscored, stable=True)[:scored_count]
+
+
 def padded_sequences(labels: torch.Tensor) -> Sequences:
     """The map of ``(2B, T)`` padded rows."""
     rows, tokens = labels.shape

@@ -28,6 +28,7 @@ import torch
 
 from . import layout as L
 from .groups import check_ranks_agree, option_values
+from .sequences import scored_rows
 from .token_torch import _chunk_rows, _nonpositive
 
 # Logits elements of the scored rows gathered at a time by the logits path (16M: 32 MiB bf16).
@@ -186,9 +187,7 @@ def shard_logits_forward(policy_logits, ref_logits, labels, params, shard: Vocab
     stats = torch.zeros(
         (L.TOKEN_FIELDS, flat_labels.numel()), dtype=torch.float32, device=labels.device
     )
-    # The scored tokens first, in order, without a host sync (their count is known).
-    unscored = (flat_labels == params.ignore_index).to(torch.uint8)
-    scored = torch.argsort(unscored, stable=True)[: params.scored_count]
+    scored = scored_rows(labels, params.ignore_index, params.scored_count)
     policy = policy_logits.flatten(0, 1)
     ref = ref_logits.flatten(0, 1)
     step = max(1, _GATHER_ELEMENTS // max(1, shard.rows))
