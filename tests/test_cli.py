@@ -30,6 +30,8 @@ def _error_lines(proc) -> list[str]:
         (["--dataset", "./no-such.jsonl"], "error: --dataset ./no-such.jsonl: no such file"),
         (["--max-prompt-length", "200"], "must be smaller than --max-length (128)"),
         (["--global-batch-size", "12", "--micro-batch-size", "8"], "must be a multiple of"),
+        (["--tp", "2"], "error: --tp 2 must divide the number of processes (1)"),
+        (["--tp", "0"], "error: --tp must be ≥ 1, got 0"),
     ],
     ids=[
         "beta-0",
@@ -40,6 +42,8 @@ def _error_lines(proc) -> list[str]:
         "missing-dataset",
         "prompt-too-long",
         "batch-multiple",
+        "tp-over-world",
+        "tp-0",
     ],
 )
 def test_user_errors_are_one_line_before_anything_loads(tmp_path, args, match):

@@ -149,3 +149,111 @@ def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
     linear, logits = metrics(tmp_path / "linear"), metrics(tmp_path / "logits")
     for a, b in zip(linear, logits):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def _assert_same_steps(a_rows, b_rows):
+    """Two runs of the same pairs whose reductions run in other orders: fp32 rounding apart
+    (the tolerances of test_packed_run_trains_the_padded_run_steps)."""
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows]
+    for a, b in zip(a_rows, b_rows):
+        operands = b["kl/beta"] * (abs(b["logps/chosen"]) + abs(b["logps/rejected"]))
+        for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm", "eval/loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5 * operands), (a["step"], key)
+        assert a["kl/beta"] == pytest.approx(b["kl/beta"], rel=1e-9)
+        assert a["rewards/accuracies"] == b["rewards/accuracies"]
+
+
+def test_tensor_parallel_trains_the_one_process_steps_and_resumes(tmp_path):
+    """--tp 2 on 2 processes (blocks, tied embedding and lm_head split; the vocabulary-parallel
+    linear loss) trains the steps of one process, exports the same model, and a checkpoint
+    made under --tp resumes under --tp to the same steps."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["--max-steps", "4", *FAST, "--save-every", "2"]
+    run([*args, "--output-dir", str(tmp_path / "one")])
+    proc = run([*args, "--tp", "2", "--output-dir", str(tmp_path / "tp")], nproc=2)
+    assert "data-parallel 1 × tensor-parallel 2" in proc.stdout
+    one, tp = metrics(tmp_path / "one"), metrics(tmp_path / "tp")
+    assert [r["step"] for r in tp] == [1, 2, 3, 4]
+    _assert_same_steps(tp, one)
+    # Tokens are counted once per data-parallel rank, not once per tensor rank.
+    assert tp[0]["padding_share"] == pytest.approx(one[0]["padding_share"], abs=1e-12)
+    # Adam moves a weight by about lr = 2e-3 a step; rounding apart, the runs move them alike.
+    exported = load_file(tmp_path / "tp" / "final" / "model.safetensors")
+    expected = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    assert exported.keys() == expected.keys()  # one copy of the tied weight, as without --tp
+    for name, weight in expected.items():
+        assert exported[name].shape == weight.shape
+        assert (exported[name] - weight).abs().max() < 1e-4, name
+
+    # As if cut off after the step-2 checkpoint: resume under --tp.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "tp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    shutil.rmtree(resumed / "final")
+    proc = run([*args, "--tp", "2", "--output-dir", str(resumed), "--resume"], nproc=2)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    again = metrics(resumed)
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    for a, b in zip(again, tp):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["kl/beta"] == pytest.approx(b["kl/beta"], rel=1e-12), a["step"]
+
+
+def test_tensor_parallel_logits_loss_on_packed_rows_and_uneven_vocabulary(tmp_path):
+    """--tp 2 with an untied lm_head over a vocabulary of 263 (shards of 132 and 131), the
+    logits loss on vocabulary-sharded logits, packed rows and evaluation: one process's steps."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=263,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--loss",
+        "logits",
+        "--padding-free",
+        "--max-steps",
+        "3",
+        *FAST,
+        "--eval-every",
+        "3",
+    ]
+    run([*args, "--output-dir", str(tmp_path / "one")])
+    run([*args, "--tp", "2", "--output-dir", str(tmp_path / "tp")], nproc=2)
+    one, tp = metrics(tmp_path / "one"), metrics(tmp_path / "tp")
+    assert "eval/loss" in tp[-1]
+    _assert_same_steps(tp, one)
+
+
+def test_tensor_parallel_refuses_a_model_it_cannot_split():
+    from types import SimpleNamespace
+
+    from train.cli import UsageError
+    from train.parallel import check_model_splits
+
+    llama = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    check_model_splits(SimpleNamespace(**llama), 2)
+    with pytest.raises(UsageError, match=r"--tp 4 must divide the model's num_key_value_heads"):
+        check_model_splits(SimpleNamespace(**llama), 4)
+    with pytest.raises(UsageError, match=r"--tp 3 must divide the model's num_attention_heads"):
+        check_model_splits(SimpleNamespace(**llama), 3)

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsilon_dpo_loss
 from train.outputs import RUN_RECORD, write_record
+from train.parallel import sharded_logits
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -101,7 +102,7 @@ class EpsilonDPOPolicy(nn.Module):
                 position_ids=position_ids,
                 use_cache=False,
             ).logits
-            ref_logits = nn.functional.linear(ref_hidden, ref_weight.to(ref_hidden.dtype), ref_bias)
+            ref_logits = sharded_logits(ref_hidden, ref_weight.to(ref_hidden.dtype), ref_bias)
             if layout:
                 logits, ref_logits = logits.flatten(0, 1), ref_logits.flatten(0, 1)
             out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon, **layout)
@@ -206,7 +207,17 @@ def export_final(policy, policy_lm, tokenizer, output_dir, rank):
         policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if rank == 0:
-        state = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+        # A tied weight appears under each of its names; gathered, the copies are no longer
+        # one tensor, so save_pretrained would write both: keep the first name only.
+        names: dict[int, list[str]] = {}
+        for name, p in policy.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        tied = {name for group in names.values() for name in group[1:]}
+        state = {
+            k.removeprefix("model."): v
+            for k, v in full.items()
+            if k.startswith("model.") and k not in tied
+        }
         final = output_dir / "final"
         policy_lm.save_pretrained(final, state_dict=state)
         tokenizer.save_pretrained(final)

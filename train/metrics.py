@@ -16,9 +16,11 @@ from epsdpo_kernels import EpsilonDPOOutput
 
 class MetricSums:
     """Sums of ``EpsilonDPOOutput.pair_metrics()`` over a global batch, all-reduced so every key
-    is a mean over all pairs of all ranks (what TRL logs per step)."""
+    is a mean over all pairs of all ranks (what TRL logs per step). ``group``: the ranks that
+    hold different pairs (the data-parallel ones; tensor-parallel ranks repeat their pairs)."""
 
-    def __init__(self, device):
+    def __init__(self, device, group=None):
+        self.group = group
         self.names: list[str] | None = None
         self.sums = None
         self.device = device
@@ -38,8 +40,8 @@ class MetricSums:
         self.pairs[2] += positions
 
     def reduce(self, prefix=""):
-        dist.all_reduce(self.sums)
-        dist.all_reduce(self.pairs)
+        dist.all_reduce(self.sums, group=self.group)
+        dist.all_reduce(self.pairs, group=self.group)
         pairs, tokens, positions = self.pairs.tolist()
         means = (self.sums / max(pairs, 1.0)).tolist()
         return {prefix + k: v for k, v in zip(self.names, means)}, tokens, positions

@@ -2,13 +2,15 @@
 
     python train/run.py                      # one process; the embedded default
     torchrun --nproc_per_node=N train/run.py [--model ID_OR_PATH] [--dataset ID_OR_PATH] ...
+    torchrun --nproc_per_node=N train/run.py --tp T ...   # N/T data- × T tensor-parallel ranks
 
 With no --model/--dataset it trains the embedded default: a tiny Llama built from
 train/configs/tiny-llama.json (random init, reference = copy of the initial policy), a byte
 tokenizer that needs no download, and the preference data in train/data/default. CPU (gloo)
 and CUDA (nccl, bf16 mixed precision) both work. Read top to bottom: config, checks, data,
-models, the loop, logging, checkpoints. The FSDP2 wrappers live in fsdp.py, data formats in
-data.py, model loading in models.py, metric sums and the plot in metrics.py.
+models, the loop, logging, checkpoints. The FSDP2 wrappers live in fsdp.py, tensor parallelism
+in parallel.py, data formats in data.py, model loading in models.py, metric sums and the plot in
+metrics.py.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ from train.outputs import (
     run_record,
     start_run_dir,
 )
+from train.parallel import (
+    check_model_splits,
+    check_tensor_parallel,
+    clip_grad_norm,
+    device_mesh,
+    parallelize_causal_lm,
+    shard_over_vocabulary,
+)
 
 
 # ----------------------------------------------------------------------------- config
@@ -88,6 +98,11 @@ class Config:
         choices=["linear", "logits"],
     )
     max_length: int = option(128, "tokens per sequence, prompt and completion")
+    tp: int = option(
+        1,
+        "tensor-parallel size: the processes form a (data × tensor) mesh; each group of --tp "
+        "ranks splits the model's blocks, embedding and lm_head (vocabulary-parallel loss)",
+    )
     padding_free: bool = option(
         False,
         "pack whole sequences into rows of at most --max-length tokens (position_ids keep "
@@ -155,11 +170,14 @@ def check_config(cfg: Config, world: int) -> None:
             f"--max-prompt-length ({cfg.max_prompt_length}) must be smaller than "
             f"--max-length ({cfg.max_length})"
         )
-    per_step = cfg.micro_batch_size * world
+    check_tensor_parallel(cfg.tp, world)
+    data_parallel = world // cfg.tp
+    per_step = cfg.micro_batch_size * data_parallel
     if cfg.global_batch_size % per_step:
         raise UsageError(
             f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
-            f"--micro-batch-size × world size = {cfg.micro_batch_size} × {world}"
+            f"--micro-batch-size × data-parallel size = {cfg.micro_batch_size} × "
+            f"{data_parallel} (world size {world} / --tp {cfg.tp})"
         )
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
@@ -204,11 +222,18 @@ def lr_lambda(cfg: Config):
 
 
 def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    # Ranks of one tensor group hold the same pairs: the data is split over `dp` only.
+    mesh = device_mesh(device.type, world, cfg.tp)
+    dp_mesh, tp_mesh = mesh["dp"], mesh["tp"]
+    dp_rank, dp_size, dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
     output_dir = Path(cfg.output_dir).expanduser()
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    log(f"world size {world}, device {device}, gradient accumulation {accumulation}")
+    log(
+        f"world size {world} (data-parallel {dp_size} × tensor-parallel {cfg.tp}), device "
+        f"{device}, gradient accumulation {accumulation}"
+    )
     log(machine_note())
 
     # Data: read and tokenised before the models load, so a bad file fails fast.
@@ -228,21 +253,25 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     # Models: the reference's lm_head stays replicated (the loss needs all of it on every rank);
     # its decoder is sharded like the policy's.
     policy_lm, reference = load_policy_and_reference(cfg.model, cfg.seed)
+    check_model_splits(policy_lm.config, cfg.tp)
     policy_lm, reference = policy_lm.to(device), reference.to(device)
     ref_head = reference.get_output_embeddings()
     ref_weight = ref_head.weight.detach().clone()
     ref_bias = None if getattr(ref_head, "bias", None) is None else ref_head.bias.detach().clone()
-    mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
     mixed = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if device.type == "cuda" else None, reduce_dtype=torch.float32
     )
     if device.type == "cuda":
         ref_weight = ref_weight.to(torch.bfloat16)
         ref_bias = None if ref_bias is None else ref_bias.to(torch.bfloat16)
+    # Tensor parallelism first, then FSDP2 over the data-parallel ranks of the result.
+    for model in (policy_lm, reference):
+        parallelize_causal_lm(model, tp_mesh)
+    ref_weight, ref_bias = (shard_over_vocabulary(t, tp_mesh) for t in (ref_weight, ref_bias))
     policy = EpsilonDPOPolicy(policy_lm, cfg.loss)
-    shard(policy, decoder_layers(policy_lm), mesh, mixed, root_reshard=False)
+    shard(policy, decoder_layers(policy_lm), dp_mesh, mixed, root_reshard=False)
     reference = ReferenceHidden(reference)
-    shard(reference, decoder_layers(reference.model), mesh, mixed, root_reshard=True)
+    shard(reference, decoder_layers(reference.model), dp_mesh, mixed, root_reshard=True)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -279,11 +308,11 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
     def evaluate():
         policy.eval()
-        sums = MetricSums(device)
+        sums = MetricSums(device, dp_group)
         # Every rank runs the same number of forwards (FSDP collectives); padding pairs get
         # weight 0.
-        mine = eval_pairs[rank::world]
-        count = math.ceil(len(eval_pairs) / world)
+        mine = eval_pairs[dp_rank::dp_size]
+        count = math.ceil(len(eval_pairs) / dp_size)
         for start in range(0, count, cfg.micro_batch_size):
             chunk = [
                 mine[i] if i < len(mine) else eval_pairs[0]
@@ -307,11 +336,14 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     try:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
-            sums = MetricSums(device)
+            sums = MetricSums(device, dp_group)
             for micro in range(accumulation):
-                # Pairs of the global batch: micro-batch `micro` of rank r is slice
-                # (micro·world + r).
-                first = step * cfg.global_batch_size + (micro * world + rank) * cfg.micro_batch_size
+                # Pairs of the global batch: micro-batch `micro` of data-parallel rank r is
+                # slice (micro·dp_size + r).
+                first = (
+                    step * cfg.global_batch_size
+                    + (micro * dp_size + dp_rank) * cfg.micro_batch_size
+                )
                 ids = [
                     _pair_index(first + i, len(train_pairs), cfg.seed, order)
                     for i in range(cfg.micro_batch_size)
@@ -323,13 +355,13 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 beta_ctl.observe(out.steps)
                 sums.add(out, torch.ones_like(out.losses))
                 sums.add_tokens(tokens, positions)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             beta_used = beta_ctl.beta
-            beta_ctl.update()  # all ranks, once per optimizer step
+            beta_ctl.update(dp_group)  # all ranks, once per optimizer step
             step += 1
             metrics, tokens, positions = sums.reduce()
             elapsed = time.perf_counter() - t0
@@ -340,9 +372,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 **metrics,
                 "kl/beta": beta_used,
                 "lr": lr,
-                "grad_norm": float(
-                    grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                ),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed,
                 # Share of the positions the models ran on that were padding.
                 "padding_share": 1.0 - tokens / max(positions, 1.0),
