@@ -112,13 +112,14 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
             assert a["eval/loss"] == pytest.approx(b["eval/loss"], rel=1e-6)
 
 
-def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
+def _save_untied_llama(path, vocab_size: int = 260) -> str:
+    """A tiny Llama with its own lm_head and the byte tokenizer, saved as a model directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=260,
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -129,8 +130,13 @@ def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
         eos_token_id=257,
         pad_token_id=258,
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    byte_tokenizer().save_pretrained(tmp_path / "model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
+    _save_untied_llama(tmp_path / "model")
     for loss in ("linear", "logits"):
         proc = run(
             [
@@ -208,27 +214,9 @@ def test_tensor_parallel_trains_the_one_process_steps_and_resumes(tmp_path):
 def test_tensor_parallel_logits_loss_on_packed_rows_and_uneven_vocabulary(tmp_path):
     """--tp 2 with an untied lm_head over a vocabulary of 263 (shards of 132 and 131), the
     logits loss on vocabulary-sharded logits, packed rows and evaluation: one process's steps."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=263,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    byte_tokenizer().save_pretrained(tmp_path / "model")
     args = [
         "--model",
-        str(tmp_path / "model"),
+        _save_untied_llama(tmp_path / "model", vocab_size=263),
         "--loss",
         "logits",
         "--padding-free",
