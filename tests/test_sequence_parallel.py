@@ -216,3 +216,71 @@ def test_sequence_group_needs_an_initialised_process_group():
     policy, ref, labels = make_batch(B, T, V, seed=3)
     with pytest.raises(ValueError, match="sequence_group: torch.distributed is not initialised"):
         epsilon_dpo_loss(policy, ref, labels, beta=0.1, sequence_group=object())
+
+
+class _ContextParallelPolicy(torch.nn.Module):
+    """A decoder stand-in (one projection) and its lm_head in one FSDP2 root, as train/run.py
+    holds them: FSDP gathers the head weight for the loss and reduce-scatters its gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.proj = torch.nn.Linear(H, H)
+        self.head = torch.nn.Linear(H, V, bias=False)
+
+    def forward(self, x, ref_hidden, ref_weight, labels, group):
+        return linear_epsilon_dpo_loss(
+            torch.tanh(self.proj(x)),
+            self.head.weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            beta=BETA,
+            epsilon=EPSILON,
+            backend="torch",
+            sequence_group=group,
+        )
+
+
+def _cp_batch():
+    data = make_linear_batch(B, T, H, V, dtype=torch.float32, device="cpu", bias=False, seed=8)
+    return data["policy_hidden"], data["ref_hidden"], data["ref_weight"], data["labels"]
+
+
+def _fsdp_cp_worker(rank, world, store, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    with gloo_group(rank, world, store):
+        # FSDP2 shards over the whole (dp × cp) mesh, as torchtitan does; with dp = 1 that
+        # flattened mesh is the context mesh itself.
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
+        policy = fully_shard(_ContextParallelPolicy(), mesh=mesh["cp"])
+        x, ref_hidden, ref_weight, labels = _cp_batch()
+        mine = _positions("balanced", T, rank, world)
+        out = policy(x[:, mine], ref_hidden[:, mine], ref_weight, labels[:, mine], mesh["cp"])
+        (out.loss * mesh["cp"].size()).backward()  # FSDP averages over dp·cp; the parts add
+        results[rank] = {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
+
+
+def test_fsdp2_over_a_data_context_mesh_gives_the_batch_gradient_with_the_loss_scaled_by_cp():
+    """The README's recipe: with FSDP2 averaging gradients over all dp·cp ranks, the loss scaled
+    by the context-parallel size gives every parameter the single-process batch gradient."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(_fsdp_cp_worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
+    policy = _ContextParallelPolicy()
+    x, ref_hidden, ref_weight, labels = _cp_batch()
+    policy(x, ref_hidden, ref_weight, labels, None).loss.backward()
+    for name, param in policy.named_parameters():
+        assert param.grad.abs().max() > 0, name
+        for rank in range(world):
+            assert_close(
+                results[rank][name],
+                param.grad,
+                rtol=grad_rtol(torch.float32, "torch", "cpu"),
+                atol=1e-7,
+                name=f"rank {rank} {name}",
+            )
