@@ -113,10 +113,15 @@ def main(argv=None) -> int:
         print("error: the two layouts' losses disagree", file=sys.stderr)
         return 1
     summary = dict(
-        source=source, device=str(device), pairs=len(pairs), micro_batch_size=args.micro_batch_size,
-        max_length=args.max_length, speedup=speedup, max_loss_difference=gap,
+        source=source,
+        device=str(device),
+        pairs=len(pairs),
+        micro_batch_size=args.micro_batch_size,
+        max_length=args.max_length,
+        speedup=speedup,
+        max_loss_difference=gap,
         **{k: {f: v for f, v in r.items() if f != "losses"} for k, r in results.items()},
-    )  # fmt: skip
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     if args.plot:
