@@ -73,7 +73,7 @@ def parallelize_causal_lm(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         return
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     for layer in model.get_decoder().layers:
-        missing = [path for path in BLOCK_PLAN if not _has_submodule(layer, path)]
+        missing = [path for path in BLOCK_PLAN if not _has_linear(layer, path)]
         if missing:
             raise UsageError(
                 f"--tp: {type(layer).__name__} has no {', '.join(missing)}: only Llama-style "
@@ -90,7 +90,7 @@ def parallelize_causal_lm(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         head.weight = embedding.weight
 
 
-def _has_submodule(module: nn.Module, path: str) -> bool:
+def _has_linear(module: nn.Module, path: str) -> bool:
     try:
         return isinstance(module.get_submodule(path), nn.Linear)
     except AttributeError:
@@ -107,9 +107,8 @@ def shard_over_vocabulary(tensor: torch.Tensor | None, tp_mesh: DeviceMesh):
 def sharded_logits(hidden: torch.Tensor, weight, bias):
     """``hidden @ weight.T + bias`` with a vocabulary-sharded weight: a ``Shard(-1)`` DTensor
     of logits (each rank its own columns), as the policy's ColwiseParallel lm_head returns."""
-    if not isinstance(weight, DTensor):
-        return nn.functional.linear(hidden, weight, bias)
-    hidden = DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
+    if isinstance(weight, DTensor):
+        hidden = DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
     return nn.functional.linear(hidden, weight, bias)
 
 
@@ -126,8 +125,8 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
 
     parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
-    meshes = {g.device_mesh for g in grads if isinstance(g, DTensor)}
-    if len(meshes) <= 1 and (not meshes or all(isinstance(g, DTensor) for g in grads)):
+    meshes = {g.device_mesh if isinstance(g, DTensor) else None for g in grads}
+    if len(meshes) <= 1:
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     world = dist.get_world_size()

@@ -250,8 +250,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     if cfg.eval_every and not eval_pairs:
         log("note: no eval pairs (the dataset is too small to hold any out); evaluation is off")
 
-    # Models: the reference's lm_head stays replicated (the loss needs all of it on every rank);
-    # its decoder is sharded like the policy's.
+    # Models: the loss takes the reference's lm_head weight whole on every rank (over --tp ranks,
+    # each its vocabulary shard); its decoder is sharded like the policy's.
     policy_lm, reference = load_policy_and_reference(cfg.model, cfg.seed)
     check_model_splits(policy_lm.config, cfg.tp)
     policy_lm, reference = policy_lm.to(device), reference.to(device)
