@@ -65,6 +65,14 @@ class LinearChunks:
     # Vocabulary parallelism: the lm_head rows this rank holds (vocab_parallel.py); the token
     # statistics then merge over the shard's group and the hidden-state gradient sums over it.
     shard: VocabShard | None = None
+    # The matmuls' dtype under autocast (None: each weight's own). Inputs are cast as they are
+    # read: the forward's weights once per call (freed with it), the backward's per slice; the
+    # gradients are accumulated in fp32 and rounded once, to the inputs' own dtypes.
+    matmul_dtype: torch.dtype | None = None
+
+    def cast(self, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """``t`` in the matmul dtype of ``like``'s (a weight's) matmuls; itself if it has it."""
+        return None if t is None else t.to(self.matmul_dtype or like.dtype)
 
 
 def _round_rows(rows: int, limit: int) -> int:
@@ -133,6 +141,20 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
         acc.addmm_(a.float(), b.float())
 
 
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b in ``out``'s dtype, accumulated in fp32 and rounded once (``out`` may be wider
+    than the operands: an fp32 weight's gradient under autocast)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32:
+        out.zero_()
+        _accumulate_fp32(out, a, b)
+    else:
+        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        _accumulate_fp32(acc, a, b)
+        out.copy_(acc)
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -159,10 +181,16 @@ def linear_forward(
     flat_policy = policy_hidden.reshape(rows * t, -1)
     flat_ref = ref_hidden.reshape(rows * t, -1)
     flat_labels = labels.reshape(rows * t)
+    # In the matmul dtype (a copy only under autocast, freed when the forward returns).
+    policy_w, policy_b = (
+        chunks.cast(policy_weight, policy_weight),
+        chunks.cast(policy_bias, policy_weight),
+    )
+    ref_w, ref_b = chunks.cast(ref_weight, ref_weight), chunks.cast(ref_bias, ref_weight)
     for sl in _chunks(scored.numel(), chunks.chunk_rows):
         idx = scored[sl]
-        policy_logits = _logits(flat_policy[idx], policy_weight, policy_bias)
-        ref_logits = _logits(flat_ref[idx], ref_weight, ref_bias)
+        policy_logits = _logits(flat_policy[idx].to(policy_w.dtype), policy_w, policy_b)
+        ref_logits = _logits(flat_ref[idx].to(ref_w.dtype), ref_w, ref_b)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
         if chunks.shard is None:
             stats[:, idx] = token_forward(
@@ -204,13 +232,15 @@ def linear_backward(
     vocab = policy_weight.shape[0]
     need_hidden, need_weight, need_bias = needs
     flat_hidden = policy_hidden.reshape(rows * t, h)
-    hidden = flat_hidden[scored]  # (S, H), read by every slice's two GEMMs
+    # (S, H) in the matmul dtype, read by every slice's two GEMMs; ∂hidden accumulates in fp32
+    # and is rounded once, to the hidden states' own dtype.
+    hidden = chunks.cast(flat_hidden[scored], policy_weight)
     n_scored = hidden.shape[0]
     token_labels = labels.reshape(rows * t)[scored].unsqueeze(1)  # (S, 1)
     token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
     token_coef = token_coef[scored].float().contiguous()
     slice_rows, token_rows = slice_plan(
-        n_scored, vocab, policy_weight.element_size(), hidden.device.type, chunks.vocab_chunk_rows
+        n_scored, vocab, hidden.element_size(), hidden.device.type, chunks.vocab_chunk_rows
     )
 
     grad_hidden = torch.zeros((n_scored, h), dtype=torch.float32, device=hidden.device)
@@ -221,8 +251,8 @@ def linear_backward(
     # Column j of a slice is vocabulary entry offset + j (this rank's shard starts at offset).
     offset = chunks.shard.offset if chunks.shard is not None else 0
     for vs in _chunks(vocab, max(1, slice_rows)):
-        weight = policy_weight[vs]
-        bias = policy_bias[vs] if policy_bias is not None else None
+        weight = chunks.cast(policy_weight[vs], policy_weight)
+        bias = chunks.cast(policy_bias[vs], policy_weight) if policy_bias is not None else None
         weight_acc = None
         if need_weight and token_rows < n_scored:
             weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -244,7 +274,7 @@ def linear_backward(
                 _accumulate_fp32(grad_hidden[ts], grad, weight)
             if need_weight:
                 if weight_acc is None:
-                    torch.mm(grad.t(), hidden, out=grad_weight[vs])
+                    _matmul_into(grad_weight[vs], grad.t(), hidden)
                 else:
                     _accumulate_fp32(weight_acc, grad.t(), hidden[ts])
             if need_bias:

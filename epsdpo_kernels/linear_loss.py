@@ -77,8 +77,10 @@ def linear_epsilon_dpo_loss(
             gradients summed over the group equal the single-process gradient.
 
     Gradients reach ``policy_hidden``, ``policy_weight`` and ``policy_bias``, in their dtypes.
-    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, so the matmuls run
-    in it (as ``hidden @ weight.T`` would); the loss itself always accumulates in fp32.
+    Under ``torch.autocast`` the matmuls run in the autocast dtype, as ``lm_head(hidden)``
+    would (inputs of any float dtypes, cast as they are read: no cast copy of a weight lives
+    past the forward), and each gradient is accumulated in fp32 and rounded once, to its
+    input's own dtype; the loss itself always accumulates in fp32.
 
     Example:
         >>> B, T, H, V = 2, 6, 16, 301
@@ -115,16 +117,12 @@ def linear_epsilon_dpo_loss(
     V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
     V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
     V.check_tensor("ref_weight", ref_weight, ndim=2, float_dtype=True)
-    # Under autocast the matmuls run in the autocast dtype, as `hidden @ weight.T` would: cast
-    # every input once here (the casts' backward returns gradients in the parameters' dtypes)
-    # and keep autocast out of the kernels, which choose their own fp32 accumulation.
+    # Under autocast the matmuls run in the autocast dtype, as `lm_head(hidden)` would. The
+    # drivers cast what they read (linear_chunks.LinearChunks.matmul_dtype), so that no cast
+    # copy of a weight outlives the forward and every gradient is accumulated in fp32 and
+    # rounded once, to its parameter's own dtype. Autocast stays out of the kernels, which
+    # choose their own fp32 accumulation.
     autocast_dtype = _autocast_dtype(policy_hidden.device.type)
-    if autocast_dtype is not None:
-        cast = lambda t: None if t is None else t.to(autocast_dtype)  # noqa: E731
-        policy_hidden, policy_weight, policy_bias = map(
-            cast, (policy_hidden, policy_weight, policy_bias)
-        )
-        ref_hidden, ref_weight, ref_bias = map(cast, (ref_hidden, ref_weight, ref_bias))
     rows, tokens, hidden_size = policy_hidden.shape
     vocab = policy_weight.shape[0]  # this rank's rows under vocabulary parallelism
     if num_pairs is None:
@@ -134,8 +132,9 @@ def linear_epsilon_dpo_loss(
             f"policy_hidden must have T > 0 and H > 0 and policy_weight V > 0, got hidden "
             f"{tuple(policy_hidden.shape)} and weight {tuple(policy_weight.shape)}"
         )
-    _check_pair("policy", policy_hidden, policy_weight, policy_bias, rows, tokens, vocab)
-    _check_pair("ref", ref_hidden, ref_weight, ref_bias, rows, tokens, vocab)
+    autocast = autocast_dtype is not None
+    _check_pair("policy", policy_hidden, policy_weight, policy_bias, rows, tokens, vocab, autocast)
+    _check_pair("ref", ref_hidden, ref_weight, ref_bias, rows, tokens, vocab, autocast)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
@@ -153,10 +152,14 @@ def linear_epsilon_dpo_loss(
         sequence_ids=sequence_ids,
     )
     backend = P.resolve_backend(backend, device)
-    element_size = max(policy_hidden.element_size(), ref_hidden.element_size())
+    element_size = max(  # the logits'
+        torch.empty(0, dtype=autocast_dtype or w.dtype).element_size()
+        for w in (policy_weight, ref_weight)
+    )
     chunks = LinearChunks(
         chunk_rows=chunk_size or default_chunk_rows(max(1, vocab), element_size, device.type),
         vocab_chunk_rows=vocab_chunk_size or 0,
+        matmul_dtype=autocast_dtype,
         shard=shard,
     )
     if shard is not None:
@@ -185,8 +188,9 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab) -> None:
-    """Shapes and dtypes of one (hidden, weight, bias) triple against the policy's."""
+def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab, autocast) -> None:
+    """Shapes and dtypes of one (hidden, weight, bias) triple against the policy's; under
+    autocast they may be of any float dtypes (the matmuls cast them to the autocast dtype)."""
     if tuple(hidden.shape[:2]) != (rows, tokens):
         raise ValueError(
             f"{prefix}_hidden must have shape (2B, T, H) with (2B, T) = {(rows, tokens)}, "
@@ -206,14 +210,14 @@ def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab) -> None:
             f"{prefix}_weight must have shape (V, H) with {sources}; got {prefix}_weight of "
             f"shape {tuple(weight.shape)}{hint}"
         )
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not autocast:
         raise TypeError(
             f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a "
             "dtype: the matmul runs in the input dtype"
         )
     if bias is not None:
         V.check_tensor(f"{prefix}_bias", bias, ndim=1, float_dtype=True)
-        if bias.shape != (vocab,) or bias.dtype != weight.dtype:
+        if bias.shape != (vocab,) or (bias.dtype != weight.dtype and not autocast):
             raise ValueError(
                 f"{prefix}_bias must be a ({vocab},) tensor of {weight.dtype}, "
                 f"got {tuple(bias.shape)} {bias.dtype}"

@@ -67,29 +67,131 @@ def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
     assert trainer.adaptive_beta.beta == pytest.approx(beta, rel=1e-9)  # eval leaves β alone
 
 
-@pytest.mark.parametrize("explicit_reference", [True, False], ids=["ref_model", "trl-copy"])
-def test_bf16_first_step_sees_policy_equal_to_reference(tmp_path, explicit_reference):
-    """Under bf16 mixed precision (TRL's default on a GPU; CPU autocast does bf16 too) both
-    models' hidden states come at the policy's precision: at step 1 the policy is the
-    reference, so the loss is exactly log 2, no pair steps and β stays."""
+# (checkpoint dtype, mixed precision): bf16 and fp16 checkpoints under the autocast TRL runs on a
+# GPU (CPU autocast does bf16; fp16=True on CPU runs the fp16 model without autocast), an fp16
+# checkpoint under bf16 autocast, and fp32 weights under bf16 autocast (TRL's default load).
+PRECISIONS = [
+    (torch.bfloat16, "bf16"),
+    (torch.float16, "fp16"),
+    (torch.float16, "bf16"),
+    (torch.float32, "bf16"),
+]
+PRECISION_IDS = ["bf16-ckpt-bf16", "fp16-ckpt-fp16", "fp16-ckpt-bf16", "fp32-ckpt-bf16"]
+
+
+def _trainer_at_precision(cls, args_cls, tmp_path, dtype, amp, explicit_reference, **overrides):
+    """``cls`` (EpsilonDPOTrainer or TRL's DPOTrainer) on the tiny model stored in ``dtype``,
+    with an explicit reference or TRL's own copy (loaded from the saved checkpoint in
+    ``dtype``, as ``model_init_kwargs`` tells TRL to)."""
     policy, reference = tiny_models()
-    if not explicit_reference:  # TRL loads the policy and its reference copy from a path
+    policy.to(dtype)
+    reference.to(dtype)
+    if not explicit_reference:
         policy.save_pretrained(tmp_path / "model")
         policy, reference = str(tmp_path / "model"), None
-    trainer = EpsilonDPOTrainer(
+        overrides["model_init_kwargs"] = {"dtype": str(dtype).removeprefix("torch.")}
+    args = config(tmp_path, **{amp: True}, **overrides)
+    if args_cls is not EpsilonDPOConfig:
+        fields = {k for k in args.to_dict() if k in args_cls.__dataclass_fields__}
+        args = args_cls(**{k: getattr(args, k) for k in fields})
+    trainer = cls(
         policy,
         ref_model=reference,
         train_dataset=pairs(8),
         processing_class=byte_tokenizer(),
-        args=config(tmp_path, bf16=True, max_steps=1),
+        args=args,
     )
-    assert trainer.ref_model is not None
+    assert trainer.model.dtype == trainer.ref_model.dtype == dtype
+    return trainer
+
+
+@pytest.mark.parametrize("explicit_reference", [True, False], ids=["ref_model", "trl-copy"])
+@pytest.mark.parametrize("dtype, amp", PRECISIONS, ids=PRECISION_IDS)
+def test_mixed_precision_first_step_sees_policy_equal_to_reference(
+    tmp_path, dtype, amp, explicit_reference
+):
+    """Under mixed precision (TRL's default on a GPU) with half-precision checkpoints, both
+    models' forwards run as accelerate runs a prepared model: at step 1 the policy is the
+    reference, so the loss is exactly log 2, no pair steps and β stays. (A bf16 reference's
+    weight once met fp32 hidden states here: TypeError at step 1.)"""
+    trainer = _trainer_at_precision(
+        EpsilonDPOTrainer, EpsilonDPOConfig, tmp_path, dtype, amp, explicit_reference, max_steps=1
+    )
     trainer.train()
     (entry,) = step_logs(trainer)
     assert entry["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert entry["kl/p_epsilon_steps"] == entry["kl/n_epsilon_steps"] == 0.0
     assert entry["rewards/accuracies"] == 0.0 and entry["rewards/margins"] == 0.0
     assert trainer.adaptive_beta.beta == 0.1
+
+
+@pytest.mark.parametrize("explicit_reference", [True, False], ids=["ref_model", "trl-copy"])
+@pytest.mark.parametrize("dtype, amp", PRECISIONS, ids=PRECISION_IDS)
+def test_mixed_precision_epsilon_zero_equals_trl_dpo_trainer(
+    tmp_path, monkeypatch, dtype, amp, explicit_reference
+):
+    """ε = 0 under mixed precision: one batch through the models as accelerate prepares them
+    gives TRL's DPOTrainer's loss and parameter gradients, and the loss receives the lm_head's
+    own weights (no fp32 copy of a half-precision head).
+
+    Both trainers run the same backbone and round the same lm_head products to the autocast
+    dtype; they differ in fp32 summation orders (the loss: ``loss_disagreement``) and, for a
+    half-precision parameter, in where the head's per-logit gradient (fp32, rounded to the
+    matmul dtype by both) falls on a rounding boundary: the backward is linear in it, so each
+    parameter gradient agrees to one unit roundoff of its matmul dtype, normwise."""
+    from trl import DPOConfig, DPOTrainer
+
+    import epsdpo_kernels.integrations.trl as integration
+
+    seen = []
+    loss_fn = integration.linear_epsilon_dpo_loss
+
+    def spy(policy_hidden, policy_weight, ref_hidden, ref_weight, labels, **kwargs):
+        seen.append((policy_weight, ref_weight))
+        return loss_fn(policy_hidden, policy_weight, ref_hidden, ref_weight, labels, **kwargs)
+
+    monkeypatch.setattr(integration, "linear_epsilon_dpo_loss", spy)
+    trainers = [
+        _trainer_at_precision(
+            cls, args_cls, tmp_path / name, dtype, amp, explicit_reference, epsilon=0.0
+        )
+        for name, cls, args_cls in (
+            ("eps", EpsilonDPOTrainer, EpsilonDPOConfig),
+            ("dpo", DPOTrainer, DPOConfig),
+        )
+    ]
+    batch = next(iter(trainers[0].get_train_dataloader()))
+    results = []
+    for trainer in trainers:
+        gen = torch.Generator().manual_seed(7)  # the same policy perturbation in both
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_((0.05 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+        trainer.model.train()
+        model = trainer.accelerator.prepare_model(trainer.model)  # as train() runs it
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.double() for n, p in trainer.model.named_parameters()}
+        results.append((loss.detach().double(), grads))
+
+    ours = trainers[0]
+    (policy_weight, ref_weight), *_ = seen
+    assert policy_weight is ours.model.get_output_embeddings().weight
+    assert ref_weight is ours.ref_model.get_output_embeddings().weight
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a.item() - math.log(2)) > 1e-2  # real log-ratios
+    with torch.no_grad():
+        _, out = ours.compute_loss(ours.model, batch, return_outputs=True)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    atol = loss_disagreement(out, (labels != -100).sum(-1), vocab=ours.model.config.vocab_size)
+    assert abs(loss_a.item() - loss_b.item()) <= atol, (loss_a.item(), loss_b.item(), atol)
+    matmul_dtype = torch.bfloat16 if amp == "bf16" else dtype
+    unit = max(torch.finfo(matmul_dtype).eps, torch.finfo(dtype).eps) / 2
+    for name, grad in grads_a.items():
+        other = grads_b[name]
+        assert other.norm() > 0, name
+        rel = ((grad - other).norm() / other.norm()).item()
+        assert rel <= unit, (name, rel, unit)
 
 
 @pytest.mark.parametrize(
@@ -659,7 +761,8 @@ def _sharded_head_worker(rank, world, store, results):
         fully_shard(policy, mesh=mesh)
         _hidden_state_forward(policy)
         rows = _rank_rows(rank, world, batch["labels"].shape[0] // 2)
-        hidden, weight, _ = policy(input_ids=batch["input_ids"][rows], epsdpo_hidden=True)
+        head = policy(input_ids=batch["input_ids"][rows], epsdpo_hidden=True)
+        hidden, weight = head.hidden, head.weight
         assert not hasattr(weight, "full_tensor")  # gathered to a plain tensor
         linear_epsilon_dpo_loss(
             hidden, weight, 0.9 * hidden.detach(), weight.detach(), batch["labels"][rows], beta=0.5
@@ -695,7 +798,8 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     mp.spawn(_sharded_head_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
     policy, batch = _sharded_head_case()
     _hidden_state_forward(policy)
-    hidden, weight, _ = policy(input_ids=batch["input_ids"], epsdpo_hidden=True)
+    head = policy(input_ids=batch["input_ids"], epsdpo_hidden=True)
+    hidden, weight = head.hidden, head.weight
     linear_epsilon_dpo_loss(
         hidden, weight, 0.9 * hidden.detach(), weight.detach(), batch["labels"], beta=0.5
     ).loss.backward()

@@ -199,9 +199,25 @@ class DataCollatorForPackedPreference:
         }
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """What ``model(..., epsdpo_hidden=True)`` returns: the last hidden states and the lm_head's
+    own weight and bias.
+
+    A dataclass, not a tuple, because of what wraps a prepared model's forward under mixed
+    precision: accelerate casts every half-precision tensor in a returned tuple, list or dict to
+    fp32, which would hand the loss a V × H fp32 copy of a bf16 lm_head (and its gradient
+    through the cast). It leaves other objects alone, while DDP still finds the tensors (it
+    looks into dataclasses for the parameters a forward used)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 def _hidden_state_forward(model: torch.nn.Module) -> None:
     """Patch ``model.forward`` so that ``model(..., epsdpo_hidden=True)`` returns
-    ``(last_hidden_state, lm_head weight, lm_head bias)`` without forming the logits.
+    ``HeadInputs`` (last hidden states, lm_head weight and bias) without forming the logits.
 
     Going through ``model.forward`` (rather than calling the backbone directly) keeps DDP,
     FSDP and PEFT wrappers in the path: they see a forward and prepare the backward as usual.
@@ -221,7 +237,7 @@ def _hidden_state_forward(model: torch.nn.Module) -> None:
         if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head: gather it
             weight = _gather_data_parallel(weight)
             bias = _gather_data_parallel(bias) if bias is not None else None
-        return outputs.last_hidden_state, weight, bias
+        return HeadInputs(outputs.last_hidden_state, weight, bias)
 
     model.forward = forward.__get__(model)
 
@@ -353,26 +369,20 @@ class EpsilonDPOTrainer(DPOTrainer):
     # -- the loss ------------------------------------------------------------------------------
 
     def _hidden(self, model, inputs):
-        """(hidden states scoring labels[:, 1:], lm_head weight, bias) of ``model``, computed at
-        the precision the Trainer gives the policy's forward: under mixed precision accelerate
-        wraps a prepared model's forward in autocast and casts its outputs to fp32. The
-        reference's forward was wrapped before ``_hidden_state_forward`` replaced it (TRL
-        prepares it in ``__init__``, the policy only in ``train()``), so the same is applied
-        here to both: at policy == reference the two then give bitwise equal hidden states."""
+        """(hidden states scoring labels[:, 1:], lm_head weight, bias) of ``model``, its
+        backbone run under the Trainer's autocast, as accelerate runs a prepared model's forward
+        (the reference's forward was wrapped before ``_hidden_state_forward`` replaced it: TRL
+        prepares it in ``__init__``, the policy only in ``train()``). The hidden states stay in
+        the dtype the backbone gave them and the weight in its own: the loss, called under the
+        same autocast, runs its matmuls in the autocast dtype as ``lm_head(hidden)`` would."""
         kwargs = {
             k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
         }
         with self.accelerator.autocast():
-            hidden, weight, bias = model(**kwargs, epsdpo_hidden=True)
-        if hidden.dtype in (torch.float16, torch.bfloat16) and self._upcast_outputs():
-            hidden = hidden.float()
+            head = model(**kwargs, epsdpo_hidden=True)
         # Prompt-learning PEFT prepends virtual tokens; hidden[:, t] scores labels[:, t + 1].
-        return hidden[:, -inputs["input_ids"].shape[1] :][:, :-1], weight, bias
-
-    def _upcast_outputs(self) -> bool:
-        """Whether accelerate casts a prepared model's half-precision outputs to fp32 (it does
-        under native mixed precision, ``bf16=True`` or ``fp16=True``)."""
-        return self.accelerator.native_amp
+        hidden = head.hidden[:, -inputs["input_ids"].shape[1] :][:, :-1]
+        return hidden, head.weight, head.bias
 
     def _reference_hidden(self, inputs):
         with torch.no_grad():
@@ -407,22 +417,26 @@ class EpsilonDPOTrainer(DPOTrainer):
         policy_hidden, policy_weight, policy_bias = self._hidden(model, inputs)
         ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
         beta = self.adaptive_beta.beta
-        out = linear_epsilon_dpo_loss(
-            policy_hidden,
-            policy_weight,
-            ref_hidden.to(policy_hidden.device),
-            ref_weight.to(policy_hidden.device),
-            labels.to(policy_hidden.device),
-            beta=beta,
-            epsilon=self.args.epsilon,
-            label_smoothing=self.args.label_smoothing,
-            policy_bias=policy_bias,
-            ref_bias=ref_bias,
-            **{
-                k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
-                for k, v in packing.items()
-            },
-        )
+        # Under mixed precision (bf16=True/fp16=True) the loss casts its inputs to the autocast
+        # dtype once, as autocast casts an lm_head's: a half lm_head is used as it is (no copy),
+        # and the matmuls run in the autocast dtype whatever the models' storage dtypes.
+        with self.accelerator.autocast():
+            out = linear_epsilon_dpo_loss(
+                policy_hidden,
+                policy_weight,
+                ref_hidden.to(policy_hidden.device),
+                ref_weight.to(policy_hidden.device),
+                labels.to(policy_hidden.device),
+                beta=beta,
+                epsilon=self.args.epsilon,
+                label_smoothing=self.args.label_smoothing,
+                policy_bias=policy_bias,
+                ref_bias=ref_bias,
+                **{
+                    k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
+                    for k, v in packing.items()
+                },
+            )
         loss = self.loss_weights["sigmoid"] * out.loss
         if "sft" in self.loss_weights:
             # TRL's "sft" term: mean NLL over the batch's chosen completion tokens.
