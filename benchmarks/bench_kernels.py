@@ -109,7 +109,7 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
     import torch
 
     from benchmarks import baseline_token_kernels as old
-    from epsdpo_kernels import token_triton as new
+    from epsdpo_kernels.triton_backend import token as new
 
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (16, max(1, rows // 16), vocab)

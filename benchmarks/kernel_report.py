@@ -3,11 +3,11 @@
     python benchmarks/kernel_report.py [--arch 90] [--rows 16384] [--vocab V ...] [--json PATH]
 
 Every kernel is compiled exactly as a real launch at the given shape would compile it: the
-launchers in token_triton.py build the arguments (on meta tensors: real shapes, no memory) and
-Triton's own specialisation function turns them into the signature, the constexprs and the
-16-byte alignment/divisibility attributes. For each kernel and dtype the report gives ptxas's
-registers and spill bytes, the SASS of the steady-state loop (the backward branch whose body
-holds the most MUFU.EX2) per element, and a predicted time range at ``rows × vocab``.
+launchers in triton_backend/token.py build the arguments (on meta tensors: real shapes, no
+memory) and Triton's own specialisation function turns them into the signature, the constexprs
+and the 16-byte alignment/divisibility attributes. For each kernel and dtype the report gives
+ptxas's registers and spill bytes, the SASS of the steady-state loop (the backward branch whose
+body holds the most MUFU.EX2) per element, and a predicted time range at ``rows × vocab``.
 
 The low end is the roofline: the largest of
 - memory: the bytes the kernel must move at the GPU's measured copy bandwidth;
@@ -282,10 +282,10 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
     kernel at this shape, with the launchers' own arguments."""
     import torch
 
-    from epsdpo_kernels import token_triton as K
-    from epsdpo_kernels.pair_head_triton import pair_head_launch
-    from epsdpo_kernels.sequence_sums_triton import sequence_sums_launch
     from epsdpo_kernels.sequences import Sequences
+    from epsdpo_kernels.triton_backend import token as K
+    from epsdpo_kernels.triton_backend.pair_head import pair_head_launch
+    from epsdpo_kernels.triton_backend.sequence_sums import sequence_sums_launch
 
     dtype = getattr(torch, DTYPES[dtype_name])
     # The logits path's layout: (2B, T, V) with T = 2048.

@@ -2,7 +2,7 @@
 
 from .adaptive_beta import AdaptiveBeta
 from .diagnostics import ches_scores
-from .integrations.hugging_face import causal_lm_hidden_and_head
+from .hugging_face import causal_lm_hidden_and_head
 from .linear_loss import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from .loss import epsilon_dpo_loss
 from .output import EpsilonDPOOutput

@@ -2,24 +2,22 @@
 
 ``EpsilonDPOLogitsFunction`` (materialised logits) and ``LinearEpsilonDPOFunction`` (hidden states
 and lm_head weights) both return ``(losses, chosen_logps, rejected_logps, pair)``: the first three
-differentiable, the pair buffer (layout.py) not. Their backward passes both start from the same
-per-sequence coefficient c_n = ∂(upstream)/∂A_n (``row_coefficients``, docs/SPEC.md, Gradients),
-handed to each token of sequence n (``Sequences.token_coefficients``), then go to the per-token
-backward directly (logits) or through the vocabulary-sliced driver (linear).
+differentiable, the pair buffer (layout.py) not. Each takes its tensors and the call's
+``LossCall`` (call.py). Their backward passes both start from the same per-sequence coefficient
+c_n = ∂(upstream)/∂A_n (``row_coefficients``, docs/SPEC.md, Gradients), handed to each token of
+sequence n (``Sequences.token_coefficients``), then go to the per-token backward directly
+(logits) or through the vocabulary-sliced driver (linear).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import layout as L
-from .dispatch import pair_head, sequence_sums, token_backward, token_forward
-from .linear_chunks import LinearChunks, linear_backward, linear_forward
-from .params import LossParams
-from .sequences import Sequences
-from .vocab_parallel import VocabShard, shard_logits_forward
+from .dispatch import token_backward
+from .drivers import logits_forward
+from .linear_chunks import linear_backward, linear_forward
+from .plans import LinearInputs
 
 
 def split_pair(pair: torch.Tensor):
@@ -61,52 +59,31 @@ def row_coefficients(
     return coef
 
 
-@dataclass(frozen=True)
-class LogitsPlan:
-    """How the logits path runs: the backward in place or not, and this rank's vocabulary
-    shard when the logits are vocabulary-sharded (vocab_parallel.py)."""
-
-    inplace: bool = False
-    shard: VocabShard | None = None
-
-
-def logits_forward(
-    policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences, plan: LogitsPlan
-):
-    """Token pass, sums per sequence, pair head: (token stats, pair buffer). No autograd."""
-    if plan.shard is None:
-        stats = token_forward(policy_logits, ref_logits, labels, params)
-    else:
-        stats = shard_logits_forward(policy_logits, ref_logits, labels, params, plan.shard)
-    return stats, pair_head(sequence_sums(stats, labels, sequences, params), params)
+def _token_coefficients(ctx, pair, grads) -> torch.Tensor:
+    call = ctx.call
+    row_coef = row_coefficients(pair, *grads, average_log_prob=call.params.average_log_prob)
+    return call.sequences.token_coefficients(row_coef)
 
 
 class EpsilonDPOLogitsFunction(torch.autograd.Function):
-    """(policy_logits, ref_logits, labels, params, sequences, plan) → (losses, chosen_logps,
-    rejected_logps, pair).
+    """(policy_logits, ref_logits, labels, call) → (losses, chosen_logps, rejected_logps, pair).
 
     Saves the policy logits (by reference, no copy), the labels, the token stats (6 floats per
-    token) and the pair buffer. Only ``policy_logits`` gets a gradient; ``plan.inplace`` writes
-    it over the logits' storage.
+    token) and the pair buffer. Only ``policy_logits`` gets a gradient; ``call.plan.inplace``
+    writes it over the logits' storage.
     """
 
-    @staticmethod
-    def evaluate(policy_logits, ref_logits, labels, params: LossParams, sequences: Sequences, plan):
-        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return logits_forward(policy_logits, ref_logits, labels, params, sequences, plan)[1]
+    policy_inputs = 1  # the leading inputs that may get gradients
 
     @staticmethod
-    def forward(
-        ctx,
-        policy_logits,
-        ref_logits,
-        labels,
-        params: LossParams,
-        sequences: Sequences,
-        plan: LogitsPlan,
-    ):
-        stats, pair = logits_forward(policy_logits, ref_logits, labels, params, sequences, plan)
-        ctx.params, ctx.sequences, ctx.plan = params, sequences, plan
+    def evaluate(policy_logits, ref_logits, labels, call):
+        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
+        return logits_forward(policy_logits, ref_logits, labels, call)[1]
+
+    @staticmethod
+    def forward(ctx, policy_logits, ref_logits, labels, call):
+        stats, pair = logits_forward(policy_logits, ref_logits, labels, call)
+        ctx.call = call
         ctx.save_for_backward(policy_logits, labels, stats, pair)
         ctx.mark_non_differentiable(pair)
         return (*split_pair(pair), pair)
@@ -114,96 +91,55 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
-        params: LossParams = ctx.params
         policy_logits, labels, stats, pair = ctx.saved_tensors
-        row_coef = row_coefficients(
-            pair,
-            grad_losses,
-            grad_chosen_logps,
-            grad_rejected_logps,
-            average_log_prob=params.average_log_prob,
+        call = ctx.call
+        token_coef = _token_coefficients(
+            ctx, pair, (grad_losses, grad_chosen_logps, grad_rejected_logps)
         )
-        token_coef = ctx.sequences.token_coefficients(row_coef)
-        plan: LogitsPlan = ctx.plan
         if policy_logits.shape[-1] == 0:  # a vocabulary shard with no entries
-            return torch.zeros_like(policy_logits), None, None, None, None, None
+            return torch.zeros_like(policy_logits), None, None, None
         grad = token_backward(
             policy_logits,
             labels,
             stats,
             token_coef,
-            params,
-            inplace=plan.inplace,
-            vocab_offset=plan.shard.offset if plan.shard is not None else 0,
+            call.params,
+            inplace=call.plan.inplace,
+            vocab_offset=call.shard.offset if call.shard is not None else 0,
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None
 
 
 class LinearEpsilonDPOFunction(torch.autograd.Function):
-    """(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels,
-    params, sequences, chunks) → (losses, chosen_logps, rejected_logps, pair).
+    """(the six ``LinearInputs``, labels, call) → (losses, chosen_logps, rejected_logps, pair).
 
     Saves the policy hidden states, weight and bias (references, no copies), the labels, the
     scored indices, the token stats (6 floats per token) and the pair buffer; nothing V-sized.
     """
 
-    @staticmethod
-    def evaluate(
-        policy_hidden,
-        policy_weight,
-        policy_bias,
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        labels,
-        params: LossParams,
-        sequences: Sequences,
-        chunks: LinearChunks,
-    ):
-        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return linear_forward(
-            policy_hidden,
-            policy_weight,
-            policy_bias,
-            ref_hidden,
-            ref_weight,
-            ref_bias,
-            labels,
-            params,
-            sequences,
-            chunks,
-        )[1]
+    policy_inputs = 3
 
     @staticmethod
-    def forward(
-        ctx,
-        policy_hidden,
-        policy_weight,
-        policy_bias,
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        labels,
-        params: LossParams,
-        sequences: Sequences,
-        chunks: LinearChunks,
-    ):
-        stats, pair, scored = linear_forward(
-            policy_hidden,
-            policy_weight,
-            policy_bias,
-            ref_hidden,
-            ref_weight,
-            ref_bias,
-            labels,
-            params,
-            sequences,
-            chunks,
-        )
-        ctx.params, ctx.sequences, ctx.chunks = params, sequences, chunks
-        ctx.has_bias = policy_bias is not None
+    def evaluate(*args):
+        """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
+        *tensors, labels, call = args
+        return linear_forward(LinearInputs(*tensors), labels, call)[1]
+
+    @staticmethod
+    def forward(ctx, *args):
+        *tensors, labels, call = args
+        inputs = LinearInputs(*tensors)
+        stats, pair, scored = linear_forward(inputs, labels, call)
+        ctx.call = call
+        ctx.has_bias = inputs.policy_bias is not None
         ctx.save_for_backward(
-            policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair
+            inputs.policy_hidden,
+            inputs.policy_weight,
+            inputs.policy_bias,
+            labels,
+            stats,
+            scored,
+            pair,
         )
         ctx.mark_non_differentiable(pair)
         return (*split_pair(pair), pair)
@@ -212,13 +148,8 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
         policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair = ctx.saved_tensors
-        params: LossParams = ctx.params
-        row_coef = row_coefficients(
-            pair,
-            grad_losses,
-            grad_chosen_logps,
-            grad_rejected_logps,
-            average_log_prob=params.average_log_prob,
+        token_coef = _token_coefficients(
+            ctx, pair, (grad_losses, grad_chosen_logps, grad_rejected_logps)
         )
         needs = (
             ctx.needs_input_grad[0],
@@ -232,9 +163,22 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
             labels,
             stats,
             scored,
-            ctx.sequences.token_coefficients(row_coef),
-            params,
-            ctx.chunks,
+            token_coef,
+            ctx.call,
             needs,
         )
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
+
+
+def run(function, *tensors, call):
+    """``function`` on ``tensors`` (its policy inputs first, then the rest, the labels last) and
+    ``call``: (losses, chosen_logps, rejected_logps, pair). With no policy input requiring a
+    gradient (evaluation, under ``torch.no_grad()``), the forward runs without building a
+    Function, so nothing is saved for a backward that will not come."""
+    policy = tensors[: function.policy_inputs]
+    rest = tuple(None if x is None else x.detach() for x in tensors[function.policy_inputs :])
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in policy):
+        return function.apply(*policy, *rest, call)
+    detached = tuple(None if x is None else x.detach() for x in policy)
+    pair = function.evaluate(*detached, *rest, call)
+    return (*split_pair(pair), pair)

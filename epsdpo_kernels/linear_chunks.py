@@ -35,85 +35,14 @@ plus one read-modify-write of the S × H fp32 accumulator per slice (8 slices ×
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import layout as L
-from .dispatch import pair_head, sequence_sums, token_backward, token_forward
-from .params import LossParams
-from .sequences import Sequences, scored_rows
-from .vocab_parallel import VocabShard, complete_hidden_gradient, shard_token_forward
-
-# Budget for one chunk's or slice's temporaries. On CUDA, 256 MiB holds 512 rows of bf16
-# policy + reference logits at V = 128k, or an 8192 × 16384 bf16 slice: enough for the GEMMs
-# to run near peak. On CPU a smaller chunk costs no matmul efficiency and stays nearer the caches.
-DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
-# Chunks and slices are multiples of this many rows (GEMM tiles) when the budget allows.
-ROW_MULTIPLE = 256
-# fp32 copies per logit where the GEMM cannot accumulate a bf16/fp16 product into fp32 (CPU).
-_UPCAST_BYTES = 4
-
-
-@dataclass(frozen=True)
-class LinearChunks:
-    """How the linear path walks its work: scored rows per forward chunk, and vocabulary rows
-    per backward slice (0: as many as the budget allows, see ``slice_plan``)."""
-
-    chunk_rows: int
-    vocab_chunk_rows: int = 0
-    # Vocabulary parallelism: the lm_head rows this rank holds (vocab_parallel.py); the token
-    # statistics then merge over the shard's group and the hidden-state gradient sums over it.
-    shard: VocabShard | None = None
-    # The matmuls' dtype under autocast (None: each weight's own). Inputs are cast as they are
-    # read: the forward's weights once per call (freed with it), the backward's per slice; the
-    # gradients are accumulated in fp32 and rounded once, to the inputs' own dtypes.
-    matmul_dtype: torch.dtype | None = None
-
-    def cast(self, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        """``t`` in the matmul dtype of ``like``'s (a weight's) matmuls; itself if it has it."""
-        return None if t is None else t.to(self.matmul_dtype or like.dtype)
-
-
-def _round_rows(rows: int, limit: int) -> int:
-    """``rows`` rounded down to a multiple of ROW_MULTIPLE when it is at least that; in
-    [1, limit]."""
-    if rows >= ROW_MULTIPLE:
-        rows -= rows % ROW_MULTIPLE
-    return max(1, min(rows, limit))
-
-
-def _budget(device_type: str) -> int:
-    return DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
-
-
-def default_chunk_rows(vocab: int, element_size: int, device_type: str) -> int:
-    """Forward rows per chunk: the chunk's policy and reference logits fit the device's budget.
-    (The per-token passes' own temporaries are bounded by their sub-chunks, not by this.)"""
-    return _round_rows(_budget(device_type) // (2 * vocab * element_size), 2**31)
-
-
-def slice_plan(
-    scored: int, vocab: int, element_size: int, device_type: str, vocab_rows: int = 0
-) -> tuple[int, int]:
-    """(vocabulary rows per backward slice, scored tokens per step within a slice).
-
-    A slice covers every scored token when its logits (and an fp32 upcast where the GEMM needs
-    one) fit the budget; when even ROW_MULTIPLE vocabulary rows
-    over all S tokens do not, the slice's tokens are stepped through too. ``vocab_rows`` > 0
-    fixes the slice width (the token steps still follow the budget)."""
-    per_logit = element_size
-    if device_type != "cuda" and element_size < 4:
-        per_logit += _UPCAST_BYTES
-    budget = _budget(device_type)
-    if vocab_rows <= 0:
-        # Never narrower than ROW_MULTIPLE rows (or V): a thinner slice starves the GEMMs;
-        # stepping through the tokens keeps the budget instead.
-        fit = _round_rows(budget // max(1, scored * per_logit), vocab)
-        vocab_rows = min(vocab, max(ROW_MULTIPLE, fit))
-    if scored * vocab_rows * per_logit <= budget:
-        return vocab_rows, max(1, scored)
-    return vocab_rows, _round_rows(budget // (vocab_rows * per_logit), max(1, scored))
+from .dispatch import token_backward
+from .distributed.vocab_shards import complete_hidden_gradient
+from .drivers import chunk_stats, pair_buffer
+from .plans import LinearInputs, slice_plan
+from .sequences import scored_rows
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -161,20 +90,11 @@ def _chunks(n: int, size: int):
 
 
 @torch.no_grad()
-def linear_forward(
-    policy_hidden,
-    policy_weight,
-    policy_bias,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    labels,
-    params: LossParams,
-    sequences: Sequences,
-    chunks: LinearChunks,
-):
+def linear_forward(inputs: LinearInputs, labels, call):
     """Returns (stats, pair, scored): token stats in the (TOKEN_FIELDS, N·T) layout of the
     logits path (zeros at ignored rows), the head's pair buffer, and the flat scored indices."""
+    policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias = inputs
+    params, plan = call.params, call.plan
     rows, t, _ = policy_hidden.shape
     scored = scored_rows(labels, params.ignore_index, params.scored_count)
     stats = torch.zeros((L.TOKEN_FIELDS, rows * t), dtype=torch.float32, device=labels.device)
@@ -183,64 +103,43 @@ def linear_forward(
     flat_labels = labels.reshape(rows * t)
     # In the matmul dtype (a copy only under autocast, freed when the forward returns).
     policy_w, policy_b = (
-        chunks.cast(policy_weight, policy_weight),
-        chunks.cast(policy_bias, policy_weight),
+        plan.cast(policy_weight, policy_weight),
+        plan.cast(policy_bias, policy_weight),
     )
-    ref_w, ref_b = chunks.cast(ref_weight, ref_weight), chunks.cast(ref_bias, ref_weight)
-    for sl in _chunks(scored.numel(), chunks.chunk_rows):
+    ref_w, ref_b = plan.cast(ref_weight, ref_weight), plan.cast(ref_bias, ref_weight)
+    for sl in _chunks(scored.numel(), plan.chunk_rows):
         idx = scored[sl]
         policy_logits = _logits(flat_policy[idx].to(policy_w.dtype), policy_w, policy_b)
         ref_logits = _logits(flat_ref[idx].to(ref_w.dtype), ref_w, ref_b)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
-        if chunks.shard is None:
-            stats[:, idx] = token_forward(
-                policy_logits.unsqueeze(1),
-                ref_logits.unsqueeze(1),
-                flat_labels[idx].unsqueeze(1),
-                params,
-            )
-        else:
-            stats[:, idx] = shard_token_forward(
-                policy_logits.unsqueeze(1),
-                ref_logits.unsqueeze(1),
-                flat_labels[idx].unsqueeze(1),
-                params,
-                chunks.shard,
-            )
+        stats[:, idx] = chunk_stats(
+            policy_logits.unsqueeze(1), ref_logits.unsqueeze(1), flat_labels[idx].unsqueeze(1), call
+        )
         del policy_logits, ref_logits
-    pair = pair_head(sequence_sums(stats, labels, sequences, params), params)
-    return stats, pair, scored
+    return stats, pair_buffer(stats, labels, call), scored
 
 
 @torch.no_grad()
 def linear_backward(
-    policy_hidden,
-    policy_weight,
-    policy_bias,
-    labels,
-    stats,
-    scored,
-    token_coef,
-    params: LossParams,
-    chunks: LinearChunks,
-    needs: tuple[bool, bool, bool],
+    policy_hidden, policy_weight, policy_bias, labels, stats, scored, token_coef, call, needs
 ):
-    """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed,
-    walking vocabulary slices (see the module docstring); ``token_coef`` is each token row's
-    c_n."""
+    """Gradients w.r.t. (policy_hidden, policy_weight, policy_bias), each None if not needed
+    (``needs``: three bools), walking vocabulary slices (see the module docstring);
+    ``token_coef`` is each token row's c_n."""
+    params, plan, shard = call.params, call.plan, call.shard
     rows, t, h = policy_hidden.shape
     vocab = policy_weight.shape[0]
     need_hidden, need_weight, need_bias = needs
     flat_hidden = policy_hidden.reshape(rows * t, h)
     # (S, H) in the matmul dtype, read by every slice's two GEMMs; ∂hidden accumulates in fp32
     # and is rounded once, to the hidden states' own dtype.
-    hidden = chunks.cast(flat_hidden[scored], policy_weight)
+    hidden = plan.cast(flat_hidden[scored], policy_weight)
     n_scored = hidden.shape[0]
     token_labels = labels.reshape(rows * t)[scored].unsqueeze(1)  # (S, 1)
     token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
     token_coef = token_coef[scored].float().contiguous()
     slice_rows, token_rows = slice_plan(
-        n_scored, vocab, hidden.element_size(), hidden.device.type, chunks.vocab_chunk_rows
+        n_scored, vocab, hidden.element_size(), hidden.device.type, plan.vocab_chunk_rows
     )
 
     grad_hidden = torch.zeros((n_scored, h), dtype=torch.float32, device=hidden.device)
@@ -249,10 +148,10 @@ def linear_backward(
     grad_weight = new_weight(policy_weight) if need_weight else None
     grad_bias = torch.empty(vocab, dtype=torch.float32, device=hidden.device) if need_bias else None
     # Column j of a slice is vocabulary entry offset + j (this rank's shard starts at offset).
-    offset = chunks.shard.offset if chunks.shard is not None else 0
+    offset = shard.offset if shard is not None else 0
     for vs in _chunks(vocab, max(1, slice_rows)):
-        weight = chunks.cast(policy_weight[vs], policy_weight)
-        bias = chunks.cast(policy_bias[vs], policy_weight) if policy_bias is not None else None
+        weight = plan.cast(policy_weight[vs], policy_weight)
+        bias = plan.cast(policy_bias[vs], policy_weight) if policy_bias is not None else None
         weight_acc = None
         if need_weight and token_rows < n_scored:
             weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -284,7 +183,7 @@ def linear_backward(
             grad_weight[vs] = weight_acc
     full_grad_hidden = None
     if need_hidden:
-        complete_hidden_gradient(grad_hidden, chunks.shard)
+        complete_hidden_gradient(grad_hidden, shard)
         full_grad_hidden = torch.zeros_like(flat_hidden)
         full_grad_hidden[scored] = grad_hidden.to(flat_hidden.dtype)
         full_grad_hidden = full_grad_hidden.view_as(policy_hidden)

@@ -7,13 +7,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from . import params as P
-from . import validation as V
-from . import vocab_parallel as VP
-from .autograd import LinearEpsilonDPOFunction
-from .entry import compute_loss
-from .linear_chunks import LinearChunks, default_chunk_rows
-from .output import EpsilonDPOOutput
+from .autograd import LinearEpsilonDPOFunction, run
+from .call import prepare_linear
+from .output import EpsilonDPOOutput, build_output
+from .plans import LinearInputs
 
 
 @torch.compiler.disable
@@ -58,7 +55,8 @@ def linear_epsilon_dpo_loss(
         policy_weight: ``(V, H)`` policy lm_head weight (tied embeddings are fine); or a
             DTensor sharded over the vocabulary (``Shard(0)`` on one mesh dimension, as
             ``ColwiseParallel`` gives) with the hidden states replicated: vocabulary
-            parallelism (vocab_parallel.py); its gradient comes back with its placement.
+            parallelism (distributed/vocab_shards.py); its gradient comes back with its
+            placement.
         ref_hidden: ``(2B, T, H_ref)`` reference hidden states; no gradient.
         ref_weight: ``(V, H_ref)`` reference lm_head weight; no gradient.
         labels: ``(2B, T)`` integer labels, ``ignore_index`` on prompt and padding.
@@ -103,125 +101,24 @@ def linear_epsilon_dpo_loss(
         average_log_prob=average_log_prob,
         backend=backend,
     )
-    P.check_loss_options(**options)
-    local, shard = VP.localize(
-        policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias
-    )
-    V.check_not_sharded(**dict(zip(VP.LINEAR_INPUTS, local)))
-    policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias = local
-    if V.check_packing(sequence_ids, num_pairs):
-        policy_hidden, ref_hidden, labels, sequence_ids = V.packed_inputs(
-            "policy_hidden", policy_hidden, "ref_hidden", ref_hidden, labels, sequence_ids
-        )
-    V.check_tensor("policy_hidden", policy_hidden, ndim=3, float_dtype=True)
-    V.check_tensor("policy_weight", policy_weight, ndim=2, float_dtype=True)
-    V.check_tensor("ref_hidden", ref_hidden, ndim=3, float_dtype=True)
-    V.check_tensor("ref_weight", ref_weight, ndim=2, float_dtype=True)
-    # Under autocast the matmuls run in the autocast dtype, as `lm_head(hidden)` would. The
-    # drivers cast what they read (linear_chunks.LinearChunks.matmul_dtype), so that no cast
-    # copy of a weight outlives the forward and every gradient is accumulated in fp32 and
-    # rounded once, to its parameter's own dtype. Autocast stays out of the kernels, which
-    # choose their own fp32 accumulation.
-    autocast_dtype = _autocast_dtype(policy_hidden.device.type)
-    rows, tokens, hidden_size = policy_hidden.shape
-    vocab = policy_weight.shape[0]  # this rank's rows under vocabulary parallelism
-    if num_pairs is None:
-        V.check_pair_rows("policy_hidden", rows)
-    if tokens == 0 or (vocab == 0 and shard is None) or hidden_size == 0:
-        raise ValueError(
-            f"policy_hidden must have T > 0 and H > 0 and policy_weight V > 0, got hidden "
-            f"{tuple(policy_hidden.shape)} and weight {tuple(policy_weight.shape)}"
-        )
-    autocast = autocast_dtype is not None
-    _check_pair("policy", policy_hidden, policy_weight, policy_bias, rows, tokens, vocab, autocast)
-    _check_pair("ref", ref_hidden, ref_weight, ref_bias, rows, tokens, vocab, autocast)
-    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    V.check_labels(labels, rows=rows, tokens=tokens)
-    device = V.check_same_device(
-        policy_hidden=policy_hidden,
-        policy_weight=policy_weight,
-        policy_bias=policy_bias,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        labels=labels,
+    inputs, labels, call = prepare_linear(
+        LinearInputs(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias),
+        labels,
+        options=options,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
         sequence_ids=sequence_ids,
+        num_pairs=num_pairs,
+        sequence_group=sequence_group,
     )
-    backend = P.resolve_backend(backend, device)
-    element_size = max(  # the logits'
-        torch.empty(0, dtype=autocast_dtype or w.dtype).element_size()
-        for w in (policy_weight, ref_weight)
-    )
-    chunks = LinearChunks(
-        chunk_rows=chunk_size or default_chunk_rows(max(1, vocab), element_size, device.type),
-        vocab_chunk_rows=vocab_chunk_size or 0,
-        matmul_dtype=autocast_dtype,
-        shard=shard,
-    )
-    if shard is not None:
-        VP.check_vocab_group(shard, labels, options)
-    with torch.autocast(device.type, enabled=False) if autocast_dtype else nullcontext():
-        return compute_loss(
-            LinearEpsilonDPOFunction,
-            (policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias, labels),
-            n_policy=3,
-            labels=labels,
-            vocab=vocab if shard is None else shard.vocab,
-            options=options,
-            backend=backend,
-            path_option=chunks,
-            sequence_ids=sequence_ids,
-            num_pairs=num_pairs,
-            sequence_group=sequence_group,
-        )
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # a device type autocast does not know
-        return None
-    return torch.get_autocast_dtype(device_type) if enabled else None
-
-
-def _check_pair(prefix, hidden, weight, bias, rows, tokens, vocab, autocast) -> None:
-    """Shapes and dtypes of one (hidden, weight, bias) triple against the policy's; under
-    autocast they may be of any float dtypes (the matmuls cast them to the autocast dtype)."""
-    if tuple(hidden.shape[:2]) != (rows, tokens):
-        raise ValueError(
-            f"{prefix}_hidden must have shape (2B, T, H) with (2B, T) = {(rows, tokens)}, "
-            f"got {tuple(hidden.shape)}"
-        )
-    h = hidden.shape[2]
-    if weight.shape[1] != h or weight.shape[0] != vocab:
-        # Name what was passed: V is read from policy_weight, so a transposed policy weight
-        # would otherwise be reported against a V taken from itself.
-        sources = f"H = {h} from {prefix}_hidden {tuple(hidden.shape)}"
-        if prefix != "policy":
-            sources += f" and V = {vocab} from policy_weight"
-        hint = ""
-        if weight.shape[0] == h and weight.shape[1] != h:
-            hint = "; it looks transposed: pass the lm_head's own weight, whose shape is (V, H)"
-        raise ValueError(
-            f"{prefix}_weight must have shape (V, H) with {sources}; got {prefix}_weight of "
-            f"shape {tuple(weight.shape)}{hint}"
-        )
-    if weight.dtype != hidden.dtype and not autocast:
-        raise TypeError(
-            f"{prefix}_weight ({weight.dtype}) and {prefix}_hidden ({hidden.dtype}) must share a "
-            "dtype: the matmul runs in the input dtype"
-        )
-    if bias is not None:
-        V.check_tensor(f"{prefix}_bias", bias, ndim=1, float_dtype=True)
-        if bias.shape != (vocab,) or (bias.dtype != weight.dtype and not autocast):
-            raise ValueError(
-                f"{prefix}_bias must be a ({vocab},) tensor of {weight.dtype}, "
-                f"got {tuple(bias.shape)} {bias.dtype}"
-            )
+    # Autocast stays out of the kernels and the drivers, which cast what they read themselves.
+    with (
+        torch.autocast(labels.device.type, enabled=False)
+        if call.plan.matmul_dtype
+        else nullcontext()
+    ):
+        losses, chosen, rejected, pair = run(LinearEpsilonDPOFunction, *inputs, labels, call=call)
+    return build_output(losses, chosen, rejected, pair, beta=call.params.beta, vocab=call.vocab)
 
 
 class LinearEpsilonDPOHead(nn.Module):

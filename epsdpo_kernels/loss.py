@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import params as P
-from . import validation as V
-from . import vocab_parallel as VP
-from .autograd import EpsilonDPOLogitsFunction, LogitsPlan
-from .entry import compute_loss
-from .output import EpsilonDPOOutput
+from .autograd import EpsilonDPOLogitsFunction, run
+from .call import prepare_logits
+from .output import EpsilonDPOOutput, build_output
 
 
 @torch.compiler.disable
@@ -42,7 +39,7 @@ def epsilon_dpo_loss(
             responses, ``[B, 2B)`` the rejected ones (pair i = rows i and B+i). Or a DTensor
             sharded over the vocabulary (``Shard(-1)`` on one mesh dimension: a ColwiseParallel
             lm_head with ``use_local_output=False``), whose ranks hold the same tokens; its
-            gradient comes back with its placement (vocab_parallel.py).
+            gradient comes back with its placement (distributed/vocab_shards.py).
         ref_logits: ``(2B, T, V)`` reference-model logits; never receives a gradient.
         labels: ``(2B, T)`` integer, already shifted (``policy_logits[:, t]`` scores
             ``labels[:, t]``); ``ignore_index`` marks prompt and padding positions.
@@ -92,45 +89,15 @@ def epsilon_dpo_loss(
         average_log_prob=average_log_prob,
         backend=backend,
     )
-    P.check_loss_options(**options)
-    P.check_flag("inplace_backward", inplace_backward)
-    policy_logits, ref_logits, shard = VP.localize_logits(policy_logits, ref_logits)
-    V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
-    if V.check_packing(sequence_ids, num_pairs):
-        policy_logits, ref_logits, labels, sequence_ids = V.packed_inputs(
-            "policy_logits", policy_logits, "ref_logits", ref_logits, labels, sequence_ids
-        )
-    V.check_tensor("policy_logits", policy_logits, ndim=3, float_dtype=True)
-    V.check_tensor("ref_logits", ref_logits, ndim=3, float_dtype=True)
-    if ref_logits.shape != policy_logits.shape:
-        raise ValueError(
-            f"ref_logits must have the shape of policy_logits {tuple(policy_logits.shape)}, "
-            f"got {tuple(ref_logits.shape)}"
-        )
-    rows, tokens, vocab = policy_logits.shape
-    if num_pairs is None:
-        V.check_pair_rows("policy_logits", rows)
-    if tokens == 0 or (vocab == 0 and shard is None):
-        raise ValueError(
-            f"policy_logits must have T > 0 and V > 0, got shape {(rows, tokens, vocab)}"
-        )
-    V.check_labels(labels, rows=rows, tokens=tokens)
-    device = V.check_same_device(
-        policy_logits=policy_logits, ref_logits=ref_logits, labels=labels, sequence_ids=sequence_ids
-    )
-    if shard is not None:
-        VP.check_vocab_group(shard, labels, options)
-        vocab = shard.vocab
-    return compute_loss(
-        EpsilonDPOLogitsFunction,
-        (policy_logits, ref_logits, labels),
-        n_policy=1,
-        labels=labels,
-        vocab=vocab,
+    tensors, call = prepare_logits(
+        policy_logits,
+        ref_logits,
+        labels,
         options=options,
-        backend=P.resolve_backend(backend, device),
-        path_option=LogitsPlan(inplace=inplace_backward, shard=shard),
+        inplace_backward=inplace_backward,
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
         sequence_group=sequence_group,
     )
+    losses, chosen, rejected, pair = run(EpsilonDPOLogitsFunction, *tensors, call=call)
+    return build_output(losses, chosen, rejected, pair, beta=call.params.beta, vocab=call.vocab)

@@ -53,7 +53,7 @@ class EpsilonDPOOutput:
             "kl/n_epsilon_steps": (steps < 0).float(),
             "kl/avg_steps": steps,
             # Likelihood displacement: the chosen response losing probability under training
-            # (README, "Likelihood displacement").
+            # (docs/TRAINING.md, "Likelihood displacement").
             "displacement/chosen_below_ref": (self.chosen_logps < self.ref_chosen_logps).float(),
             "displacement/chosen_logratio": (self.chosen_logps - self.ref_chosen_logps).detach(),
         }

@@ -2,18 +2,17 @@
 
 The checks are per argument, so that everything else that takes the same values (``AdaptiveBeta``,
 the TRL config, the command-line scripts) runs the same check and says the same thing. A call's
-``LossParams`` is built once, by ``entry.compute_loss``, after the labels have been counted; the
+``LossParams`` is built once, by ``call.py``, after the labels have been counted; the
 backend is resolved for the inputs' device at the same moment.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-
-from .triton_mode import triton_available, triton_interpreter_active
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -91,6 +90,29 @@ def loss_params(options: dict, backend: str, scored_count: int) -> LossParams:
         backend=backend,
         scored_count=scored_count,
     )
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def triton_interpreter_active() -> bool:
+    """True when ``@triton.jit`` builds interpreted functions in this process (TRITON_INTERPRET=1
+    was set before triton was imported), as it did for this package's kernels (which choose
+    GPU-only instructions when compiled)."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    @triton.jit
+    def probe():
+        pass
+
+    return isinstance(probe, InterpretedFunction)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

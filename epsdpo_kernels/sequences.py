@@ -34,9 +34,6 @@ class Sequences:
     keys: torch.Tensor | None = None  # (N,) int64: the token's sequence, 2B if it is ignored
     order: torch.Tensor | None = None  # (S,) int64 scored token rows, sorted by sequence
     offsets: torch.Tensor | None = None  # (2B + 1,) int64 start of each sequence's run
-    # Sequence parallelism: the process group whose ranks hold the other tokens of the same
-    # sequences (sequence_group.py); the per-sequence sums are completed over it.
-    group: object | None = None
 
     @property
     def padded(self) -> bool:

@@ -1,5 +1,586 @@
-"""``epsdpo_kernels.trl``, the documented import path of the TRL integration, which lives in
-``epsdpo_kernels/integrations/trl.py``."""
+"""ε-DPO in TRL: ``EpsilonDPOConfig`` and ``EpsilonDPOTrainer``, on the fused linear loss.
 
-from .integrations.trl import *  # noqa: F403
-from .integrations.trl import __all__  # noqa: F401
+A drop-in for TRL's ``DPOConfig``/``DPOTrainer`` (tested with the TRL versions the ``trl`` extra
+pins). Everything TRL does around the loss (dataset preparation, collation, the reference model
+or PEFT adapter switching, distributed wrapping, logging, checkpointing) is TRL's own; this module
+replaces the loss with ``linear_epsilon_dpo_loss`` on the last hidden states and lm_head weights,
+so no ``tokens × vocab`` tensor exists in a step, and carries β across optimizer steps.
+
+Options the fused ε-DPO loss cannot honour are refused when the config or the trainer is built,
+with the reason and what to use instead; see ``refused_options``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import DPOConfig, DPOTrainer
+
+from .adaptive_beta import AdaptiveBeta
+from .hugging_face import check_linear_head
+from .linear_loss import linear_epsilon_dpo_loss
+from .params import check_beta, check_epsilon, check_label_smoothing
+
+BETA_STATE_FILE = "epsilon_dpo_beta.json"
+
+_LOSS_TYPES = {"sigmoid", "sft"}
+# A dataset with these columns is already tokenized pairs and is used as it is.
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# Logged metrics that are one value per micro-batch (averaged over batches, not pairs).
+_PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta")
+
+
+@dataclass
+class EpsilonDPOConfig(DPOConfig):
+    """TRL's ``DPOConfig`` plus ``epsilon``, ε-DPO's step size for the per-pair KL coefficient.
+
+    ``beta`` is the initial β; it then moves by β ← β / (1 + ε·mean(s)) after every optimizer
+    step. ``label_smoothing`` is conservative DPO (cDPO) on the ε-DPO loss, as in the ε-DPO
+    authors' trainer (TRL 1.x's own ``sigmoid`` loss ignores it). ``loss_type=["sigmoid", "sft"]``
+    with ``loss_weights=[1.0, α]`` adds α times the chosen responses' NLL (RPO), as in TRL.
+    ``padding_free=True`` trains packed rows (``DataCollatorForPackedPreference``), which TRL
+    1.16's own ``DPOTrainer`` switches off.
+    """
+
+    epsilon: float = field(
+        default=0.01,
+        metadata={
+            "help": "ε-DPO's step size: each pair's KL coefficient is β/(1+ε·s) with s ∈ {-1, 0, "
+            "+1}, and β ← β/(1+ε·mean(s)) after every optimizer step. 0 gives plain DPO."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_options(self)
+
+
+def refused_options(args: DPOConfig) -> list[str]:
+    """Why each set option cannot be honoured by the fused ε-DPO loss (empty when all can)."""
+    problems = []
+    if args.precompute_ref_log_probs:
+        problems.append(
+            "precompute_ref_log_probs=True: ε-DPO needs the reference's whole next-token "
+            "distribution at every scored token (its perturbed policies mix the two models' "
+            "logits), not its sequence log-probs; keep precompute_ref_log_probs=False (the "
+            "reference forward costs no logits memory here)"
+        )
+    loss_types = list(args.loss_type)
+    if "sigmoid" not in loss_types or not set(loss_types) <= _LOSS_TYPES:
+        problems.append(
+            f"loss_type={loss_types}: ε-DPO is the sigmoid DPO loss with a per-pair β; use "
+            "loss_type='sigmoid', or ['sigmoid', 'sft'] with loss_weights=[1.0, alpha] for RPO"
+        )
+    if args.f_divergence_type != "reverse_kl":
+        problems.append(
+            f"f_divergence_type={args.f_divergence_type!r}: ε-DPO's step decisions are defined "
+            "for the reverse-KL log-ratios; use f_divergence_type='reverse_kl'"
+        )
+    if args.ld_alpha is not None:
+        problems.append(
+            f"ld_alpha={args.ld_alpha}: the fused loss sums every completion token with weight 1; "
+            "leave ld_alpha=None"
+        )
+    if args.use_weighting:
+        problems.append(
+            "use_weighting=True: WPO weights need per-token Σp² of the policy, which the fused "
+            "loss does not compute; use use_weighting=False"
+        )
+    if args.sync_ref_model:
+        problems.append(
+            "sync_ref_model=True: ε-DPO adapts β against a fixed reference; moving the reference "
+            "(TR-DPO) changes what the step decisions measure; use sync_ref_model=False"
+        )
+    parallelism = getattr(args, "parallelism_config", None)
+    split = {
+        name: size
+        for name in ("tp_size", "cp_size", "sp_size")
+        if (size := getattr(parallelism, name, 1) or 1) > 1
+    }
+    if split:
+        sizes = ", ".join(f"{name}={size}" for name, size in split.items())
+        problems.append(
+            f"parallelism_config with {sizes}: tensor parallelism splits the lm_head over the "
+            "vocabulary and context/sequence parallelism splits every sequence over ranks, and "
+            "this trainer would sum each rank's part as if it were the whole sequence; use data "
+            "parallelism only (dp_replicate_size, dp_shard_size). Outside the trainer, "
+            "linear_epsilon_dpo_loss takes sequence_group= for context parallelism"
+        )
+    # The loss's own checks, so that the config says what the loss would say.
+    for check, value in (
+        (check_beta, args.beta),
+        (check_epsilon, getattr(args, "epsilon", 0.0)),
+        (check_label_smoothing, args.label_smoothing),
+    ):
+        try:
+            check(value)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    return problems
+
+
+def check_options(args: DPOConfig) -> None:
+    problems = refused_options(args)
+    if problems:
+        raise ValueError("EpsilonDPOConfig: " + "; ".join(problems))
+
+
+@dataclass
+class DataCollatorForPackedPreference:
+    """Padding-free preference batches: every sequence of the batch, whole, in one row.
+
+    Takes the examples TRL's ``DataCollatorForPreference`` takes (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``) and truncates each sequence as it does (``max_length``,
+    ``truncation_mode``), then concatenates them, chosen sequences first: sequence ``n < P`` is
+    the chosen response of pair ``n``, ``n ≥ P`` the rejected one of pair ``n − P`` (P pairs), as
+    the padded batch's rows. Returns ``input_ids``, ``position_ids`` (restarting at 0 for each
+    sequence, from which transformers keeps attention inside each sequence), ``completion_mask``
+    and ``sequence_ids``, each of shape ``(1, N)`` with N the batch's real tokens, and
+    ``num_pairs``; there is no attention mask. With ``pad_to_multiple_of``, the row is filled
+    up with ``pad_token_id`` tokens of sequence id -1 that are never scored.
+    """
+
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(
+                f"truncation_mode={self.truncation_mode!r}: expected 'keep_start' or 'keep_end'"
+            )
+        if self.pad_to_multiple_of is not None and self.pad_token_id is None:
+            raise ValueError("pad_to_multiple_of needs pad_token_id (the filler token)")
+
+    def _truncate(self, values: list[int]) -> list[int]:
+        if self.max_length is None:
+            return values
+        return (
+            values[: self.max_length]
+            if self.truncation_mode == "keep_start"
+            else values[-self.max_length :]
+        )
+
+    def __call__(self, examples: list[dict]) -> dict:
+        input_ids, completion_mask, position_ids, sequence_ids = [], [], [], []
+        sides = ("chosen_ids", "rejected_ids")
+        for n, (side, example) in enumerate((s, e) for s in sides for e in examples):
+            prompt, completion = list(example["prompt_ids"]), list(example[side])
+            ids = self._truncate(prompt + completion)
+            input_ids += ids
+            completion_mask += self._truncate([0] * len(prompt) + [1] * len(completion))
+            position_ids += range(len(ids))
+            sequence_ids += [n] * len(ids)
+        if self.pad_to_multiple_of is not None:
+            filler = -len(input_ids) % self.pad_to_multiple_of
+            input_ids += [self.pad_token_id] * filler
+            completion_mask += [0] * filler
+            position_ids += range(filler)
+            sequence_ids += [-1] * filler
+
+        def row(values):
+            return torch.tensor(values, dtype=torch.long).reshape(1, -1)
+
+        return {
+            "input_ids": row(input_ids),
+            "position_ids": row(position_ids),
+            "completion_mask": row(completion_mask),
+            "sequence_ids": row(sequence_ids),
+            "num_pairs": len(examples),
+        }
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What ``model(..., epsdpo_hidden=True)`` returns: the last hidden states and the lm_head's
+    own weight and bias.
+
+    A dataclass, not a tuple, because of what wraps a prepared model's forward under mixed
+    precision: accelerate casts every half-precision tensor in a returned tuple, list or dict to
+    fp32, which would hand the loss a V × H fp32 copy of a bf16 lm_head (and its gradient
+    through the cast). It leaves other objects alone, while DDP still finds the tensors (it
+    looks into dataclasses for the parameters a forward used)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _hidden_state_forward(model: torch.nn.Module) -> None:
+    """Patch ``model.forward`` so that ``model(..., epsdpo_hidden=True)`` returns
+    ``HeadInputs`` (last hidden states, lm_head weight and bias) without forming the logits.
+
+    Going through ``model.forward`` (rather than calling the backbone directly) keeps DDP,
+    FSDP and PEFT wrappers in the path: they see a forward and prepare the backward as usual.
+    The backbone and the head are looked up on every call because FSDP and PEFT replace them
+    after patching. Any other call is the forward as it was (TRL's fused head, generation).
+    """
+    wrapped = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, epsdpo_hidden=False, **kwargs):
+        if not epsdpo_hidden:
+            return wrapped(*args, **kwargs)
+        kwargs["use_cache"] = False
+        outputs = self.base_model(*args, **kwargs)
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head: gather it
+            weight = _gather_data_parallel(weight)
+            bias = _gather_data_parallel(bias) if bias is not None else None
+        return HeadInputs(outputs.last_hidden_state, weight, bias)
+
+    model.forward = forward.__get__(model)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _gather_data_parallel(param):
+    """The whole of an FSDP2-sharded parameter (a DTensor sharded over data-parallel ranks),
+    differentiably. Each rank's gradient of it comes from that rank's own batch, so the
+    gradient is a partial one: ``grad_placements=Partial`` makes the backward reduce-scatter it
+    (without it, full_tensor() assumes a replicated gradient and only slices, so each shard
+    would miss the other ranks' contributions), and 1/ranks makes the sum a mean, as FSDP2's own
+    reduce-scatter of the parameters it gathers is (gloo has no averaging collective)."""
+    from torch.distributed.tensor import Partial
+
+    mesh = param.device_mesh
+    scaled = _ScaleGradient.apply(param, 1.0 / mesh.size())
+    return scaled.full_tensor(grad_placements=[Partial()] * mesh.ndim)
+
+
+class EpsilonDPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` with the ε-DPO loss computed by ``linear_epsilon_dpo_loss``.
+
+    Same constructor and datasets as ``DPOTrainer``; pass an ``EpsilonDPOConfig``. The
+    reference is ``ref_model``, else (full fine-tuning) a fresh copy of the policy loaded by
+    TRL, else (PEFT) the policy with its adapter disabled. β is an ``AdaptiveBeta``
+    (``trainer.adaptive_beta``) updated once per optimizer step over every micro-batch and
+    process, saved with each checkpoint and restored by ``train(resume_from_checkpoint=...)``.
+
+    Logged (``eval_``-prefixed on evaluation): TRL's ``loss``, ``rewards/*``, ``logps/*``,
+    ``logits/*``; ε-DPO's ``kl/beta``, ``kl/p_epsilon_steps``, ``kl/n_epsilon_steps``,
+    ``kl/avg_steps``; and ``displacement/*`` (see ``EpsilonDPOOutput.pair_metrics``). TRL's
+    ``entropy`` and ``mean_token_accuracy`` are not: they need per-token vocabulary reductions
+    the fused loss does not compute.
+    """
+
+    _tag_names = ["trl", "dpo", "epsilon-dpo", "epsdpo-kernels"]
+    _name = "ε-DPO"
+
+    def __init__(self, model, ref_model=None, args: EpsilonDPOConfig | None = None, **kwargs):
+        if args is None:  # as DPOTrainer: a default config named after the model
+            name = model if isinstance(model, str) else model.config._name_or_path or "model"
+            args = EpsilonDPOConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-EpsilonDPO")
+        if not isinstance(args, EpsilonDPOConfig):
+            raise TypeError(
+                "args must be an EpsilonDPOConfig (TRL's DPOConfig plus epsilon), got "
+                f"{type(args).__name__}"
+            )
+        check_options(args)
+        if kwargs.get("compute_metrics") is not None:
+            raise ValueError(
+                "compute_metrics: the fused loss never forms the logits that compute_metrics "
+                "receives; log what you need from trainer.state.log_history instead"
+            )
+        # TRL 1.16 turns padding_free off with a warning (its loss cannot take packed rows);
+        # the fused loss can, so it is kept off only while DPOTrainer is built.
+        padding_free, args.padding_free = args.padding_free, False
+        try:
+            super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        finally:
+            args.padding_free = padding_free
+        self.padding_free = padding_free
+        if self._is_vision_dataset:
+            raise ValueError(
+                "train_dataset has images: EpsilonDPOTrainer supports text-only causal LMs"
+            )
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "router_aux_loss_coef: the MoE load-balancing loss is not added by "
+                "EpsilonDPOTrainer; set router_aux_loss_coef=0.0"
+            )
+        policy = self._unwrapped_policy()
+        check_linear_head(policy.config.get_text_config())
+        if padding_free:
+            self._use_packed_batches(kwargs.get("data_collator"))
+        _hidden_state_forward(policy)
+        if self.ref_model is not None:
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            check_linear_head(reference.config.get_text_config())
+            _hidden_state_forward(reference)
+        self.adaptive_beta = AdaptiveBeta(args.beta, args.epsilon)
+        self.loss_weights = dict(zip(args.loss_type, self.loss_weights))
+        self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
+        self._train_tokens = 0  # attention-mask tokens of the training batches, all processes
+        self.add_callback(_BetaUpdate(self))
+
+    def _use_packed_batches(self, data_collator) -> None:
+        """padding_free=True: batches reach the model as one packed row with ``position_ids``
+        (``DataCollatorForPackedPreference`` unless the caller passed a collator of its own)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+            raise ValueError(
+                "padding_free=True: prompt-learning PEFT adapters prepend virtual tokens to each "
+                "row, which would join the packed sequences; use padding_free=False"
+            )
+        if data_collator is None:
+            self.data_collator = DataCollatorForPackedPreference(
+                max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode,
+                pad_to_multiple_of=self.args.pad_to_multiple_of,
+                pad_token_id=self._tokenizer.pad_token_id,
+            )
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Text rows go through TRL's preparation (prompt extraction, EOS, tokenization, the
+        drop of rows whose prompt fills ``max_length``). Rows that are already token ids
+        (``prompt_ids``, ``chosen_ids``, ``rejected_ids``: the caller tokenized, truncated and
+        filtered them) are used as they are; TRL 1.16 would try to re-tokenize them."""
+        columns = dataset.column_names or list(next(iter(dataset)))
+        if set(TOKENIZED_COLUMNS) <= set(columns):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _unwrapped_policy(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    # -- the loss ------------------------------------------------------------------------------
+
+    def _hidden(self, model, inputs):
+        """(hidden states scoring labels[:, 1:], lm_head weight, bias) of ``model``, its
+        backbone run under the Trainer's autocast, as accelerate runs a prepared model's forward
+        (the reference's forward was wrapped before ``_hidden_state_forward`` replaced it: TRL
+        prepares it in ``__init__``, the policy only in ``train()``). The hidden states stay in
+        the dtype the backbone gave them and the weight in its own: the loss, called under the
+        same autocast, runs its matmuls in the autocast dtype as ``lm_head(hidden)`` would."""
+        kwargs = {
+            k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
+        }
+        with self.accelerator.autocast():
+            head = model(**kwargs, epsdpo_hidden=True)
+        # Prompt-learning PEFT prepends virtual tokens; hidden[:, t] scores labels[:, t + 1].
+        hidden = head.hidden[:, -inputs["input_ids"].shape[1] :][:, :-1]
+        return hidden, head.weight, head.bias
+
+    def _reference_hidden(self, inputs):
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self._hidden(self.ref_model, inputs)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if not is_peft_model(unwrapped):
+                raise ValueError("no reference: pass ref_model or train a PEFT adapter")
+            from trl.trainer.utils import use_adapter
+
+            adapter = "ref" if "ref" in unwrapped.peft_config else None
+            # The reference pass runs through the policy: checkpointing a forward without
+            # gradients only costs (and warns under reentrant checkpointing); switch it off.
+            with (
+                use_adapter(unwrapped, adapter_name=adapter),
+                _no_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs),
+            ):
+                return self._hidden(self.model, inputs)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        scored = inputs["completion_mask"] != 0
+        packing = {}
+        if "sequence_ids" in inputs:
+            # hidden[:, t] scores token t + 1, which must be of the same sequence: a sequence's
+            # first token (position 0) is never scored, as column 0 of a padded row is not.
+            scored = scored & (inputs["position_ids"] != 0)
+            packing = dict(
+                sequence_ids=inputs["sequence_ids"][:, 1:], num_pairs=inputs["num_pairs"]
+            )
+        labels = inputs["input_ids"].masked_fill(~scored, -100)[:, 1:]
+        policy_hidden, policy_weight, policy_bias = self._hidden(model, inputs)
+        ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
+        beta = self.adaptive_beta.beta
+        # Under mixed precision (bf16=True/fp16=True) the loss casts its inputs to the autocast
+        # dtype once, as autocast casts an lm_head's: a half lm_head is used as it is (no copy),
+        # and the matmuls run in the autocast dtype whatever the models' storage dtypes.
+        with self.accelerator.autocast():
+            out = linear_epsilon_dpo_loss(
+                policy_hidden,
+                policy_weight,
+                ref_hidden.to(policy_hidden.device),
+                ref_weight.to(policy_hidden.device),
+                labels.to(policy_hidden.device),
+                beta=beta,
+                epsilon=self.args.epsilon,
+                label_smoothing=self.args.label_smoothing,
+                policy_bias=policy_bias,
+                ref_bias=ref_bias,
+                **{
+                    k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
+                    for k, v in packing.items()
+                },
+            )
+        loss = self.loss_weights["sigmoid"] * out.loss
+        if "sft" in self.loss_weights:
+            # TRL's "sft" term: mean NLL over the batch's chosen completion tokens.
+            if packing:
+                chosen = (labels != -100) & (packing["sequence_ids"] < packing["num_pairs"])
+            else:
+                chosen = labels[: labels.shape[0] // 2] != -100
+            loss = loss + self.loss_weights["sft"] * (
+                -out.chosen_logps.sum() / chosen.sum().clamp(min=1)
+            )
+        if mode == "train":
+            self.adaptive_beta.observe(out.steps)
+        # TRL's num_tokens counts the batch's real tokens (its attention mask; packed: no filler).
+        tokens = (inputs["sequence_ids"] >= 0).sum() if packing else inputs["attention_mask"].sum()
+        self._accumulate(mode, out, tokens)
+        if return_outputs:
+            return loss, out
+        return loss
+
+    # -- metrics: per-pair sums kept on the device, reduced over processes when logged ---------
+
+    def _accumulate(self, mode, out, tokens):
+        """Add one micro-batch to ``mode``'s sums, one float64 tensor on the device: per-pair
+        metrics summed over pairs, the per-batch values once, the pair and batch counts, and
+        the batch's tokens (attention mask), for TRL's running ``num_tokens``."""
+        per_pair = out.pair_metrics()
+        row = torch.cat(
+            [
+                torch.stack([v.detach().double().sum() for v in per_pair.values()]),
+                torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
+                torch.tensor(
+                    [out.beta, out.losses.numel(), 1.0],
+                    dtype=torch.float64,
+                    device=out.losses.device,
+                ),
+                tokens.detach().double().reshape(1).to(out.losses.device),
+            ]
+        )
+        names = [*per_pair, *_PER_BATCH, "_pairs", "_batches", "_tokens"]
+        previous = self._metric_sums[mode]
+        self._metric_sums[mode] = (names, row if previous is None else previous[1] + row)
+
+    def _reduced_metrics(self, mode) -> dict[str, float]:
+        if self._metric_sums[mode] is None:
+            return {}
+        names, sums = self._metric_sums[mode]
+        self._metric_sums[mode] = None
+        totals = dict(zip(names, self.accelerator.reduce(sums, "sum").tolist()))
+        pairs, batches, tokens = totals.pop("_pairs"), totals.pop("_batches"), totals.pop("_tokens")
+        metrics = {k: v / (batches if k in _PER_BATCH else pairs) for k, v in totals.items()}
+        metrics.pop("loss", None)  # Trainer logs the optimised loss itself
+        # As TRL: the training tokens seen so far, all processes (logged with eval metrics too).
+        if mode == "train":
+            self._train_tokens += int(tokens)
+        metrics["num_tokens"] = self._train_tokens
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._reduced_metrics(mode)
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        # In place, as DPOTrainer does: evaluate() returns the very dict it logs.
+        logs.update(metrics)
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- β across optimizer steps and checkpoints ----------------------------------------------
+
+    def _update_beta(self) -> None:
+        self.beta = self.adaptive_beta.update()
+
+    def _beta_state_path(self, checkpoint_dir: str) -> str:
+        return os.path.join(checkpoint_dir, BETA_STATE_FILE)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            path = self._beta_state_path(os.path.join(self._get_output_dir(trial=trial), folder))
+            with open(path, "w") as f:
+                json.dump(self.adaptive_beta.state_dict(), f)
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no checkpoint found in {self.args.output_dir}"
+                )
+        if checkpoint:
+            path = self._beta_state_path(checkpoint)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"resume_from_checkpoint={checkpoint}: no {BETA_STATE_FILE} there, so the "
+                    "run's β cannot be restored (was the checkpoint written by EpsilonDPOTrainer?)"
+                )
+            with open(path) as f:
+                try:
+                    self.adaptive_beta.load_state_dict(json.load(f))
+                except ValueError as e:
+                    raise ValueError(f"resume_from_checkpoint={checkpoint}: {e}") from None
+            self.beta = self.adaptive_beta.beta
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_checkpointing(model, checkpointing_kwargs):
+    """Activation checkpointing off for the block, under transformers' current names
+    (``activation_checkpointing_*`` from 5.x, ``gradient_checkpointing_*`` before)."""
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    prefix = "activation_checkpointing" if new_names else "gradient_checkpointing"
+    enabled = getattr(model, f"is_{prefix}", False)
+    if enabled:
+        getattr(model, f"{prefix}_disable")()
+    try:
+        yield
+    finally:
+        if enabled:
+            getattr(model, f"{prefix}_enable")(checkpointing_kwargs)
+
+
+class _BetaUpdate(TrainerCallback):
+    """β moves once per optimizer step, after all of the step's micro-batches were observed;
+    on every process, since ``AdaptiveBeta.update`` all-reduces."""
+
+    def __init__(self, trainer: EpsilonDPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._update_beta()
+
+
+__all__ = [
+    "EpsilonDPOConfig",
+    "EpsilonDPOTrainer",
+    "DataCollatorForPackedPreference",
+    "refused_options",
+    "BETA_STATE_FILE",
+    "TOKENIZED_COLUMNS",
+]

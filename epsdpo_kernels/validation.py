@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from . import sequences as S
-
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -93,44 +91,6 @@ def packed_inputs(policy_name: str, policy, ref_name: str, ref, labels, sequence
         packed_index("labels", labels, tokens),
         packed_index("sequence_ids", sequence_ids, tokens),
     )
-
-
-def scan_labels(
-    labels: torch.Tensor,
-    *,
-    vocab: int,
-    ignore_index: int,
-    sequence_ids: torch.Tensor | None = None,
-    num_sequences: int = 0,
-) -> tuple[int, S.Sequences]:
-    """The number of scored labels and the token-to-sequence map, after checking that every
-    label is in [0, V) or ignore_index (a wrong one would read out of bounds in the kernels)
-    and, for a packed stream, that every scored token's sequence id is in [0, 2B). Everything
-    comes back in one transfer: this is the only host synchronisation of a loss call."""
-    scored = labels != ignore_index
-    bad = scored & ((labels < 0) | (labels >= vocab))
-    checks = [scored.sum(), bad.sum()]
-    if sequence_ids is not None:
-        keys, bad_ids = S.sequence_keys(sequence_ids, scored, num_sequences)
-        runs = S.run_lengths(keys, num_sequences)
-        checks += [bad_ids.sum(), runs.max()]
-    values = torch.stack(checks).tolist()
-    count, n_bad = values[0], values[1]
-    if n_bad:
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
-            f"labels{list(first)} = {int(labels[first])}"
-        )
-    if sequence_ids is None:
-        return int(count), S.padded_sequences(labels)
-    if values[2]:
-        first = int(bad_ids.nonzero()[0])
-        raise ValueError(
-            f"sequence_ids must be in [0, 2·num_pairs = {num_sequences}) wherever the label is "
-            f"scored; token {first} has sequence id {int(sequence_ids.reshape(-1)[first])}"
-        )
-    return int(count), S.packed_sequences(keys, runs, int(count), int(values[3]))
 
 
 def check_not_sharded(**tensors) -> None:

@@ -24,7 +24,7 @@ DTYPES = ["fp32", "bf16", "fp16"]
 # vocabularies whose rows start mid-vector (GPT-2's 50257; 128257, a pad token added to 128k).
 VOCABS = [507, 5000, 50257, 128256, 128257]
 # The vocabularies the steady-state loops are held to their budget at: aligned rows and rows the
-# kernels must align themselves (token_triton.align_rows).
+# kernels must align themselves (triton_backend/token.py, align_rows).
 BUDGET_VOCABS = [50257, 128256, 128257]
 KERNELS = [
     "token_forward_kernel",
@@ -36,7 +36,7 @@ KERNELS = [
     "pair_head_kernel",
 ]
 # The forward's loop budget per (h, g) element pair on sm_90 (issue: memory-bound needs ≤ 32;
-# the design compiles to ~29, see the README's performance section).
+# the design compiles to ~29, see docs/PERFORMANCE.md).
 FORWARD_LOOP_BUDGET = 32
 # The backward's per logit: a load, an FMA, an exp, a select, a convert and a store, plus the
 # loop's addressing; 12 keeps it memory-bound with room (it compiles to 9-12).

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 import epsdpo_kernels
-from epsdpo_kernels import epsilon_dpo_loss, launch
+from epsdpo_kernels import epsilon_dpo_loss
+from epsdpo_kernels.triton_backend import launch
 from tests.helpers.batches import make_batch
 
 PACKAGE = Path(epsdpo_kernels.__file__).parent
@@ -41,7 +42,7 @@ def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch):
 
 def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
     """Which loop each layout gets (meta tensors: shapes and strides, no memory)."""
-    from epsdpo_kernels.token_triton import _gradient_like, align_rows
+    from epsdpo_kernels.triton_backend.token import _gradient_like, align_rows
 
     def logits(*shape):
         return torch.empty(*shape, dtype=torch.bfloat16, device="meta")

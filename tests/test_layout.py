@@ -1,4 +1,5 @@
-"""The package's layers, as the README's "How the code is organised" lists them: no module
+"""The package's layers, declared once (``LAYERS``, which docs/DEVELOPMENT.md's layer table
+follows): every module imports only from its own layer or the layers before it, and no module
 imports another that imports it back, not even from inside a function."""
 
 from __future__ import annotations
@@ -63,14 +64,85 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The layers from the math up, each a list of modules (package-relative). A module may import
+# from its own layer and the layers before it, never from a later one.
+LAYERS = {
+    "parameters": ["params", "layout"],
+    "inputs": ["validation", "sequences"],
+    "backends": [
+        "triton_backend",
+        "triton_backend.fields",
+        "triton_backend.launch",
+        "triton_backend.vocab_merge",
+        "triton_backend.token",
+        "triton_backend.sequence_sums",
+        "triton_backend.pair_head",
+        "torch_backend",
+        "torch_backend.token",
+        "torch_backend.vocab_partials",
+        "torch_backend.sequence_sums",
+        "torch_backend.pair_head",
+    ],
+    "distributed": [
+        "distributed",
+        "distributed.agreement",
+        "distributed.vocab_shards",
+        "distributed.sequence_group",
+    ],
+    "dispatch": ["dispatch"],
+    "call": ["plans", "call"],
+    "drivers": ["drivers", "linear_chunks"],
+    "autograd": ["autograd"],
+    "api": ["output", "loss", "linear_loss", "adaptive_beta", "diagnostics", "reference"],
+    "integrations": ["hugging_face", "trl"],
+    "package": [""],
+}
+
+
+def layer_of() -> dict[str, int]:
+    """Module name → the index of its layer in ``LAYERS``."""
+    return {
+        ".".join(filter(None, ["epsdpo_kernels", module])): index
+        for index, modules in enumerate(LAYERS.values())
+        for module in modules
+    }
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Every import of a module from a later layer than its own, as "a → b"."""
+    return sorted(
+        f"{module} → {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if layers[target] > layers[module]
+    )
+
+
+def test_every_module_has_a_layer_and_imports_only_from_layers_before_it():
+    # "from . import layout" names the package as well as the module: the package itself (its
+    # __init__ re-exports the public names) is not a target.
+    graph = {m: ts - {"epsdpo_kernels"} for m, ts in import_graph().items()}
+    layers = layer_of()
+    assert set(graph) == set(layers), (
+        f"not in LAYERS: {sorted(set(graph) - set(layers))}; "
+        f"in LAYERS but gone: {sorted(set(layers) - set(graph))}"
+    )
+    assert upward_imports(graph, layers) == []
+    # The check itself: the kernels importing the dispatch seam would point up.
+    broken = {**graph, "epsdpo_kernels.triton_backend.token": {"epsdpo_kernels.dispatch"}}
+    assert upward_imports(broken, layers) == [
+        "epsdpo_kernels.triton_backend.token → epsdpo_kernels.dispatch"
+    ]
+
+
 def test_no_import_cycles():
     graph = import_graph()
-    assert {"epsdpo_kernels.autograd", "epsdpo_kernels.token_triton"} <= graph[
+    assert {"epsdpo_kernels.autograd", "epsdpo_kernels.triton_backend.token"} <= graph[
         "epsdpo_kernels.loss"
     ] | graph["epsdpo_kernels.autograd"] | graph["epsdpo_kernels.dispatch"]
     # The package's __init__ only re-exports the public names: modules importing "from ." a
     # name it defines are not a cycle through it.
     graph = {m: {t for t in ts if t != "epsdpo_kernels"} for m, ts in graph.items()}
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
-    # The check itself, on the cycle this layout removed (validation ↔ the Triton kernels).
+    # The check itself, on a three-module cycle.
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

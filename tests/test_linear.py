@@ -98,14 +98,14 @@ def test_named_cases(backend, device, dtype, bias, chunk_size, vocab_chunk_size)
 def test_slices_too_wide_for_the_budget_step_through_tokens(backend, device, dtype, monkeypatch):
     """When a slice over every scored token would overflow the budget, the slice's tokens are
     stepped through and its weight gradient accumulates in fp32: same results."""
-    from epsdpo_kernels import linear_chunks
+    from epsdpo_kernels import plans
 
     inputs = make_linear_batch(2, 10, 16, 507, dtype=dtype, device=device, bias=True, seed=8)
     scored = int((inputs["labels"] != -100).sum())
     budget = 256 * 4 * 20  # 256 fp32 vocabulary rows × 20 tokens at most
-    monkeypatch.setitem(linear_chunks.DEFAULT_CHUNK_BYTES, device.type, budget)
+    monkeypatch.setitem(plans.DEFAULT_CHUNK_BYTES, device.type, budget)
     element = inputs["policy_weight"].element_size()
-    vocab_rows, token_rows = linear_chunks.slice_plan(scored, 507, element, device.type)
+    vocab_rows, token_rows = plans.slice_plan(scored, 507, element, device.type)
     assert vocab_rows == 256 and token_rows < scored  # the premise: tokens are stepped
     compare_linear(inputs, backend=backend, chunk_size=7, beta=0.1, epsilon=0.1)
 

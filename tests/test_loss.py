@@ -268,8 +268,7 @@ def test_metrics_names_and_values(device):
 def test_auto_backend_is_triton_on_cuda_and_torch_elsewhere():
     """The resolution itself (devices as objects: no GPU needed): 'auto' picks Triton for CUDA
     tensors when Triton imports, torch for anything else; an explicit choice is kept."""
-    from epsdpo_kernels.params import resolve_backend
-    from epsdpo_kernels.triton_mode import triton_available
+    from epsdpo_kernels.params import resolve_backend, triton_available
 
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("meta")) == "torch"

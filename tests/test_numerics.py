@@ -184,7 +184,7 @@ def test_entries_minus_inf_in_both_are_absent(backend, device, dtype):
 def test_split_v_matches_one_program_per_row(device):
     """Few rows: the forward splits V across programs and merges partial (max, sum) states;
     the backward splits the columns. Both equal the unsplit kernels."""
-    from epsdpo_kernels import token_triton as K
+    from epsdpo_kernels.triton_backend import token as K
 
     policy, ref, labels = make_batch(2, 3, 9000, device=device, seed=6)
     params = _params("triton", 0.1)
@@ -210,7 +210,7 @@ def test_split_v_matches_one_program_per_row(device):
 
 
 def test_split_count_fills_the_gpu_once():
-    from epsdpo_kernels.token_triton import PROGRAMS_PER_SM, split_count
+    from epsdpo_kernels.triton_backend.token import PROGRAMS_PER_SM, split_count
 
     slots = 132 * PROGRAMS_PER_SM
     assert split_count(rows=16384, vocab=128256, block=2048, sm_count=132) == 1
@@ -224,7 +224,7 @@ def test_split_count_fills_the_gpu_once():
 def test_torch_backend_sub_chunks_follow_the_device():
     """A CPU sub-chunk stays within the cache; a GPU one holds enough rows to fill the device
     (at V = 128k, 512 KiB would be one row per kernel launch)."""
-    from epsdpo_kernels.token_torch import TORCH_CHUNK_BYTES, _chunk_rows
+    from epsdpo_kernels.torch_backend.token import TORCH_CHUNK_BYTES, _chunk_rows
 
     vocab = 128256
     assert _chunk_rows(vocab, torch.device("cpu")) == 1

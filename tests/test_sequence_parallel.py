@@ -264,7 +264,7 @@ def _fsdp_cp_worker(rank, world, store, results):
 
 
 def test_fsdp2_over_a_data_context_mesh_gives_the_batch_gradient_with_the_loss_scaled_by_cp():
-    """The README's recipe: with FSDP2 averaging gradients over all dp·cp ranks, the loss scaled
+    """docs/API.md's recipe: with FSDP2 averaging gradients over all dp·cp ranks, the loss scaled
     by the context-parallel size gives every parameter the single-process batch gradient."""
     import torch.multiprocessing as mp
 

@@ -141,7 +141,7 @@ def test_mixed_precision_epsilon_zero_equals_trl_dpo_trainer(
     parameter gradient agrees to one unit roundoff of its matmul dtype, normwise."""
     from trl import DPOConfig, DPOTrainer
 
-    import epsdpo_kernels.integrations.trl as integration
+    import epsdpo_kernels.trl as integration
 
     seen = []
     loss_fn = integration.linear_epsilon_dpo_loss
@@ -750,7 +750,7 @@ def _sharded_head_worker(rank, world, store, results):
     from torch.distributed.fsdp import fully_shard
 
     from epsdpo_kernels import linear_epsilon_dpo_loss
-    from epsdpo_kernels.integrations.trl import _hidden_state_forward
+    from epsdpo_kernels.trl import _hidden_state_forward
 
     with gloo_group(rank, world, store):
         policy, batch = _sharded_head_case()
@@ -792,7 +792,7 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     import torch.multiprocessing as mp
 
     from epsdpo_kernels import linear_epsilon_dpo_loss
-    from epsdpo_kernels.integrations.trl import _hidden_state_forward
+    from epsdpo_kernels.trl import _hidden_state_forward
 
     results = mp.Manager().dict()
     mp.spawn(_sharded_head_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)

@@ -21,7 +21,7 @@ benchmarks/kernel_report.py`` shows the SASS count per element):
   log-probabilities are then bitwise equal and every step is 0.
 - With few rows (an eval batch, the last chunk of the linear path) the grid would leave SMs idle:
   the launcher then splits V across programs, which write partial (max, sum) states that the
-  merge kernel of vocab_merge_triton.py combines (``split_count``).
+  merge kernel of vocab_merge.py combines (``split_count``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import layout as L
+from .. import layout as L
+from ..params import triton_interpreter_active
+from .fields import TOK_LSE, TOKEN_FIELDS
 from .launch import launch
-from .layout_triton import TOK_LSE, TOKEN_FIELDS
-from .triton_mode import triton_interpreter_active
-from .vocab_merge_triton import (
+from .vocab_merge import (
     LOG2E,
     N_PARTIAL,
     PARTIAL_FIELDS,

@@ -1,4 +1,4 @@
-"""Triton version of the per-pair head (see pair_head_torch.py for what it computes and why)."""
+"""The per-pair head in Triton (torch_backend/pair_head.py says what it computes and why)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import layout as L
-from .launch import launch
-from .layout_triton import (
+from .. import layout as L
+from .fields import (
     PAIR_BETA_USED,
     PAIR_CHOSEN_COUNT,
     PAIR_CHOSEN_LOGIT_SUM,
@@ -34,6 +33,7 @@ from .layout_triton import (
     SEQ_P_EPS_DELTA,
     SEQ_REF_LOGP,
 )
+from .launch import launch
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Per-token forward and backward in plain torch: the backend CPU users get.
 
-Same contract as token_triton.py. Only scored rows are touched, a few rows at a time: each
+Same contract as triton_backend/token.py. Only scored rows are touched, a few rows at a time: each
 V-sized fp32 temporary of a sub-chunk stays under ``TORCH_CHUNK_BYTES`` for its device: on a CPU
 small enough for the L2 cache, so the several elementwise passes torch makes over a sub-chunk run
 from cache; on a GPU large enough to fill it. Either way the extra memory is a constant, not a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import layout as L
+from .. import layout as L
 
 # Bytes of one V-sized fp32 temporary of a sub-chunk, by device (the forward keeps about five
 # alive: the upcast rows, h − g, a mix, a log_softmax; the backward two). On a CPU, 512 KiB is 4

@@ -15,8 +15,9 @@ logits and the merged lse, so each rank runs the usual vocabulary-slice backward
 (labels offset by its shard) and gets its weight (and bias) gradient shard; the hidden-state
 gradient Σ_v G[:, v]·W[v] is a sum over shards, completed by one SUM all-reduce of S × H floats.
 
-The partials are torch operations on the shard's logits, on both backends (a Triton partial
-kernel would save the fp32 temporaries; the backward uses the backend's own kernel).
+The partials are torch operations on the shard's logits (torch_backend/vocab_partials.py), on
+both backends (a Triton partial kernel would save the fp32 temporaries; the backward uses the
+backend's own kernel); this module holds the shards and their collectives.
 """
 
 from __future__ import annotations
@@ -26,13 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import layout as L
-from .groups import check_ranks_agree, option_values
-from .sequences import scored_rows
-from .token_torch import _chunk_rows, _nonpositive
-
-# Logits elements of the scored rows gathered at a time by the logits path (16M: 32 MiB bf16).
-_GATHER_ELEMENTS = 2**24
+from .agreement import check_ranks_agree, option_values
 
 
 @dataclass(frozen=True)
@@ -97,30 +92,22 @@ def shard_of(name: str, weight, tensor_dim: int = 0) -> VocabShard:
     return VocabShard(offset=offset, rows=rows, vocab=vocab, group=mesh.get_group(dim))
 
 
-LINEAR_INPUTS = (
-    "policy_hidden",
-    "policy_weight",
-    "policy_bias",
-    "ref_hidden",
-    "ref_weight",
-    "ref_bias",
-)
-
-
-def localize(*tensors) -> tuple[tuple, VocabShard | None]:
-    """Plain tensors for the loss (``LINEAR_INPUTS``, in that order) from a call whose
-    ``policy_weight`` may be vocabulary-sharded: the weights' and biases' local shards (a plain
-    reference weight or bias is sliced to the policy's shard), the hidden states' local values
-    (plain, or replicated DTensors). DTensors keep their gradient path: ``to_local``'s backward
-    gives the weight gradient the weight's placement. Without a sharded policy weight nothing
-    changes, and any DTensor is left for ``validation.check_not_sharded`` to refuse."""
+def localize(inputs):
+    """Plain tensors for the loss from a call whose ``policy_weight`` may be vocabulary-sharded:
+    ``inputs`` is a NamedTuple (plans.LinearInputs) whose fields end in ``_hidden``, ``_weight``
+    or ``_bias``; returned alike, with the weights' and biases' local shards (a plain reference
+    weight or bias is sliced to the policy's shard) and the hidden states' local values (plain,
+    or replicated DTensors), and the ``VocabShard``. DTensors keep their gradient path:
+    ``to_local``'s backward gives the weight gradient the weight's placement. Without a sharded
+    policy weight nothing changes, and any DTensor is left for
+    ``validation.check_not_sharded`` to refuse."""
     dtensor = _dtensor_type()
-    weight = tensors[LINEAR_INPUTS.index("policy_weight")]
+    weight = inputs.policy_weight
     if dtensor is None or not isinstance(weight, dtensor):
-        return tensors, None
+        return inputs, None
     shard = shard_of("policy_weight", weight)
     out = {}
-    for name, x in zip(LINEAR_INPUTS, tensors):
+    for name, x in inputs._asdict().items():
         if x is None:
             out[name] = None
         elif name.endswith("_hidden"):
@@ -151,7 +138,7 @@ def localize(*tensors) -> tuple[tuple, VocabShard | None]:
                     f"policy_weight), got shape {tuple(x.shape)}"
                 )
             out[name] = x[shard.offset : shard.offset + shard.rows]
-    return tuple(out.values()), shard
+    return inputs._replace(**out), shard
 
 
 def localize_logits(policy_logits, ref_logits):
@@ -178,31 +165,6 @@ def localize_logits(policy_logits, ref_logits):
     return policy_logits.to_local(), ref_logits, shard
 
 
-@torch.no_grad()
-def shard_logits_forward(policy_logits, ref_logits, labels, params, shard: VocabShard):
-    """The ``(TOKEN_FIELDS, N·T)`` token stats (zeros at ignored tokens) of ``(N, T, V_r)``
-    shard logits: the scored tokens, a bounded number at a time, through
-    ``shard_token_forward``."""
-    flat_labels = labels.reshape(-1)
-    stats = torch.zeros(
-        (L.TOKEN_FIELDS, flat_labels.numel()), dtype=torch.float32, device=labels.device
-    )
-    scored = scored_rows(labels, params.ignore_index, params.scored_count)
-    policy = policy_logits.flatten(0, 1)
-    ref = ref_logits.flatten(0, 1)
-    step = max(1, _GATHER_ELEMENTS // max(1, shard.rows))
-    for start in range(0, scored.numel(), step):
-        idx = scored[start : start + step]
-        stats[:, idx] = shard_token_forward(
-            policy[idx].unsqueeze(1),
-            ref[idx].unsqueeze(1),
-            flat_labels[idx].unsqueeze(1),
-            params,
-            shard,
-        )
-    return stats
-
-
 def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) -> None:
     """The ranks sharing the vocabulary must hold the same tokens and options. A weight that
     is FSDP-sharded over data-parallel ranks (a Shard(0) too, but with other data on every
@@ -225,60 +187,17 @@ def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) ->
     )
 
 
-def _partials(z: torch.Tensor, column: torch.Tensor, owned: torch.Tensor):
-    """(max, Σ exp(z − max), z at the label or 0) per row of one distribution's shard logits.
-    NaN (from infinities in the mixes) reads as −inf, as in the single-process kernels."""
-    z = z.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
-    if z.shape[1] == 0:
-        m = z.new_full((z.shape[0],), -torch.inf)
-        return m, torch.zeros_like(m), torch.zeros_like(m)
-    m = z.amax(1)
-    safe = torch.where(torch.isfinite(m), m, 0.0)
-    total = (z - safe.unsqueeze(1)).exp_().sum(1)
-    label = z.gather(1, column.unsqueeze(1)).squeeze(1)
-    return m, total, torch.where(owned, label, 0.0)
-
-
-@torch.no_grad()
-def shard_token_forward(policy_logits, ref_logits, labels, params, shard: VocabShard):
-    """The token fields of layout.py for ``(C, 1, V_r)`` shard logits of C scored tokens with
-    full-vocabulary ``labels`` (C, 1), merged over the shard's group (see the module docstring)."""
+def merge_partials(maxes: torch.Tensor, sums: torch.Tensor, shard: VocabShard) -> None:
+    """This rank's per-token partials (torch_backend/vocab_partials.py) → every shard's, in
+    place: a MAX all-reduce of the 4 maxes, then each rank rescales its 4 Σexp to the merged
+    max and a SUM all-reduce adds them with the label logits (0 where not owned) and Σh."""
     import torch.distributed as dist
 
-    rows = policy_logits.shape[0]
-    device = policy_logits.device
-    maxes = torch.empty((4, rows), dtype=torch.float32, device=device)
-    sums = torch.empty((9, rows), dtype=torch.float32, device=device)  # 4 Σexp, 4 labels, Σh
-    column = (labels.reshape(-1) - shard.offset).long()
-    owned = (column >= 0) & (column < shard.rows)
-    column = column.clamp(0, max(0, shard.rows - 1))
-    step = _chunk_rows(max(1, shard.rows), device)
-    for start in range(0, rows, step):
-        sl = slice(start, min(rows, start + step))
-        h = policy_logits[sl, 0].float()
-        g = ref_logits[sl, 0].float()
-        diff = h - g
-        streams = (h, g, h + params.epsilon * diff, h - params.epsilon * diff)
-        for k, z in enumerate(streams):
-            maxes[k, sl], sums[k, sl], sums[4 + k, sl] = _partials(z, column[sl], owned[sl])
-        sums[8, sl] = h.sum(1)
     local = maxes.clone()
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=shard.group)
     safe = torch.where(torch.isfinite(maxes), maxes, 0.0)
     sums[:4] *= torch.where(torch.isfinite(local), (local - safe).exp(), 0.0)
     dist.all_reduce(sums, group=shard.group)
-    lse = maxes + sums[:4].log()
-    logp = sums[4:8] - lse  # a, r, u, d
-    stats = torch.empty((L.TOKEN_FIELDS, rows), dtype=torch.float32, device=device)
-    a = _nonpositive(logp[0])
-    stats[L.TOK_LOGP] = a
-    stats[L.TOK_REF_LOGP] = _nonpositive(logp[1])
-    for field, k in ((L.TOK_P_EPS_DELTA, 2), (L.TOK_N_EPS_DELTA, 3)):
-        delta = logp[k] - a
-        stats[field] = torch.where(delta > -a, -a, delta)
-    stats[L.TOK_LSE] = lse[0]
-    stats[L.TOK_LOGIT_SUM] = sums[8]
-    return stats
 
 
 def complete_hidden_gradient(grad_hidden: torch.Tensor, shard: VocabShard | None) -> None:

@@ -1,4 +1,4 @@
-"""Token statistics summed per sequence, in Triton (see sequence_sums_torch.py for the contract).
+"""Token statistics summed per sequence, in Triton (torch_backend/sequence_sums.py: the contract).
 
 One program per sequence walks its run of token rows in blocks, in order (no atomics), so the
 sums are bitwise reproducible. Padded rows are walked in place; a packed stream's through the
@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import layout as L
-from .launch import launch
-from .layout_triton import (
+from .. import layout as L
+from ..sequences import Sequences
+from .fields import (
     SEQ_COUNT,
     SEQ_LOGIT_SUM,
     SEQ_LOGP,
@@ -26,7 +26,7 @@ from .layout_triton import (
     TOK_P_EPS_DELTA,
     TOK_REF_LOGP,
 )
-from .sequences import Sequences
+from .launch import launch
 
 # Token rows summed per step of the loop: 512 keeps the six fp32 accumulators of a 4-warp
 # program in registers (1024 spills on sm_90; benchmarks/kernel_report.py).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from . import layout as L
+from .. import layout as L
 
 TOK_LOGP = tl.constexpr(L.TOK_LOGP)
 TOK_REF_LOGP = tl.constexpr(L.TOK_REF_LOGP)

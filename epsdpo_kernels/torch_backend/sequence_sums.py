@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import layout as L
-from .sequences import Sequences
+from .. import layout as L
+from ..sequences import Sequences
 
 
 def sequence_sums(

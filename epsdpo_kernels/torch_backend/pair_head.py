@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import layout as L
+from .. import layout as L
 
 
 def pair_head(sequence_sums: torch.Tensor, params) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layout_triton import (
+from .fields import (
     TOK_LOGIT_SUM,
     TOK_LOGP,
     TOK_LSE,

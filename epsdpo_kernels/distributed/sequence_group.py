@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .groups import check_ranks_agree, option_values
+from .agreement import check_ranks_agree, option_values
 
 
 def resolve_group(sequence_group):
