@@ -40,7 +40,7 @@ long_dataset() {
     $PY - "$1" <<'EOF'
 import json, random, sys
 random.seed(0)
-rows = [json.loads(line) for line in open("train/data/default/train.jsonl")]
+rows = [json.loads(line) for line in open("train/pairs/default/train.jsonl")]
 words = " ".join(r["prompt"] + r["chosen"] for r in rows).split()
 def text(n):
     out = []

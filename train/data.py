@@ -26,11 +26,11 @@ from train.cli import UsageError, looks_like_path
 
 EVAL_SPLITS = ("eval", "test", "validation")
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-DEFAULT_DATASET = Path(__file__).resolve().parent / "data" / "default"
+DEFAULT_DATASET = Path(__file__).resolve().parent / "pairs" / "default"
 DATASET_HELP = (
     "preference data: a .json/.jsonl file (optionally .gz), a directory with train and "
     "eval|test|validation files, or a Hugging Face dataset id; default: the embedded "
-    "train/data/default"
+    "train/pairs/default"
 )
 # A prompt or completion that loses more than this share of its tokens to truncation counts as
 # "mostly dropped" in the truncation report.

@@ -165,23 +165,25 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
-def training_state(policy, optimizer, scheduler, beta_ctl, step):
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
+def training_state(state) -> dict:
+    """What a checkpoint holds of a ``run.TrainState``: the sharded model and optimizer, the
+    schedule, the β controller, the step and the RNG."""
+    model_sd, optim_sd = get_state_dict(state.policy, state.optimizer)
     return {
         "model": model_sd,
         "optim": optim_sd,
-        "scheduler": scheduler.state_dict(),
-        "beta": beta_ctl.state_dict(),
-        "step": step,
+        "scheduler": state.scheduler.state_dict(),
+        "beta": state.beta.state_dict(),
+        "step": state.step,
         "rng": torch.get_rng_state(),
     }
 
 
-def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, rank, record):
-    """A sharded checkpoint of the training state, with the run's configuration ``record``
-    beside it (a resume compares its own against it)."""
-    path = output_dir / "checkpoints" / f"step_{step}"
-    dcp.save(training_state(policy, optimizer, scheduler, beta_ctl, step), checkpoint_id=str(path))
+def save_checkpoint(state, output_dir, rank, record):
+    """A sharded checkpoint of ``state`` (a ``run.TrainState``) at its step, with the run's
+    configuration ``record`` beside it (a resume compares its own against it)."""
+    path = output_dir / "checkpoints" / f"step_{state.step}"
+    dcp.save(training_state(state), checkpoint_id=str(path))
     dist.barrier()
     if rank == 0:
         write_record(path / RUN_RECORD, record)
@@ -189,20 +191,26 @@ def save_checkpoint(output_dir, policy, optimizer, scheduler, beta_ctl, step, ra
     dist.barrier()
 
 
-def load_checkpoint(path, policy, optimizer, scheduler, beta_ctl) -> int:
-    state = training_state(policy, optimizer, scheduler, beta_ctl, 0)
-    dcp.load(state, checkpoint_id=str(path))
+def load_checkpoint(path, state) -> None:
+    """``state`` (a ``run.TrainState``) as the checkpoint at ``path`` saved it."""
+    saved = training_state(state)
+    dcp.load(saved, checkpoint_id=str(path))
     set_state_dict(
-        policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        state.policy,
+        state.optimizer,
+        model_state_dict=saved["model"],
+        optim_state_dict=saved["optim"],
     )
-    scheduler.load_state_dict(state["scheduler"])
-    beta_ctl.load_state_dict(state["beta"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.beta.load_state_dict(saved["beta"])
+    torch.set_rng_state(saved["rng"])
+    state.step = int(saved["step"])
 
 
-def export_final(policy, policy_lm, tokenizer, output_dir, rank):
-    """Gather the full policy on rank 0 and write it with save_pretrained (+ tokenizer)."""
+def export_final(state, output_dir, rank):
+    """Gather the full policy of ``state`` (a ``run.TrainState``) on rank 0 and write it with
+    save_pretrained (+ tokenizer)."""
+    policy, policy_lm, tokenizer = state.policy, state.policy_lm, state.tokenizer
     full = get_model_state_dict(
         policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )

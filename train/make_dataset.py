@@ -1,6 +1,6 @@
 """Generate the small preference dataset the embedded default trains on.
 
-    python train/make_dataset.py            # rewrites train/data/default/{train,eval}.jsonl
+    python train/make_dataset.py            # rewrites train/pairs/default/{train,eval}.jsonl
 
 Explicit-prompt rows (TRL's standard format). The chosen answer is a plain, well-formed
 lowercase sentence about the prompt's subject; the rejected one says the same with a corruption
@@ -63,10 +63,10 @@ def main(argv=None) -> None:
     ArgumentParser(
         prog="train/make_dataset.py",
         description=__doc__.split("\n\n")[0],
-        epilog="Rewrites train/data/default/train.jsonl and eval.jsonl (deterministic: the "
+        epilog="Rewrites train/pairs/default/train.jsonl and eval.jsonl (deterministic: the "
         "same rows every time).",
     ).parse_args(argv)
-    out = Path(__file__).resolve().parent / "data" / "default"
+    out = Path(__file__).resolve().parent / "pairs" / "default"
     out.mkdir(parents=True, exist_ok=True)
     for name, n, seed in (("train", 1200, 0), ("eval", 128, 1)):
         with open(out / f"{name}.jsonl", "w") as f:

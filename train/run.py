@@ -6,9 +6,10 @@
 
 With no --model/--dataset it trains the embedded default: a tiny Llama built from
 train/configs/tiny-llama.json (random init, reference = copy of the initial policy), a byte
-tokenizer that needs no download, and the preference data in train/data/default. CPU (gloo)
-and CUDA (nccl, bf16 mixed precision) both work. Read top to bottom: config, checks, data,
-models, the loop, logging, checkpoints. The FSDP2 wrappers live in fsdp.py, tensor parallelism
+tokenizer that needs no download, and the preference data in train/pairs/default. CPU (gloo)
+and CUDA (nccl, bf16 mixed precision) both work. Read top to bottom: config, checks, the state
+(models, optimizer, β), one training step, evaluation, and the loop that runs them with
+logging and checkpoints. The FSDP2 wrappers live in fsdp.py, tensor parallelism
 in parallel.py, data formats in data.py, model loading in models.py, metric sums and the plot in
 metrics.py.
 """
@@ -41,7 +42,8 @@ from train.cli import (
     run_main,
     watch_for_interrupt,
 )
-from train.data import DATASET_HELP, check_dataset_arg, model_batch, read_pairs
+from train.data import check_dataset_arg, model_batch, read_pairs
+from train.flags import TrainFlags
 from train.fsdp import (
     EpsilonDPOPolicy,
     ReferenceHidden,
@@ -55,7 +57,7 @@ from train.fsdp import (
     shard,
 )
 from train.metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics
-from train.models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
 from train.outputs import (
     RUN_RECORD,
     MetricsLog,
@@ -78,26 +80,19 @@ from train.parallel import (
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class Config:
-    model: str | None = option(None, MODEL_HELP)
-    dataset: str | None = option(None, DATASET_HELP)
+class Config(TrainFlags):
     output_dir: str = option("runs/default", "metrics, plot, checkpoints and the final model")
-    max_steps: int = option(60, "optimizer steps")
     global_batch_size: int = option(16, "pairs per optimizer step, all ranks together")
     micro_batch_size: int = option(8, "pairs per forward pass, per rank")
-    lr: float = option(2e-3, "peak learning rate (AdamW)")
     warmup_steps: int = option(5, "linear warm-up steps before the cosine decay")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
-    beta: float = option(0.1, "initial KL coefficient β (> 0); adapted every step")
-    epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
     loss: str = option(
         "linear",
         "linear: the fused loss from hidden states (no logits tensor); "
         "logits: the fused loss on the model's logits",
         choices=["linear", "logits"],
     )
-    max_length: int = option(128, "tokens per sequence, prompt and completion")
     tp: int = option(
         1,
         "tensor-parallel size: the processes form a (data × tensor) mesh; each group of --tp "
@@ -107,11 +102,9 @@ class Config:
         False,
         "pack whole sequences into rows of at most --max-length tokens (position_ids keep "
         "attention inside each sequence; same steps as padded rows); off by default: with "
-        "sdpa's masked attention it measured slower than padding (README, Packed batches)",
+        "sdpa's masked attention it measured slower than padding (docs/API.md, Packed batches)",
         negatable=True,
     )
-    max_prompt_length: int = option(64, "prompt tokens kept (from the right)")
-    eval_every: int = option(10, "evaluate every N steps (0: never)")
     save_every: int = option(30, "checkpoint every N steps (0: never)")
     resume: bool = option(
         False,
@@ -123,7 +116,6 @@ class Config:
         "clear a non-empty --output-dir first (without it, or "
         "--resume, a directory holding another run is refused)",
     )
-    seed: int = option(0, "seed of the initial weights, the data order and the eval hold-out")
 
 
 # The flags that define a run: a resume must use the values its checkpoint was made with.
@@ -221,37 +213,45 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
+@dataclass
+class TrainState:
+    """Everything the steps read and change: the models, the optimizer and its schedule, the β
+    controller, the meshes, and the optimizer steps taken."""
+
+    cfg: Config
+    device: torch.device
+    dp_mesh: object  # the data-parallel dimension: pairs are split over it
+    tokenizer: object
+    policy_lm: torch.nn.Module  # the policy's Hugging Face model (what is exported)
+    policy: EpsilonDPOPolicy  # policy_lm with its loss, FSDP2-sharded over dp_mesh
+    reference: ReferenceHidden
+    ref_weight: torch.Tensor  # the reference's lm_head (each rank's shard under --tp)
+    ref_bias: torch.Tensor | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    beta: AdaptiveBeta
+    step: int = 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_mesh.get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_mesh.size()
+
+    @property
+    def accumulation(self) -> int:
+        return self.cfg.global_batch_size // (self.cfg.micro_batch_size * self.dp_size)
+
+
+def build_state(cfg: Config, world: int, device: torch.device, tokenizer) -> TrainState:
+    """The models (tensor-parallel over ``tp``, then FSDP2 over ``dp``), optimizer and β."""
     # Ranks of one tensor group hold the same pairs: the data is split over `dp` only.
     mesh = device_mesh(device.type, world, cfg.tp)
     dp_mesh, tp_mesh = mesh["dp"], mesh["tp"]
-    dp_rank, dp_size, dp_group = dp_mesh.get_local_rank(), dp_mesh.size(), dp_mesh.get_group()
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-    output_dir = Path(cfg.output_dir).expanduser()
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    log(
-        f"world size {world} (data-parallel {dp_size} × tensor-parallel {cfg.tp}), device "
-        f"{device}, gradient accumulation {accumulation}"
-    )
-    log(machine_note())
-
-    # Data: read and tokenised before the models load, so a bad file fails fast.
-    tokenizer = load_tokenizer(cfg.model)
-    train_pairs, eval_pairs = read_pairs(
-        cfg.dataset,
-        tokenizer,
-        seed=cfg.seed,
-        max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length,
-        log=log,
-    )
-    eval_every = cfg.eval_every if eval_pairs else 0
-    if cfg.eval_every and not eval_pairs:
-        log("note: no eval pairs (the dataset is too small to hold any out); evaluation is off")
-
-    # Models: the loss takes the reference's lm_head weight whole on every rank (over --tp ranks,
-    # each its vocabulary shard); its decoder is sharded like the policy's.
+    # The loss takes the reference's lm_head weight whole on every rank (over --tp ranks, each
+    # its vocabulary shard); its decoder is sharded like the policy's.
     policy_lm, reference = load_policy_and_reference(cfg.model, cfg.seed)
     check_model_splits(policy_lm.config, cfg.tp)
     policy_lm, reference = policy_lm.to(device), reference.to(device)
@@ -272,17 +272,149 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     shard(policy, decoder_layers(policy_lm), dp_mesh, mixed, root_reshard=False)
     reference = ReferenceHidden(reference)
     shard(reference, decoder_layers(reference.model), dp_mesh, mixed, root_reshard=True)
-
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    beta_ctl = AdaptiveBeta(cfg.beta, cfg.epsilon)
+    return TrainState(
+        cfg=cfg,
+        device=device,
+        dp_mesh=dp_mesh,
+        tokenizer=tokenizer,
+        policy_lm=policy_lm,
+        policy=policy,
+        reference=reference,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg)),
+        beta=AdaptiveBeta(cfg.beta, cfg.epsilon),
+    )
+
+
+def forward(state: TrainState, pairs, *, train_mode: bool):
+    """(loss output, real tokens, positions the model ran on: padding included)."""
+    cfg = state.cfg
+    batch, tokens = model_batch(
+        pairs,
+        state.tokenizer.pad_token_id,
+        padding_free=cfg.padding_free,
+        row_length=cfg.max_length,
+    )
+    with torch.set_grad_enabled(train_mode):
+        out = preference_forward(
+            state.policy,
+            state.reference,
+            batch,
+            state.ref_weight,
+            state.ref_bias,
+            state.beta.beta,
+            cfg.epsilon,
+            state.device,
+        )
+    return out, tokens, batch["input_ids"].numel()
+
+
+def train_step(state: TrainState, train_pairs, order) -> dict:
+    """One optimizer step over the global batch of ``state.step``: its metrics row."""
+    cfg, dp_rank, dp_size = state.cfg, state.dp_rank, state.dp_size
+    t0 = time.perf_counter()
+    sums = MetricSums(state.device, state.dp_mesh.get_group())
+    for micro in range(state.accumulation):
+        # Pairs of the global batch: micro-batch `micro` of data-parallel rank r is slice
+        # (micro·dp_size + r).
+        first = (
+            state.step * cfg.global_batch_size + (micro * dp_size + dp_rank) * cfg.micro_batch_size
+        )
+        ids = [
+            _pair_index(first + i, len(train_pairs), cfg.seed, order)
+            for i in range(cfg.micro_batch_size)
+        ]
+        # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+        state.policy.set_requires_gradient_sync(micro == state.accumulation - 1)
+        out, tokens, positions = forward(state, [train_pairs[i] for i in ids], train_mode=True)
+        (out.loss / state.accumulation).backward()
+        state.beta.observe(out.steps)
+        sums.add(out, torch.ones_like(out.losses))
+        sums.add_tokens(tokens, positions)
+    grad_norm = clip_grad_norm(state.policy.parameters(), cfg.max_grad_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    lr = state.scheduler.get_last_lr()[0]
+    state.scheduler.step()
+    beta_used = state.beta.beta
+    state.beta.update(state.dp_mesh.get_group())  # all ranks, once per optimizer step
+    state.step += 1
+    metrics, tokens, positions = sums.reduce()
+    elapsed = time.perf_counter() - t0
+    # kl/beta is the β this step's pairs were trained with, as in the library's out.metrics()
+    # and in EpsilonDPOTrainer.
+    row = {
+        "step": state.step,
+        **metrics,
+        "kl/beta": beta_used,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / elapsed,
+        # Share of the positions the models ran on that were padding.
+        "padding_share": 1.0 - tokens / max(positions, 1.0),
+    }
+    if state.device.type == "cuda":  # this rank's peak since the start (not per step)
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(state.device) / 2**20
+    return row
+
+
+def evaluate(state: TrainState, eval_pairs) -> dict:
+    """The ``eval/`` metrics over every held-out pair, all data-parallel ranks together."""
+    cfg, dp_rank, dp_size = state.cfg, state.dp_rank, state.dp_size
+    state.policy.eval()
+    sums = MetricSums(state.device, state.dp_mesh.get_group())
+    # Every rank runs the same number of forwards (FSDP collectives); padding pairs get weight 0.
+    mine = eval_pairs[dp_rank::dp_size]
+    count = math.ceil(len(eval_pairs) / dp_size)
+    for start in range(0, count, cfg.micro_batch_size):
+        chunk = [
+            mine[i] if i < len(mine) else eval_pairs[0]
+            for i in range(start, min(count, start + cfg.micro_batch_size))
+        ]
+        w = torch.tensor(
+            [1.0 if start + i < len(mine) else 0.0 for i in range(len(chunk))], device=state.device
+        )
+        out, _, _ = forward(state, chunk, train_mode=False)
+        sums.add(out, w)
+    state.policy.train()
+    return sums.reduce("eval/")[0]
+
+
+def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
+    output_dir = Path(cfg.output_dir).expanduser()
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    data_parallel = world // cfg.tp
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * data_parallel)
+    log(
+        f"world size {world} (data-parallel {data_parallel} × tensor-parallel {cfg.tp}), device "
+        f"{device}, gradient accumulation {accumulation}"
+    )
+    log(machine_note())
+
+    # Data: read and tokenised before the models load, so a bad file fails fast.
+    tokenizer = load_tokenizer(cfg.model)
+    train_pairs, eval_pairs = read_pairs(
+        cfg.dataset,
+        tokenizer,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        log=log,
+    )
+    eval_every = cfg.eval_every if eval_pairs else 0
+    if cfg.eval_every and not eval_pairs:
+        log("note: no eval pairs (the dataset is too small to hold any out); evaluation is off")
+    state = build_state(cfg, world, device, tokenizer)
 
     # Everything has loaded: only now is the output directory made (or cleared).
     record = run_record(cfg, RUN_DEFINING)
     if rank == 0:
         start_run_dir(output_dir, record, overwrite=cfg.overwrite and not cfg.resume)
     dist.barrier()
-    step = 0
     metrics_path = output_dir / "metrics.jsonl"
     metrics_log = MetricsLog(metrics_path)
     if cfg.resume:
@@ -290,107 +422,32 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         if ckpt is None:
             log(f"--resume: no complete checkpoint in {output_dir}, starting from scratch")
         else:
-            step = load_checkpoint(ckpt, policy, optimizer, scheduler, beta_ctl)
-            log(f"resumed from {ckpt} at step {step}, beta {beta_ctl.beta:.6g}")
+            load_checkpoint(ckpt, state)
+            log(f"resumed from {ckpt} at step {state.step}, beta {state.beta.beta:.6g}")
     if rank == 0:
-        truncate_metrics(metrics_path, step)
-
-    def run_batch(pairs, *, train_mode):
-        """(loss output, real tokens, positions the model ran on: padding included)."""
-        batch, tokens = model_batch(
-            pairs, tokenizer.pad_token_id, padding_free=cfg.padding_free, row_length=cfg.max_length
-        )
-        with torch.set_grad_enabled(train_mode):
-            out = preference_forward(
-                policy, reference, batch, ref_weight, ref_bias, beta_ctl.beta, cfg.epsilon, device
-            )
-        return out, tokens, batch["input_ids"].numel()
-
-    def evaluate():
-        policy.eval()
-        sums = MetricSums(device, dp_group)
-        # Every rank runs the same number of forwards (FSDP collectives); padding pairs get
-        # weight 0.
-        mine = eval_pairs[dp_rank::dp_size]
-        count = math.ceil(len(eval_pairs) / dp_size)
-        for start in range(0, count, cfg.micro_batch_size):
-            chunk = [
-                mine[i] if i < len(mine) else eval_pairs[0]
-                for i in range(start, min(count, start + cfg.micro_batch_size))
-            ]
-            w = torch.tensor(
-                [1.0 if start + i < len(mine) else 0.0 for i in range(len(chunk))], device=device
-            )
-            out, _, _ = run_batch(chunk, train_mode=False)
-            sums.add(out, w)
-        policy.train()
-        return sums.reduce("eval/")[0]
+        truncate_metrics(metrics_path, state.step)
 
     order = _epoch_order(len(train_pairs), cfg.seed, 0)
-    progress = _progress(rank, cfg.max_steps, step)
-    policy.train()
+    progress = _progress(rank, cfg.max_steps, state.step)
+    state.policy.train()
     last = {}
     speeds = []  # tokens/s of each step this process ran
     nonfinite_steps = []  # the latest run of steps with a non-finite loss or gradient norm
-    logged = step  # the last step whose metrics row is written
+    logged = state.step  # the last step whose metrics row is written
     try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            sums = MetricSums(device, dp_group)
-            for micro in range(accumulation):
-                # Pairs of the global batch: micro-batch `micro` of data-parallel rank r is
-                # slice (micro·dp_size + r).
-                first = (
-                    step * cfg.global_batch_size
-                    + (micro * dp_size + dp_rank) * cfg.micro_batch_size
-                )
-                ids = [
-                    _pair_index(first + i, len(train_pairs), cfg.seed, order)
-                    for i in range(cfg.micro_batch_size)
-                ]
-                # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
-                policy.set_requires_gradient_sync(micro == accumulation - 1)
-                out, tokens, positions = run_batch([train_pairs[i] for i in ids], train_mode=True)
-                (out.loss / accumulation).backward()
-                beta_ctl.observe(out.steps)
-                sums.add(out, torch.ones_like(out.losses))
-                sums.add_tokens(tokens, positions)
-            grad_norm = clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            beta_used = beta_ctl.beta
-            beta_ctl.update(dp_group)  # all ranks, once per optimizer step
-            step += 1
-            metrics, tokens, positions = sums.reduce()
-            elapsed = time.perf_counter() - t0
-            # kl/beta is the β this step's pairs were trained with, as in the library's
-            # out.metrics() and in EpsilonDPOTrainer.
-            row = {
-                "step": step,
-                **metrics,
-                "kl/beta": beta_used,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens / elapsed,
-                # Share of the positions the models ran on that were padding.
-                "padding_share": 1.0 - tokens / max(positions, 1.0),
-            }
-            if device.type == "cuda":  # this rank's peak since the start (not per step)
-                row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        while state.step < cfg.max_steps:
+            row = train_step(state, train_pairs, order)
+            step = state.step
             speeds.append(row["tokens_per_s"])
             if eval_every and (step % eval_every == 0 or step == cfg.max_steps):
-                row.update(evaluate())
+                row.update(evaluate(state, eval_pairs))
             if rank == 0:
                 metrics_log.append(row)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", beta=f"{beta_ctl.beta:.5f}")
+                progress.set_postfix(loss=f"{row['loss']:.4f}", beta=f"{state.beta.beta:.5f}")
                 progress.update(1)
             last, logged = row, step
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(
-                    output_dir, policy, optimizer, scheduler, beta_ctl, step, rank, record
-                )
+                save_checkpoint(state, output_dir, rank, record)
             # The reduced loss and norm are the same on every rank, so all ranks stop together.
             finite = math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
             nonfinite_steps = [] if finite else nonfinite_steps + [step]
@@ -408,12 +465,15 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         raise Interrupted(_interrupted_message(output_dir, logged)) from None
     progress.close()
 
-    export_final(policy, policy_lm, tokenizer, output_dir, rank)
+    export_final(state, output_dir, rank)
     if rank == 0:
         plot_metrics(metrics_path, output_dir / "metrics.png")
         keys = ("loss", "kl/beta", "rewards/accuracies", "eval/rewards/accuracies")
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last) or "no step to run"
-        log(f"done: {step} steps; {summary}; final β {beta_ctl.beta:.6g}; outputs in {output_dir}")
+        log(
+            f"done: {state.step} steps; {summary}; final β {state.beta.beta:.6g}; "
+            f"outputs in {output_dir}"
+        )
         resources = [peak_memory_note(device)]
         if len(speeds) > 1:  # the first step includes compilation and allocator warm-up
             steady = sorted(speeds[1:])[len(speeds[1:]) // 2]

@@ -34,9 +34,10 @@ from train.cli import (
     run_main,
     watch_for_interrupt,
 )
-from train.data import DATASET_HELP, check_dataset_arg, read_pairs
+from train.data import check_dataset_arg, read_pairs
+from train.flags import TrainFlags
 from train.metrics import machine_note, plot_metrics
-from train.models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
 from train.outputs import (
     MetricsLog,
     check_output_dir,
@@ -48,18 +49,11 @@ from train.outputs import (
 
 
 @dataclass
-class Config:
-    model: str | None = option(None, MODEL_HELP)
-    dataset: str | None = option(None, DATASET_HELP)
+class Config(TrainFlags):
     output_dir: str = option("runs/trl", "metrics, plot and the final model")
-    max_steps: int = option(60, "optimizer steps")
+    seed: int = option(0, "seed of the initial weights and the data order")
     batch_size: int = option(8, "pairs per device per micro-batch")
     gradient_accumulation_steps: int = option(2, "micro-batches per optimizer step")
-    lr: float = option(2e-3, "peak learning rate")
-    beta: float = option(0.1, "initial KL coefficient β (> 0); adapted every step")
-    epsilon: float = option(0.01, "ε-DPO perturbation ε in [0, 1); 0 is plain DPO")
-    max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
-    max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
     padding_free: bool = option(
         False,
         "each micro-batch's sequences packed whole into one row with position_ids "
@@ -67,12 +61,6 @@ class Config:
         negatable=True,
     )
     eval_every: int = option(20, "evaluate every N steps (0: never)")
-    overwrite: bool = option(
-        False,
-        "clear a non-empty --output-dir first (without it, a "
-        "directory holding another run is refused)",
-    )
-    seed: int = option(0, "seed of the initial weights and the data order")
 
 
 # Every flag but where the outputs go defines the run (run.json).

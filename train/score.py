@@ -33,7 +33,6 @@ import torch
 from epsdpo_kernels import ches_scores
 from train.cli import ArgumentParser, UsageError, add_dataclass_flags, option, run_main
 from train.data import (
-    DATASET_HELP,
     DEFAULT_DATASET,
     check_dataset_arg,
     collate,
@@ -41,20 +40,18 @@ from train.data import (
     read_splits,
     tokenize_rows,
 )
-from train.models import MODEL_HELP, check_model_arg, load_policy_and_reference, load_tokenizer
+from train.flags import DataFlags
+from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
 from train.outputs import check_output_dir
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
 @dataclass
-class Config:
-    model: str | None = option(None, MODEL_HELP)
-    dataset: str | None = option(None, DATASET_HELP)
+class Config(DataFlags):
     output_dir: str = option("runs/ches", "scores.jsonl, ches_hist.png and the filtered dataset")
+    seed: int = option(0, "seed of the embedded default model's random init")
     batch_size: int = option(16, "pairs per forward pass")
-    max_length: int = option(128, "tokens per sequence, prompt and completion (as train/run.py)")
-    max_prompt_length: int = option(64, "prompt tokens kept, from the right (as train/run.py)")
     drop_top: float | None = option(
         None, "write the dataset without the top K%% of training pairs by --rank-by (0 < K < 100)"
     )
@@ -64,7 +61,6 @@ class Config:
         choices=["ches_normalized", "ches"],
     )
     device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
-    seed: int = option(0, "seed of the embedded default model's random init")
 
 
 def parse_args(argv=None) -> Config:
