@@ -1,6 +1,7 @@
 """Baseline: the per-token Triton kernels as they were before the roofline rewrite (commit
 9c61c40), kept only so that a GPU run can measure the rewrite against them in the same process
-(benchmarks/bench_kernels.py) and kernel_report.py can show both. Not used by the library.
+(benchmarks/bench_kernels.py, which the GPU campaign's `kernels` phase runs) and kernel_report.py
+can show both. Not used by the library.
 
 Their stats layout is the old one (u and d, not u − a and d − a); the benchmark times them and
 does not compare their outputs.

@@ -18,6 +18,7 @@ from tests.helpers.scripts import script_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -60,6 +61,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_dry_run_exercises_every_path(tmp_path):
     """bench_kernels.py's plumbing (old and new kernels, the launch-configuration sweep with its
     agreement check, the profiler) through the CPU interpreter, so a GPU session only measures."""
@@ -141,13 +143,8 @@ def test_kernel_time_model_terms():
     """The predicted range's terms (benchmarks/kernel_report.py), on cases worked by hand."""
     import pytest
 
-    from benchmarks.kernel_report import (
-        H100,
-        calibrate,
-        loop_load_bytes,
-        programs_per_sm,
-        time_range,
-    )
+    from benchmarks.compiled import loop_load_bytes
+    from benchmarks.kernel_report import H100, calibrate, programs_per_sm, time_range
 
     fit = calibrate()
     # Liger's A100 points: 84.6% of the datasheet bandwidth and 65 µs per call, exact at the two
@@ -186,12 +183,13 @@ def test_missing_register_count_is_an_error_not_a_silent_none():
     PTX 9.x) must stop the report: "0 spills" without a register count would mean nothing."""
     from types import SimpleNamespace
 
-    from benchmarks.kernel_report import resources
+    from benchmarks.compiled import resources
 
     with pytest.raises(RuntimeError, match="gave no register count"):
         resources(SimpleNamespace(asm={"ptx": "this is not PTX"}), 90)
 
 
+@pytest.mark.slow
 def test_packing_benchmark_runs_both_layouts_and_they_agree(tmp_path):
     """bench_packing.py on a few generated HH-format pairs: both layouts' losses agree (the
     script exits 1 otherwise), and the packed one runs fewer positions with less padding."""
@@ -221,6 +219,7 @@ def test_packing_benchmark_runs_both_layouts_and_they_agree(tmp_path):
     assert 0 <= packed["padding_share"] < padded["padding_share"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_vocab_parallel_benchmark_counts_the_modelled_bytes(tmp_path):
     """Two gloo ranks and one process at a small size: the same loss, and the payload each rank

@@ -5,7 +5,7 @@ steady-state loop stays within its instruction budget.
 The interpreter accepts code that real compilation rejects (types, scalar/tensor mixing in
 loops, unsupported ops), so this runs the real compiler, with no GPU needed, in a subprocess
 without TRITON_INTERPRET (under the interpreter @triton.jit returns interpreted functions).
-The compilation and SASS analysis are benchmarks/kernel_report.py's.
+The compilation and SASS analysis are benchmarks/compiled.py's, through kernel_report.py's report.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ FORWARD_LOOP_BUDGET = 32
 # The backward's per logit: a load, an FMA, an exp, a select, a convert and a store, plus the
 # loop's addressing; 12 keeps it memory-bound with room (it compiles to 9-12).
 BACKWARD_LOOP_BUDGET = 12
+
+# Every test here reads one compile sweep, run in a subprocess off the interpreter (minutes).
+pytestmark = pytest.mark.slow
 
 _COMPILE_ALL = r"""
 import json, sys

@@ -19,7 +19,7 @@ from tests.helpers.distributed import gloo_group, rendezvous_file
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS[:1], pytest.param("triton", marks=pytest.mark.slow)])
 @given(
     b=st.integers(1, 3),
     t=st.integers(1, 8),
@@ -206,6 +206,7 @@ def _peak_extra_rss(
     return int(proc.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_chunked_peak_memory_is_bounded_on_cpu():
     """Peak extra RSS of forward + backward (each size in a fresh process) stays near the
     chunk's budget and does not grow with the number of tokens, while one materialised
@@ -226,6 +227,7 @@ def test_chunked_peak_memory_is_bounded_on_cpu():
     assert large - small < 16 * 2**20 + growth, f"{small / 2**20:.0f} → {large / 2**20:.0f} MiB"
 
 
+@pytest.mark.slow
 def test_bf16_peak_memory_is_the_weight_gradient_plus_slices():
     """bf16 weights: the backward walks vocabulary slices and writes each slice's weight
     gradient once, so peak extra memory is the bf16 weight gradient plus O(S·Vb + S·H) — no

@@ -25,7 +25,7 @@ def _holes(labels, fraction, seed):
     return labels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS[:1], pytest.param("triton", marks=pytest.mark.slow)])
 @settings(max_examples=30)
 @given(
     b=st.integers(1, 3),

@@ -17,6 +17,9 @@ pytest.importorskip("transformers")
 from tests.helpers.scripts import FAST, ROOT, metrics, run  # noqa: E402
 from tests.helpers.scripts import script_env as _env
 
+# Every test here runs a script of train/ in a subprocess.
+pytestmark = pytest.mark.slow
+
 
 def _one_error_line(proc) -> str:
     lines = proc.stderr.strip().splitlines()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.scripts import FAST, metrics, run
+from tests.helpers.scripts import FAST, metrics, run, run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ROOT / "train" / "data" / "default"
+DEFAULT = ROOT / "train" / "pairs" / "default"
 
 
 def score(args, check=True):
@@ -23,6 +23,7 @@ def records(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_dataset_scored_filtered_and_trained_on(tmp_path):
     out = tmp_path / "ches"
     proc = score(["--output-dir", str(out), "--drop-top", "10", "--batch-size", "64"])
@@ -64,6 +65,7 @@ def test_default_dataset_scored_filtered_and_trained_on(tmp_path):
     assert "displacement/chosen_below_ref" in metrics(tmp_path / "run")[-1]
 
 
+@pytest.mark.slow
 def test_single_gz_file_with_an_unpairable_row_and_batch_independence(tmp_path):
     lines = (DEFAULT / "train.jsonl").read_text().splitlines()[:9]
     lines.insert(4, json.dumps({"prompt": "same?", "chosen": " yes", "rejected": " yes"}))
@@ -111,10 +113,12 @@ def test_single_gz_file_with_an_unpairable_row_and_batch_independence(tmp_path):
         (["--rank-by", "loss"], "invalid choice"),
     ],
 )
-def test_user_errors_are_one_line(tmp_path, args, message):
-    proc = score([*args, "--output-dir", str(tmp_path)], check=False)
-    assert proc.returncode == 2
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_user_errors_are_one_line(tmp_path, capsys, monkeypatch, args, message):
+    code, _, err = run_in_process(
+        "score.py", [*args, "--output-dir", str(tmp_path / "out")], capsys, monkeypatch
+    )
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_histogram_axis_is_not_stretched_by_one_outlier(tmp_path):

@@ -5,32 +5,23 @@ rank's gradient of its own tokens, weight gradients summed over the ranks, β ca
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from epsdpo_kernels import AdaptiveBeta, epsilon_dpo_loss, linear_epsilon_dpo_loss
 from tests.helpers.batches import make_batch, make_linear_batch
 from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
-from tests.helpers.distributed import gloo_group, rendezvous_file
+from tests.helpers.distributed import (
+    FIELDS,
+    gloo_group,
+    guarded,
+    interpreted,
+    result_of,
+    spawn_ranks,
+)
 from tests.helpers.packing import pack
 
 BETA, EPSILON = 0.1, 0.2
-FIELDS = (
-    "loss",
-    "losses",
-    "steps",
-    "beta_used",
-    "chosen_logps",
-    "rejected_logps",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "p_epsilon_logratios",
-    "n_epsilon_logratios",
-    "mean_chosen_logits",
-    "mean_rejected_logits",
-)
 # (entry, backend, dtype, layout, split). Layouts: padded (2B, T) rows, or a packed stream with
 # sequences interleaved token by token and unscored fillers. Splits: contiguous blocks of
 # positions (uneven: T = 7 over 2 or 3 ranks), context parallelism's load-balanced chunks (rank r
@@ -48,8 +39,9 @@ CASES = [
 B, T, V, H = 3, 7, 507, 16
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _case_id(case) -> str:
+    entry, backend, dtype, layout, split = case
+    return f"{entry}-{backend}-{str(dtype).removeprefix('torch.')}-{layout}-{split}"
 
 
 def _positions(split: str, n: int, rank: int, world: int) -> torch.Tensor:
@@ -125,7 +117,7 @@ def _worker(rank, world, store, results):
     with gloo_group(rank, world, store):
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
         for i, case in enumerate(CASES):
-            if case[1] == "triton" and not _interpreted():
+            if case[1] == "triton" and not interpreted():
                 continue
             n = (
                 T
@@ -134,11 +126,11 @@ def _worker(rank, world, store, results):
             )
             positions = _positions(case[4], n, rank, world)
             group = mesh["cp"] if i % 2 else mesh.get_group()  # a DeviceMesh or a ProcessGroup
-            results[(i, rank)] = _call(case, positions, group)
+            guarded(results, (i, rank), _call, case, positions, group)
         # Evaluation (no gradient) takes the same path.
-        case = CASES[1]
-        positions = _positions(case[4], T, rank, world)
-        results[("eval", rank)] = _call(case, positions, mesh, grad=False)[0]
+        positions = _positions(CASES[1][4], T, rank, world)
+        guarded(results, ("eval", rank), _eval_fields, positions, mesh)
+        guarded(results, ("fsdp", rank), _fsdp_context_parallel, rank, world)
 
         # Ranks that disagree fail alike, before any kernel: the options, or the sequences.
         policy, ref, labels = make_batch(B, T, V, seed=3)
@@ -162,48 +154,61 @@ def _worker(rank, world, store, results):
         results[("errors", rank)] = errors
 
 
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"{world}ranks")
+def ranks(request):
+    """(world, results): every case on ``world`` gloo ranks, spawned once per world size."""
+    return request.param, spawn_ranks(_worker, request.param)
+
+
+def _eval_fields(positions, group):
+    return _call(CASES[1], positions, group, grad=False)[0]
+
+
 def _slice(case, grads_full, positions):
     per_token = {"policy_logits", "policy_hidden"}
     return {k: v[:, positions] for k, v in grads_full.items() if k in per_token}
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_ranks_equal_one_process(world):
-    import torch.multiprocessing as mp
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_sequence_parallel_ranks_equal_one_process(ranks, case):
+    if case[1] == "triton" and not interpreted():
+        pytest.skip("the Triton backend runs on CPU tensors only under the interpreter")
+    world, results = ranks
+    i = CASES.index(case)
+    fields, grads, beta = _call(case)
+    _, backend, dtype, layout, split = case
+    rtol = grad_rtol(dtype, backend, "cpu")
+    n = T if layout == "padded" else _inputs(case[0], dtype, layout)[1]["labels"].shape[1]
+    weight_sums = {}
+    for rank in range(world):
+        where = f"{case} rank {rank}/{world}"
+        got_fields, got_grads, got_beta = result_of(results, (i, rank), where)
+        assert torch.equal(got_fields["steps"], fields["steps"]), where
+        for name in FIELDS:
+            assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+        assert got_beta == pytest.approx(beta, rel=1e-12), where
+        positions = _positions(split, n, rank, world)
+        for name, grad in _slice(case, grads, positions).items():
+            assert grad.abs().max() > 0, f"{where} {name}"
+            assert_close(got_grads[name], grad, rtol=rtol, atol=1e-7, name=f"{where} {name}")
+        for name in ("policy_weight", "policy_bias"):
+            if name in got_grads:
+                weight_sums[name] = weight_sums.get(name, 0) + got_grads[name].double()
+    for name, total in weight_sums.items():
+        assert_close(total, grads[name], rtol=1e-5, atol=1e-7, name=f"{case} Σ ranks {name}")
 
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
 
-    for i, case in enumerate(CASES):
-        if case[1] == "triton" and not _interpreted():
-            continue
-        fields, grads, beta = _call(case)
-        _, backend, dtype, layout, split = case
-        rtol = grad_rtol(dtype, backend, "cpu")
-        n = T if layout == "padded" else _inputs(case[0], dtype, layout)[1]["labels"].shape[1]
-        weight_sums = {}
-        for rank in range(world):
-            got_fields, got_grads, got_beta = results[(i, rank)]
-            where = f"{case} rank {rank}/{world}"
-            assert torch.equal(got_fields["steps"], fields["steps"]), where
-            for name in FIELDS:
-                assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
-            assert got_beta == pytest.approx(beta, rel=1e-12), where
-            positions = _positions(split, n, rank, world)
-            for name, grad in _slice(case, grads, positions).items():
-                assert grad.abs().max() > 0, f"{where} {name}"
-                assert_close(got_grads[name], grad, rtol=rtol, atol=1e-7, name=f"{where} {name}")
-            for name in ("policy_weight", "policy_bias"):
-                if name in got_grads:
-                    weight_sums[name] = weight_sums.get(name, 0) + got_grads[name].double()
-        for name, total in weight_sums.items():
-            assert_close(total, grads[name], rtol=1e-5, atol=1e-7, name=f"{case} Σ ranks {name}")
-
+def test_evaluation_without_gradients_takes_the_same_path(ranks):
+    world, results = ranks
     fields = _call(CASES[1], grad=False)[0]
     for rank in range(world):
+        got = result_of(results, ("eval", rank), f"eval rank {rank}")
         for name in FIELDS:
-            assert_close(results[("eval", rank)][name], fields[name], **VALUE_TOL, name=name)
+            assert_close(got[name], fields[name], **VALUE_TOL, name=name)
 
+
+def test_ranks_that_disagree_get_the_same_error(ranks):
+    world, results = ranks
     for rank in range(world):
         beta, sequences, grid, not_a_group = results[("errors", rank)]
         assert "same sequences and options" in beta and "beta from 0.1 to" in beta
@@ -247,30 +252,26 @@ def _cp_batch():
     return data["policy_hidden"], data["ref_hidden"], data["ref_weight"], data["labels"]
 
 
-def _fsdp_cp_worker(rank, world, store, results):
+def _fsdp_context_parallel(rank, world):
+    """This rank's full parameter gradients, FSDP2 over a (1 × world) data × context mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    with gloo_group(rank, world, store):
-        # FSDP2 shards over the whole (dp × cp) mesh, as torchtitan does; with dp = 1 that
-        # flattened mesh is the context mesh itself.
-        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
-        policy = fully_shard(_ContextParallelPolicy(), mesh=mesh["cp"])
-        x, ref_hidden, ref_weight, labels = _cp_batch()
-        mine = _positions("balanced", T, rank, world)
-        out = policy(x[:, mine], ref_hidden[:, mine], ref_weight, labels[:, mine], mesh["cp"])
-        (out.loss * mesh["cp"].size()).backward()  # FSDP averages over dp·cp; the parts add
-        results[rank] = {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
+    # FSDP2 shards over the whole (dp × cp) mesh, as torchtitan does; with dp = 1 that flattened
+    # mesh is the context mesh itself.
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
+    policy = fully_shard(_ContextParallelPolicy(), mesh=mesh["cp"])
+    x, ref_hidden, ref_weight, labels = _cp_batch()
+    mine = _positions("balanced", T, rank, world)
+    out = policy(x[:, mine], ref_hidden[:, mine], ref_weight, labels[:, mine], mesh["cp"])
+    (out.loss * mesh["cp"].size()).backward()  # FSDP averages over dp·cp; the parts add
+    return {n: p.grad.full_tensor().clone() for n, p in policy.named_parameters()}
 
 
-def test_fsdp2_over_a_data_context_mesh_gives_the_batch_gradient_with_the_loss_scaled_by_cp():
+def test_fsdp2_over_a_data_context_mesh_gives_the_batch_gradient_with_the_loss_scaled_by_cp(ranks):
     """docs/API.md's recipe: with FSDP2 averaging gradients over all dp·cp ranks, the loss scaled
     by the context-parallel size gives every parameter the single-process batch gradient."""
-    import torch.multiprocessing as mp
-
-    world = 2
-    results = mp.Manager().dict()
-    mp.spawn(_fsdp_cp_worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
+    world, results = ranks
     policy = _ContextParallelPolicy()
     x, ref_hidden, ref_weight, labels = _cp_batch()
     policy(x, ref_hidden, ref_weight, labels, None).loss.backward()
@@ -278,7 +279,7 @@ def test_fsdp2_over_a_data_context_mesh_gives_the_batch_gradient_with_the_loss_s
         assert param.grad.abs().max() > 0, name
         for rank in range(world):
             assert_close(
-                results[rank][name],
+                result_of(results, ("fsdp", rank), f"rank {rank}")[name],
                 param.grad,
                 rtol=grad_rtol(torch.float32, "torch", "cpu"),
                 atol=1e-7,

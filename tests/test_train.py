@@ -14,6 +14,9 @@ pytest.importorskip("transformers")
 from tests.helpers.scripts import FAST, ROOT, metrics, run, script_env  # noqa: E402
 from train.tokenizer import byte_tokenizer  # noqa: E402
 
+# Every test here runs a script of train/ in a subprocess.
+pytestmark = pytest.mark.slow
+
 
 def test_two_processes_match_one(tmp_path):
     proc = run(["--max-steps", "3", "--output-dir", str(tmp_path / "one"), *FAST])

@@ -25,6 +25,7 @@ from tests.helpers.trl import ROOT, config, make_trainer, pairs, step_logs, tiny
 from train.tokenizer import byte_tokenizer  # noqa: E402
 
 
+@pytest.mark.slow
 def test_ten_steps_train_move_beta_and_log_trl_metrics(tmp_path):
     trainer = make_trainer(tmp_path, eval_dataset=pairs(8, offset=100))
     trainer.train()
@@ -105,6 +106,7 @@ def _trainer_at_precision(cls, args_cls, tmp_path, dtype, amp, explicit_referenc
     return trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit_reference", [True, False], ids=["ref_model", "trl-copy"])
 @pytest.mark.parametrize("dtype, amp", PRECISIONS, ids=PRECISION_IDS)
 def test_mixed_precision_first_step_sees_policy_equal_to_reference(
@@ -232,6 +234,7 @@ def test_one_batch_equals_epsilon_dpo_loss_on_materialised_logits(
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_resumed_run_reproduces_beta_and_losses(tmp_path):
     straight = make_trainer(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3)
     straight.train()
@@ -252,6 +255,7 @@ def test_resumed_run_reproduces_beta_and_losses(tmp_path):
     assert resumed.adaptive_beta.beta == pytest.approx(straight.adaptive_beta.beta, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_without_beta_or_with_another_epsilon_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     trainer.train()
@@ -303,6 +307,7 @@ def _run_ddp(tmp_path, processes: int, batch: int) -> dict:
     return json.loads((out / "logs.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     """2 processes × 2 pairs × 2 accumulation steps against 1 process × 4 pairs × 2: the same 8
     pairs per optimizer step, so the same losses, β and metrics at every step."""
@@ -440,6 +445,7 @@ def _peak_training_step_rss(tmp_path, kind: str, vocab: int) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_training_step_peak_memory_is_below_trl_dpo(tmp_path, record_property):
     """One training step at V = 32768 (8 rows × ~170 tokens: one fp32 logits tensor is ~180
@@ -490,6 +496,7 @@ def _cuda_step_peak(tmp_path, kind: str, vocab: int) -> tuple[int, list[float]]:
     return torch.cuda.max_memory_allocated() - before, [e["loss"] for e in step_logs(trainer)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_training_and_peak_memory_against_trl_dpo(tmp_path, record_property):
     """On CUDA with TRL's default bf16 autocast, at V = 128256: EpsilonDPOTrainer trains, and no
@@ -536,6 +543,7 @@ trainer.train()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on GPUs only")
 def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
     """Under FSDP2 (accelerate, one process) the lm_head reaches the loss as a DTensor and is
@@ -572,6 +580,7 @@ def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
         assert beta_b == pytest.approx(beta_a, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
     from tests.helpers.scripts import metrics, run
 
@@ -618,6 +627,7 @@ def test_run_trl_script_trains_the_embedded_default_and_keeps_it(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path):
     """HH-RLHF's format at the default lengths: TRL alone would drop every row whose prompt
     fills max_length; run_trl.py reads, truncates and skips as run.py does and says so."""
@@ -694,6 +704,7 @@ def test_epsilon_zero_equals_trl_dpo_trainer_loss_and_gradients(tmp_path):
         torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     """No ref_model and a LoRA adapter: the reference is the policy with the adapter disabled
     (TRL's convention); one batch equals epsilon_dpo_loss on logits computed that way, only the
@@ -892,6 +903,7 @@ def test_packed_batch_equals_padded_batch(tmp_path, truncation_mode, rpo_alpha):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_padding_free_trains_the_same_steps_as_padded(tmp_path):
     """Six optimizer steps with padding_free=True and False: every logged metric agrees to fp32
     rounding, the step decisions and TRL's token count exactly."""

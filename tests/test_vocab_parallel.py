@@ -7,17 +7,21 @@ tokens get clear errors."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from epsdpo_kernels import epsilon_dpo_loss, linear_epsilon_dpo_loss
 from tests.helpers.batches import make_batch, make_linear_batch
 from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
-from tests.helpers.distributed import gloo_group, rendezvous_file
+from tests.helpers.distributed import (
+    FIELDS,
+    gloo_group,
+    guarded,
+    interpreted,
+    result_of,
+    spawn_ranks,
+)
 from tests.helpers.packing import pack
-from tests.test_sequence_parallel import FIELDS
 
 # (backend, dtype, layout, V, reference weight: "sharded" DTensor or "plain" whole tensor,
 # mesh: "1d" or "2d" (a (1, w) data × tensor mesh, sharded on "tp")). V = 301 splits unevenly
@@ -33,12 +37,13 @@ CASES = [
 B, T, H = 2, 5, 16
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _runnable(case) -> bool:
-    return case[0] == "torch" or _interpreted()
+    return case[0] == "torch" or interpreted()
+
+
+def _case_id(case) -> str:
+    backend, dtype, layout, vocab, ref_kind, mesh = case
+    return f"{backend}-{str(dtype).removeprefix('torch.')}-{layout}-V{vocab}-ref_{ref_kind}-{mesh}"
 
 
 def _inputs(case):
@@ -134,10 +139,10 @@ def _worker(rank, world, store, results):
         }
         for i, case in enumerate(CASES):
             if _runnable(case):
-                results[(i, rank)] = _call(case, meshes[case[5]])
+                guarded(results, (i, rank), _call, case, meshes[case[5]])
         for i, case in enumerate(LOGITS_CASES):
             if _runnable(case):
-                results[("logits", i, rank)] = _call_logits(case, meshes[case[5]])
+                guarded(results, ("logits", i, rank), _call_logits, case, meshes[case[5]])
         errors = []
         try:  # ranks holding different tokens, e.g. a weight FSDP-sharded over data ranks
             _call(CASES[0], meshes["1d"], labels_shift=rank)
@@ -152,61 +157,70 @@ def _worker(rank, world, store, results):
         results[("errors", rank)] = errors
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocabulary_parallel_ranks_equal_one_process(world):
-    import torch.multiprocessing as mp
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"{world}ranks")
+def ranks(request):
+    """(world, results): every case on ``world`` gloo ranks, spawned once per world size."""
+    return request.param, spawn_ranks(_worker, request.param)
 
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
 
-    for i, case in enumerate(CASES):
-        if not _runnable(case):
-            continue
-        fields, grads = _call(case)
-        backend, dtype, _, vocab, _, _ = case
-        rtol = grad_rtol(dtype, backend, "cpu")
-        per_rank = -(-vocab // world)
-        for rank in range(world):
-            got_fields, got_grads = results[(i, rank)]
-            where = f"{case} rank {rank}/{world}"
-            assert torch.equal(got_fields["steps"], fields["steps"]), where
-            for name in FIELDS:
-                assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_vocabulary_parallel_linear_ranks_equal_one_process(ranks, case):
+    if not _runnable(case):
+        pytest.skip("the Triton backend runs on CPU tensors only under the interpreter")
+    world, results = ranks
+    i = CASES.index(case)
+    fields, grads = _call(case)
+    backend, dtype, _, vocab, _, _ = case
+    rtol = grad_rtol(dtype, backend, "cpu")
+    per_rank = -(-vocab // world)
+    for rank in range(world):
+        where = f"{case} rank {rank}/{world}"
+        got_fields, got_grads = result_of(results, (i, rank), where)
+        assert torch.equal(got_fields["steps"], fields["steps"]), where
+        for name in FIELDS:
+            assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+        assert_close(
+            got_grads["policy_hidden"],
+            grads["policy_hidden"],
+            rtol=rtol,
+            atol=1e-7,
+            name=f"{where} hidden",
+        )
+        rows = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
+        for name in ("policy_weight", "policy_bias"):
             assert_close(
-                got_grads["policy_hidden"],
-                grads["policy_hidden"],
-                rtol=rtol,
-                atol=1e-7,
-                name=f"{where} hidden",
+                got_grads[name], grads[name][rows], rtol=rtol, atol=1e-7, name=f"{where} {name}"
             )
-            rows = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
-            for name in ("policy_weight", "policy_bias"):
-                assert_close(
-                    got_grads[name], grads[name][rows], rtol=rtol, atol=1e-7, name=f"{where} {name}"
-                )
-        assert grads["policy_weight"].abs().max() > 0
+    assert grads["policy_weight"].abs().max() > 0
 
-    for i, case in enumerate(LOGITS_CASES):
-        if not _runnable(case):
-            continue
-        fields, grad = _call_logits(case)
-        backend, dtype, _, vocab, _, _ = case
-        per_rank = -(-vocab // world)
-        for rank in range(world):
-            got_fields, got_grad = results[("logits", i, rank)]
-            where = f"logits {case} rank {rank}/{world}"
-            assert torch.equal(got_fields["steps"], fields["steps"]), where
-            for name in FIELDS:
-                assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
-            columns = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
-            assert_close(
-                got_grad,
-                grad[..., columns],
-                rtol=grad_rtol(dtype, backend, "cpu"),
-                atol=1e-7,
-                name=f"{where} grad",
-            )
 
+@pytest.mark.parametrize("case", LOGITS_CASES, ids=[_case_id(c) for c in LOGITS_CASES])
+def test_vocabulary_sharded_logits_ranks_equal_one_process(ranks, case):
+    if not _runnable(case):
+        pytest.skip("the Triton backend runs on CPU tensors only under the interpreter")
+    world, results = ranks
+    i = LOGITS_CASES.index(case)
+    fields, grad = _call_logits(case)
+    backend, dtype, _, vocab, _, _ = case
+    per_rank = -(-vocab // world)
+    for rank in range(world):
+        where = f"logits {case} rank {rank}/{world}"
+        got_fields, got_grad = result_of(results, ("logits", i, rank), where)
+        assert torch.equal(got_fields["steps"], fields["steps"]), where
+        for name in FIELDS:
+            assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
+        columns = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
+        assert_close(
+            got_grad,
+            grad[..., columns],
+            rtol=grad_rtol(dtype, backend, "cpu"),
+            atol=1e-7,
+            name=f"{where} grad",
+        )
+
+
+def test_ranks_with_other_tokens_or_placements_get_clear_errors(ranks):
+    world, results = ranks
     for rank in range(world):
         different_tokens, bad_placement = results[("errors", rank)]
         assert "policy_weight: the ranks sharing the vocabulary-sharded lm_head" in different_tokens

@@ -5,6 +5,28 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import traceback
+
+# The output fields the multi-rank tests compare with one process.
+FIELDS = (
+    "loss",
+    "losses",
+    "steps",
+    "beta_used",
+    "chosen_logps",
+    "rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "p_epsilon_logratios",
+    "n_epsilon_logratios",
+    "mean_chosen_logits",
+    "mean_rejected_logits",
+)
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run on CPU tensors here (the interpreter, set by conftest)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rendezvous_file() -> str:
@@ -37,3 +59,30 @@ def gloo_group(rank: int, world: int, store_path: str):
             dist.barrier(group=group)
     finally:
         dist.destroy_process_group()
+
+
+def spawn_ranks(worker, world: int) -> dict:
+    """Run ``worker(rank, world, store, results)`` on ``world`` processes meeting through a fresh
+    ``rendezvous_file``; the ``results`` each rank wrote into a shared dict (never a shared
+    stdout), as a plain dict."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(world, rendezvous_file(), results), nprocs=world, join=True)
+    return dict(results)
+
+
+def guarded(results, key, fn, *args):
+    """In a rank: ``results[key] = fn(*args)``, or the traceback if it raises, so that one
+    case's failure is reported by its own test (``result_of``), not by every case after it."""
+    try:
+        results[key] = fn(*args)
+    except Exception:
+        results[key] = "error: " + traceback.format_exc()
+
+
+def result_of(results, key, where: str):
+    """What ``guarded`` stored under ``key``; a failure naming ``where`` if the rank raised."""
+    got = results[key]
+    assert not isinstance(got, str), f"{where}: {got}"
+    return got

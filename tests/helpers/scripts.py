@@ -56,3 +56,25 @@ def run(args, nproc=1, timeout=600, check=True, script="run.py"):
 
 def metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_process(script: str, args, capsys, monkeypatch) -> tuple[int, str, str]:
+    """A script of train/ (``"run.py"``, ``"run_trl.py"``, ``"score.py"``) as its command line
+    would run it, but in this process: (exit status, stdout, stderr). For the error paths,
+    which end before any training: no interpreter startup or imports to pay per case. The
+    scripts' SIGINT handler is left out (it would outlive the call)."""
+    import importlib
+
+    from train import cli
+
+    module = importlib.import_module(f"train.{script.removesuffix('.py')}")
+    if hasattr(module, "watch_for_interrupt"):
+        monkeypatch.setattr(module, "watch_for_interrupt", lambda: None)
+    monkeypatch.setattr(sys, "argv", [f"train/{script}", *args])
+    capsys.readouterr()  # what earlier code printed is not this call's
+    try:
+        code = cli.run_main(module.main, list(args))
+    except SystemExit as e:  # argparse: --help, or a malformed flag
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

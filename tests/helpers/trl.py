@@ -14,7 +14,7 @@ from epsdpo_kernels.trl import EpsilonDPOConfig, EpsilonDPOTrainer
 from train.tokenizer import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = ROOT / "train" / "data" / "default" / "train.jsonl"
+DEFAULT_DATA = ROOT / "train" / "pairs" / "default" / "train.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
