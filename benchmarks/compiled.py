@@ -68,23 +68,34 @@ def compile_launch(kernel, args, constexprs: dict, num_warps: int, arch: int):
     )
 
 
+def _cuobjdump(compiled, flag: str) -> str:
+    """``cuobjdump <flag>`` of the cubin Triton produced (the binary a launch runs)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        proc = subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    return proc.stdout + proc.stderr
+
+
 def resources(compiled, arch: int) -> dict:
-    """ptxas's registers and spill bytes for the compiled PTX."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    ptxas = _tool("ptxas", arch)
-    proc = subprocess.run(
-        [ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True, text=True
-    )
-    os.unlink(f.name)
-    out = proc.stderr
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
-    regs = re.findall(r"Used (\d+) registers", out)
-    if proc.returncode != 0 or not regs:
+    """The resources of the cubin Triton produced, as ``cuobjdump -res-usage`` reads them
+    (registers, stack frame and local memory bytes per thread: what ptxas gave it with
+    Triton's own flags, not a re-run of ptxas), and its spill traffic: the bytes its SASS moves
+    with local loads and stores (LDL/STL), which a spill-free kernel has none of."""
+    usage = _cuobjdump(compiled, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if found is None:
         # Without a register count "0 spills" would mean nothing: stop here, saying why.
-        raise RuntimeError(f"{ptxas} gave no register count for {gpu}: {out.strip()[-2000:]}")
-    return dict(registers=int(regs[0]), spill_bytes=sum(spills))
+        raise RuntimeError(f"cuobjdump gave no register count for sm_{arch}: {usage[-2000:]}")
+    spill_bytes = sum(
+        next((b for k, b in _LOAD_BYTES.items() if k in op), 4)
+        for _, op, _ in sass(compiled)
+        if op.startswith(("LDL", "STL"))
+    )
+    registers, stack, local = (int(x) for x in found.groups())
+    return dict(registers=registers, stack_bytes=stack, local_bytes=local, spill_bytes=spill_bytes)
 
 
 def fp32_divisions(compiled) -> dict[str, int]:
@@ -99,12 +110,7 @@ _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)
 
 def sass(compiled) -> list[tuple[int, str, str]]:
     """[(address, opcode, operands)] of the kernel's SASS."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    text = subprocess.run(
-        [_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True
-    ).stdout
-    os.unlink(f.name)
+    text = _cuobjdump(compiled, "-sass")
     return [(int(a, 16), op, rest) for a, op, rest in _INSTR.findall(text)]
 
 

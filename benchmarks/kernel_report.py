@@ -6,8 +6,9 @@ Every kernel is compiled exactly as a real launch at the given shape would compi
 launchers in triton_backend/token.py build the arguments (on meta tensors: real shapes, no
 memory) and Triton's own specialisation function turns them into the signature, the constexprs
 and the 16-byte alignment/divisibility attributes. For each kernel and dtype the report gives
-ptxas's registers and spill bytes, the SASS of the steady-state loop (the backward branch whose
-body holds the most MUFU.EX2) per element, and a predicted time range at ``rows × vocab``.
+the cubin's registers, stack and spill bytes (cuobjdump -res-usage, its local loads and
+stores), the SASS of the steady-state loop (the backward branch whose body holds the most
+MUFU.EX2) per element, and a predicted time range at ``rows × vocab``.
 
 The low end is the roofline: the largest of
 - memory: the bytes the kernel must move at the GPU's measured copy bandwidth;

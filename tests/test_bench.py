@@ -179,14 +179,14 @@ def test_kernel_time_model_terms():
 
 
 def test_missing_register_count_is_an_error_not_a_silent_none():
-    """A ptxas that rejects the PTX (another Triton release's CUDA ptxas reading Triton 3.9's
-    PTX 9.x) must stop the report: "0 spills" without a register count would mean nothing."""
+    """A cubin cuobjdump cannot read (another Triton release's tools) must stop the report:
+    "0 spills" without a register count would mean nothing."""
     from types import SimpleNamespace
 
     from benchmarks.compiled import resources
 
     with pytest.raises(RuntimeError, match="gave no register count"):
-        resources(SimpleNamespace(asm={"ptx": "this is not PTX"}), 90)
+        resources(SimpleNamespace(asm={"cubin": b"this is not a cubin"}), 90)
 
 
 @pytest.mark.slow
