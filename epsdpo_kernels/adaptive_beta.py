@@ -35,12 +35,10 @@ class AdaptiveBeta:
         if not isinstance(steps, torch.Tensor):
             raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
         steps = steps.detach()
-        total = torch.stack(
-            [
-                steps.sum().double(),
-                torch.tensor(steps.numel(), dtype=torch.float64, device=steps.device),
-            ]
-        )
+        # The count as a fill on the device (torch.tensor of a host number would be a blocking
+        # host-to-device copy on CUDA, every micro-batch).
+        count = torch.full((), steps.numel(), dtype=torch.float64, device=steps.device)
+        total = torch.stack([steps.sum().double(), count])
         self._pending = (
             total if self._pending is None else self._pending + total.to(self._pending.device)
         )

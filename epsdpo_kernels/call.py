@@ -10,7 +10,8 @@ check them in one order, before any kernel runs:
 4. the label scan: labels in range and, packed, sequence ids in range, counted in one transfer,
    the call's one host synchronisation; from it the ``LossParams`` and the token-to-sequence map;
 5. one rank-agreement all-reduce per process group the call spans (the vocabulary shard's, the
-   sequence group's), so that a mismatch is a ValueError on every rank, not a hang.
+   sequence group's), so that a mismatch is a ValueError on every rank, not a hang; reading it
+   back is one more host synchronisation per group.
 
 They return the plain tensors and the ``LossCall``, which the autograd Functions take as their
 last argument (the way Cut Cross-Entropy's params object reaches its Function).

@@ -15,7 +15,7 @@ from . import dispatch
 from . import layout as L
 from .distributed.sequence_group import complete_sums
 from .distributed.vocab_shards import merge_partials
-from .sequences import scored_rows
+from .sequences import scored_rows, spread_scored
 
 # Logits elements of the scored rows gathered at a time by the sharded logits path (16M: 32 MiB
 # bf16).
@@ -42,19 +42,19 @@ def logits_stats(policy_logits, ref_logits, labels, call) -> torch.Tensor:
         return dispatch.token_forward(policy_logits, ref_logits, labels, call.params)
     params = call.params
     flat_labels = labels.reshape(-1)
-    stats = torch.zeros(
-        (L.TOKEN_FIELDS, flat_labels.numel()), dtype=torch.float32, device=labels.device
-    )
     scored = scored_rows(labels, params.ignore_index, params.scored_count)
+    scored_stats = torch.empty(
+        (L.TOKEN_FIELDS, scored.numel()), dtype=torch.float32, device=labels.device
+    )
     policy = policy_logits.flatten(0, 1)
     ref = ref_logits.flatten(0, 1)
     step = max(1, _GATHER_ELEMENTS // max(1, call.shard.rows))
     for start in range(0, scored.numel(), step):
         idx = scored[start : start + step]
-        stats[:, idx] = chunk_stats(
+        scored_stats[:, start : start + step] = chunk_stats(
             policy[idx].unsqueeze(1), ref[idx].unsqueeze(1), flat_labels[idx].unsqueeze(1), call
         )
-    return stats
+    return spread_scored(scored_stats, labels, params.ignore_index, dim=1)
 
 
 def pair_buffer(stats: torch.Tensor, labels: torch.Tensor, call) -> torch.Tensor:

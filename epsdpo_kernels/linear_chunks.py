@@ -42,7 +42,7 @@ from .dispatch import token_backward
 from .distributed.vocab_shards import complete_hidden_gradient
 from .drivers import chunk_stats, pair_buffer
 from .plans import LinearInputs, slice_plan
-from .sequences import scored_rows
+from .sequences import scored_rows, spread_scored
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -97,7 +97,10 @@ def linear_forward(inputs: LinearInputs, labels, call):
     params, plan = call.params, call.plan
     rows, t, _ = policy_hidden.shape
     scored = scored_rows(labels, params.ignore_index, params.scored_count)
-    stats = torch.zeros((L.TOKEN_FIELDS, rows * t), dtype=torch.float32, device=labels.device)
+    # The scored rows' stats, chunk by chunk as slices; spread over every row once at the end.
+    scored_stats = torch.empty(
+        (L.TOKEN_FIELDS, scored.numel()), dtype=torch.float32, device=labels.device
+    )
     flat_policy = policy_hidden.reshape(rows * t, -1)
     flat_ref = ref_hidden.reshape(rows * t, -1)
     flat_labels = labels.reshape(rows * t)
@@ -112,10 +115,11 @@ def linear_forward(inputs: LinearInputs, labels, call):
         policy_logits = _logits(flat_policy[idx].to(policy_w.dtype), policy_w, policy_b)
         ref_logits = _logits(flat_ref[idx].to(ref_w.dtype), ref_w, ref_b)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
-        stats[:, idx] = chunk_stats(
+        scored_stats[:, sl] = chunk_stats(
             policy_logits.unsqueeze(1), ref_logits.unsqueeze(1), flat_labels[idx].unsqueeze(1), call
         )
         del policy_logits, ref_logits
+    stats = spread_scored(scored_stats, labels, params.ignore_index, dim=1)
     return stats, pair_buffer(stats, labels, call), scored
 
 
@@ -184,9 +188,9 @@ def linear_backward(
     full_grad_hidden = None
     if need_hidden:
         complete_hidden_gradient(grad_hidden, shard)
-        full_grad_hidden = torch.zeros_like(flat_hidden)
-        full_grad_hidden[scored] = grad_hidden.to(flat_hidden.dtype)
-        full_grad_hidden = full_grad_hidden.view_as(policy_hidden)
+        full_grad_hidden = spread_scored(
+            grad_hidden.to(flat_hidden.dtype), labels, params.ignore_index, dim=0
+        ).view_as(policy_hidden)
     if grad_bias is not None:
         grad_bias = grad_bias.to(policy_bias.dtype)
     return full_grad_hidden, grad_weight, grad_bias

@@ -47,7 +47,8 @@ def linear_epsilon_dpo_loss(
     accumulator: it does not grow with S·V, and no V × H fp32 buffer exists. Matmul FLOPs: 5
     units of 2·S·H·V (policy and reference logits, recompute, ∂hidden, ∂weight) against the
     floor of 4. Each call synchronises the host once (counting the scored labels while checking
-    them); on the Triton backend nothing else does.
+    them), plus once per process group it spans (the ranks' agreement check); on the Triton
+    backend nothing else does.
 
     Args:
         policy_hidden: ``(2B, T, H)`` last hidden states of the policy (rows ``[0, B)`` chosen,

@@ -65,7 +65,8 @@ class EpsilonDPOOutput:
             {
                 "logits/chosen": self.mean_chosen_logits,
                 "logits/rejected": self.mean_rejected_logits,
-                "kl/beta": torch.tensor(self.beta, device=self.losses.device),
+                # A fill on the device, not torch.tensor (a blocking host-to-device copy).
+                "kl/beta": torch.full((), self.beta, device=self.losses.device),
             }
         )
         return {prefix + k: v for k, v in values.items()}

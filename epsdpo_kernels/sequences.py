@@ -55,6 +55,20 @@ def scored_rows(labels: torch.Tensor, ignore_index: int, scored_count: int) -> t
     return torch.argsort(unscored, stable=True)[:scored_count]
 
 
+def spread_scored(values: torch.Tensor, labels: torch.Tensor, ignore_index: int, dim: int):
+    """``values`` of the S scored token rows along ``dim`` (in ``scored_rows`` order) → the
+    same over all N token rows, zeros at the ignored ones. A gather through each row's place
+    in the scored list (a running count of scored rows), not a scatter: under
+    ``torch.use_deterministic_algorithms`` a CUDA scatter sorts its indices and reads sizes back
+    to the host; a gather does neither."""
+    scored = (labels != ignore_index).flatten()
+    place = torch.where(scored, torch.cumsum(scored, 0) - 1, values.shape[dim])
+    zeros = values.new_zeros(
+        values.shape[: dim % values.dim()] + (1,) + values.shape[dim % values.dim() + 1 :]
+    )
+    return torch.cat([values, zeros], dim).index_select(dim, place)
+
+
 def padded_sequences(labels: torch.Tensor) -> Sequences:
     """The map of ``(2B, T)`` padded rows."""
     rows, tokens = labels.shape

@@ -467,10 +467,11 @@ class EpsilonDPOTrainer(DPOTrainer):
             [
                 torch.stack([v.detach().double().sum() for v in per_pair.values()]),
                 torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
-                torch.tensor(
-                    [out.beta, out.losses.numel(), 1.0],
-                    dtype=torch.float64,
-                    device=out.losses.device,
+                # Fills on the device: torch.tensor of host numbers would be a blocking
+                # host-to-device copy on CUDA, every micro-batch.
+                *(
+                    torch.full((1,), value, dtype=torch.float64, device=out.losses.device)
+                    for value in (out.beta, out.losses.numel(), 1.0)
                 ),
                 tokens.detach().double().reshape(1).to(out.losses.device),
             ]

@@ -29,11 +29,13 @@ def test_no_launch_bypasses_the_guard():
                 assert path.name == "launch.py", f"{path.name}:{node.lineno} launches unguarded"
 
 
-def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch):
+def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch, device):
+    """On the test device: CUDA tensors where there is a GPU (compiled kernels), CPU tensors
+    under the interpreter otherwise."""
     seen = []
     real = launch.device_guard
     monkeypatch.setattr(launch, "device_guard", lambda d: seen.append(d) or real(d))
-    policy, ref, labels = make_batch(2, 4, 40)
+    policy, ref, labels = make_batch(2, 4, 40, device=device)
     policy.requires_grad_()
     epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend="triton").loss.backward()
     # Token forward, sequence sums, pair head, backward.

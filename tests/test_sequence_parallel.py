@@ -20,6 +20,7 @@ from tests.helpers.distributed import (
     spawn_ranks,
 )
 from tests.helpers.packing import pack
+from tests.helpers.syncs import library_syncs
 
 BETA, EPSILON = 0.1, 0.2
 # (entry, backend, dtype, layout, split). Layouts: padded (2B, T) rows, or a packed stream with
@@ -131,6 +132,11 @@ def _worker(rank, world, store, results):
         positions = _positions(CASES[1][4], T, rank, world)
         guarded(results, ("eval", rank), _eval_fields, positions, mesh)
         guarded(results, ("fsdp", rank), _fsdp_context_parallel, rank, world)
+        if interpreted():  # the host syncs of one call and one β update (Triton backend)
+            case = CASES[3]
+            with library_syncs() as calls:
+                _call(case, _positions(case[4], T, rank, world), mesh)
+            results[("syncs", rank)] = calls
 
         # Ranks that disagree fail alike, before any kernel: the options, or the sequences.
         policy, ref, labels = make_batch(B, T, V, seed=3)
@@ -285,3 +291,18 @@ def test_fsdp2_over_a_data_context_mesh_gives_the_batch_gradient_with_the_loss_s
                 atol=1e-7,
                 name=f"rank {rank} {name}",
             )
+
+
+def test_a_call_syncs_the_host_for_its_labels_and_for_the_groups_agreement(ranks):
+    """Forward and backward on the Triton backend, then ``AdaptiveBeta.update``: the label
+    scan, reading back the all-reduce that checks the ranks agree, and the β update's read of
+    its all-reduced step sum; completing the sums is a collective the host does not wait for."""
+    if not interpreted():
+        pytest.skip("the Triton backend runs on CPU tensors only under the interpreter")
+    world, results = ranks
+    for rank in range(world):
+        assert results[("syncs", rank)] == [
+            "epsdpo_kernels.call.tolist",
+            "epsdpo_kernels.distributed.agreement.tolist",
+            "epsdpo_kernels.adaptive_beta.tolist",
+        ], rank

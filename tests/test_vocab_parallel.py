@@ -22,6 +22,7 @@ from tests.helpers.distributed import (
     spawn_ranks,
 )
 from tests.helpers.packing import pack
+from tests.helpers.syncs import library_syncs
 
 # (backend, dtype, layout, V, reference weight: "sharded" DTensor or "plain" whole tensor,
 # mesh: "1d" or "2d" (a (1, w) data × tensor mesh, sharded on "tp")). V = 301 splits unevenly
@@ -143,6 +144,10 @@ def _worker(rank, world, store, results):
         for i, case in enumerate(LOGITS_CASES):
             if _runnable(case):
                 guarded(results, ("logits", i, rank), _call_logits, case, meshes[case[5]])
+        if interpreted():  # the host syncs of one call (Triton backend: only the documented)
+            with library_syncs() as calls:
+                _call(CASES[3], meshes[CASES[3][5]])
+            results[("syncs", rank)] = calls
         errors = []
         try:  # ranks holding different tokens, e.g. a weight FSDP-sharded over data ranks
             _call(CASES[0], meshes["1d"], labels_shift=rank)
@@ -226,3 +231,17 @@ def test_ranks_with_other_tokens_or_placements_get_clear_errors(ranks):
         assert "policy_weight: the ranks sharing the vocabulary-sharded lm_head" in different_tokens
         assert "label checksum from" in different_tokens
         assert "placements (Shard(dim=1),)" in bad_placement and "Shard(0)" in bad_placement
+
+
+def test_a_call_syncs_the_host_for_its_labels_and_for_the_shards_agreement(ranks):
+    """Forward and backward on the Triton backend: the label scan, and reading back the one
+    all-reduce that checks the ranks agree; the merges and the hidden-gradient sum are
+    collectives the host does not wait for."""
+    if not interpreted():
+        pytest.skip("the Triton backend runs on CPU tensors only under the interpreter")
+    world, results = ranks
+    for rank in range(world):
+        assert results[("syncs", rank)] == [
+            "epsdpo_kernels.call.tolist",
+            "epsdpo_kernels.distributed.agreement.tolist",
+        ], rank

@@ -173,7 +173,7 @@ def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) ->
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=labels.device)
     values = {
         "tokens": labels.numel(),
-        "label checksum": float((flat * weights.remainder(9973)).sum()),
+        "label checksum": (flat * weights.remainder(9973)).sum(),
         **option_values(options),
     }
     check_ranks_agree(
