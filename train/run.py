@@ -374,9 +374,8 @@ def evaluate(state: TrainState, eval_pairs) -> dict:
             mine[i] if i < len(mine) else eval_pairs[0]
             for i in range(start, min(count, start + cfg.micro_batch_size))
         ]
-        w = torch.tensor(
-            [1.0 if start + i < len(mine) else 0.0 for i in range(len(chunk))], device=state.device
-        )
+        # Weights built on the device: torch.tensor(list, device=cuda) would block on a copy.
+        w = (torch.arange(len(chunk), device=state.device) < len(mine) - start).float()
         out, _, _ = forward(state, chunk, train_mode=False)
         sums.add(out, w)
     state.policy.train()
