@@ -1,14 +1,19 @@
 """Speed and memory of ε-DPO implementations on the same inputs, one subprocess per row.
 
     python benchmarks/bench_loss.py [--device cuda|cpu] [--quick] [--impl ...] [--json PATH]
-                                    [--plot PATH]
+                                    [--plot PATH] [--preset NAME ...] [--row-timeout S]
 
 Every row starts from hidden states and lm_head weights (the logits-based rows run the matmul
 inside the timed region), is checked against ``eager``'s loss before it is timed, and runs in its
 own process so that peak memory is its own: CUDA max-allocated beyond the inputs, or on CPU the
 process's peak RSS beyond the inputs (VmHWM, reset after warm-up through /proc/self/clear_refs,
 with glibc returning freed memory at once during that measurement and reusing it as usual while
-timing).
+timing). The JSON is rewritten after every row, so a run cut short keeps the rows it finished.
+
+``trl-dpo`` is TRL 1.16's own fused LM head (``ChunkedLogProbFunction``) for policy and
+reference and its sigmoid loss, as ``DPOTrainer`` runs them; ``liger-dpo`` Liger-Kernel's fused
+linear DPO loss. Both are plain DPO, less work than ε-DPO (no perturbed policies, no step), and
+are checked against eager at ε = 0.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ ROOFLINES = {
     "H100 PCIe": (2.0e12, 756e12),
     "H100": (3.35e12, 989e12),
     "A100": (2.0e12, 312e12),
+}
+# Shapes users published, by name (CUDA): ``B`` pairs of ``T`` tokens, half of each prompt.
+PRESETS = {
+    # 8192 tokens at Llama 3's vocabulary (the benchmark's default CUDA shape).
+    "llama3-8k": dict(B=4, T=1024, H=4096, V=128256),
+    # TRL issue 7244's figures on an H100, V = 151936 (Qwen) with 8192 tokens: chunked NLL
+    # 167 ms / 13.1 GiB, Liger 192 ms / 6.1 GiB (H = 4096 assumed: Qwen3-8B's width).
+    "qwen-8k": dict(B=4, T=1024, H=4096, V=151936),
+    # TRL PR 6858: 16384 tokens × V = 248320 × H = 2048 (Cut Cross-Entropy 92.6 ms / 3.09 GB).
+    "trl-6858": dict(B=8, T=1024, H=2048, V=248320),
 }
 ROW_TIMEOUT_S = 1800
 
@@ -154,7 +169,7 @@ def worker(cfg: dict) -> dict:
                 times.append((time.perf_counter() - t0) * 1e3)
             row[name] = statistics.median(times)
     if cfg["impl"] == "eager":
-        # The plain-DPO value that liger-dpo's row is checked against (after measuring).
+        # The plain-DPO value the trl-dpo and liger-dpo rows are checked against.
         import torch
 
         from benchmarks.impls import eager_loss
@@ -205,7 +220,7 @@ def _roofline(cfg, inputs, device, fwd_bwd_ms: float) -> dict:
         # rows and writes every gradient row (zeros for ignored ones).
         moved = (2 * scored * v + scored * v + rows * v) * elt
         return dict(kernel_fwd_bwd_ms=ms, hbm_fraction=round(moved / (ms * 1e-3) / bandwidth, 3))
-    if cfg["impl"] in ("epsdpo-linear", "liger-dpo"):
+    if cfg["impl"] in ("epsdpo-linear", "trl-dpo", "liger-dpo"):
         # Counted as the floor of 4 GEMMs over the scored tokens (policy and reference logits,
         # ∂hidden, ∂weight), whatever an implementation really runs (ours: 5, with the
         # recompute), so the figure compares implementations on useful work.
@@ -219,16 +234,16 @@ def _roofline(cfg, inputs, device, fwd_bwd_ms: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent side
-def _run_row(cfg: dict) -> dict:
+def _run_row(cfg: dict, timeout_s: float) -> dict:
     env = dict(os.environ)
     # Return freed memory to the OS at once, so RSS follows live memory (glibc's defaults keep
     # up to 32 MiB blocks in the heap, hiding reuse from the peak).
     env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=ROW_TIMEOUT_S)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return dict(skipped=f"timed out after {ROW_TIMEOUT_S} s")
+        return dict(skipped=f"timed out after {timeout_s:g} s")
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     err = proc.stderr.strip().splitlines()
@@ -236,7 +251,8 @@ def _run_row(cfg: dict) -> dict:
     if proc.returncode in (-9, 137) or "out of memory" in proc.stderr.lower():
         return dict(skipped=f"out of memory ({last[:200]})")
     if "ModuleNotFoundError" in proc.stderr:
-        hint = " (pip install -e '.[bench]')" if "liger" in last else ""
+        extra = "bench" if "liger" in last else "trl" if "trl" in last else None
+        hint = f" (pip install -e '.[{extra}]')" if extra else ""
         return dict(skipped=f"missing package: {last[:200]}{hint}")
     return dict(skipped=f"failed: {last[:300]}")
 
@@ -317,6 +333,7 @@ COLORS = {
     "compiled": "tab:purple",
     "epsdpo-logits": "tab:blue",
     "epsdpo-linear": "tab:green",
+    "trl-dpo": "tab:red",
     "liger-dpo": "tab:orange",
 }
 
@@ -391,6 +408,25 @@ def main(argv=None) -> int:
         metavar="B,T,H,V",
         help="benchmark this shape instead of the defaults (repeatable)",
     )
+    parser.add_argument(
+        "--preset",
+        action="append",
+        default=None,
+        choices=sorted(PRESETS),
+        help="benchmark this named shape (repeatable; with --shape, both)",
+    )
+    parser.add_argument(
+        "--row-timeout",
+        type=float,
+        default=ROW_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds one row may take before it is skipped (default {ROW_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, one tiny shape, one timed repetition: the plumbing, times meaningless",
+    )
     parser.add_argument("--json", default=None, help="write results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -402,9 +438,13 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from benchmarks.impls import IMPLS
+    from benchmarks.impls import IMPLS, PLAIN_DPO
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.row_timeout <= 0:
+        parser.error("--row-timeout must be > 0")
+    device = (
+        "cpu" if args.dry_run else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     impls = args.impl or IMPLS
@@ -416,8 +456,11 @@ def main(argv=None) -> int:
     else:
         shapes, dtype = (QUICK_CPU_SHAPES if args.quick else CPU_SHAPES), "float32"
         repeats = 3
-    if args.shape:
-        shapes = [_parse_shape(parser, text) for text in args.shape]
+    if args.shape or args.preset:
+        shapes = [_parse_shape(parser, text) for text in args.shape or []]
+        shapes += [PRESETS[name] for name in args.preset or []]
+    if args.dry_run:
+        shapes, repeats = [dict(B=1, T=32, H=16, V=300)], 1
     ordered = ["eager"] + [
         i for i in impls if i != "eager"
     ]  # eager first: the others check against it
@@ -446,7 +489,7 @@ def main(argv=None) -> int:
                 if eager_row is None or "skipped" in eager_row:
                     cfg["unchecked_reason"] = "unchecked: eager could not run this shape"
                 else:
-                    key = "loss_eps0" if impl == "liger-dpo" else "loss"
+                    key = "loss_eps0" if impl in PLAIN_DPO else "loss"
                     cfg["expected_loss"] = eager_row[key]
             print(
                 f"[bench] {impl:14s} B={shape['B']} T={shape['T']} H={shape['H']} "
@@ -455,7 +498,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
             t0 = time.perf_counter()
-            row = _run_row(cfg)
+            row = _run_row(cfg, args.row_timeout)
             row = dict(impl=impl, **shape, dtype=dtype, **row)
             if impl == "eager":
                 eager_row = row
@@ -470,6 +513,8 @@ def main(argv=None) -> int:
             )
             if impl in impls:
                 result["rows"].append(row)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         for row in result["rows"]:
             same = (row["B"], row["T"], row["V"]) == (shape["B"], shape["T"], shape["V"])
             if same and eager_row and "skipped" not in eager_row and "fwd_bwd_ms" in row:

@@ -11,7 +11,9 @@ import torch
 from epsdpo_kernels import epsilon_dpo_loss, linear_epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
 
-IMPLS = ["eager", "compiled", "epsdpo-logits", "epsdpo-linear", "liger-dpo"]
+IMPLS = ["eager", "compiled", "epsdpo-logits", "epsdpo-linear", "trl-dpo", "liger-dpo"]
+# Plain DPO (no ε step): less work than ε-DPO; checked against eager at ε = 0.
+PLAIN_DPO = ("trl-dpo", "liger-dpo")
 
 
 def make_inputs(b, t, h, v, dtype, device, seed=0):
@@ -78,6 +80,8 @@ def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.de
         return logits_step
     if name == "epsdpo-linear":
         return lambda: linear_epsilon_dpo_loss(*args, beta=beta, epsilon=epsilon).loss
+    if name == "trl-dpo":
+        return _trl_dpo(inputs, beta)
     if name == "liger-dpo":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -98,3 +102,37 @@ def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.de
 
         return liger_step
     raise ValueError(f"unknown impl {name!r}; choose from {IMPLS}")
+
+
+def _trl_dpo(inputs: dict, beta: float):
+    """What TRL 1.16's DPOTrainer runs (sigmoid loss): its fused LM head,
+    ``trl.kernels.ChunkedLogProbFunction`` (cuBLAS tiles of 4096 tokens × 32768 vocabulary
+    entries folded by a Triton kernel; torch ops on CPU), on the scored positions of policy and
+    reference, with the per-token outputs the trainer asks for, then per-sequence sums and
+    −log σ(β·((π_c − π_r) − (ref_c − ref_r)))."""
+    import torch.nn.functional as F
+    from trl.kernels import ChunkedLogProbFunction
+
+    try:  # the trainer's own vocabulary width (a private constant of trl.trainer.utils)
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk_size
+    except ImportError:
+        chunk_size = 32768
+    labels = inputs["labels"]
+    mask = labels != -100
+    policy_outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # DPOTrainer's metrics
+
+    def sequence_logps(hidden, weight, outputs):
+        per_token = ChunkedLogProbFunction.apply(
+            hidden[mask], weight, None, labels[mask], 1.0, chunk_size, None, 1.0, outputs
+        )[0]
+        return per_token.new_zeros(mask.shape).masked_scatter(mask, per_token).sum(-1)
+
+    def trl_step():
+        policy = sequence_logps(inputs["hidden"], inputs["weight"], policy_outputs)
+        with torch.no_grad():
+            ref = sequence_logps(inputs["ref_hidden"], inputs["ref_weight"], ("log_probs",))
+        b = policy.shape[0] // 2
+        margin = (policy[:b] - policy[b:]) - (ref[:b] - ref[b:])
+        return -F.logsigmoid(beta * margin).mean()
+
+    return trl_step
