@@ -87,6 +87,8 @@ def main(argv=None) -> int:
 
     for vocab in args.vocab:
         _bench_vocab(vocab, args.rows, not args.no_sweep, params, bench, result, device)
+        if args.json:  # after every V: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

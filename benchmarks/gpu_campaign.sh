@@ -1,39 +1,167 @@
 #!/usr/bin/env bash
-# The whole GPU campaign in one command: the test suite on CUDA, the loss benchmark at real
-# shapes, the token kernels' bandwidth and launch-configuration sweep with a profile, and short
-# training runs (the embedded default; a ~1B Llama at T=2048 with --loss linear and logits).
+# The GPU campaign. With no phase names: one call of at most 520 s of steps, most valuable first,
+# each step cut at its own time cap and its results written as it finishes (a killed step keeps
+# what it measured), at most 8 files under OUT_DIR:
 #
-#   bash benchmarks/gpu_campaign.sh OUT_DIR                 # every phase, in order
-#   bash benchmarks/gpu_campaign.sh OUT_DIR bench-1024 kernels   # some phases
+#   bash benchmarks/gpu_campaign.sh OUT_DIR             # the one call (GPU)
+#   bash benchmarks/gpu_campaign.sh OUT_DIR --dry-run   # the same steps on the CPU: interpreter,
+#                                                       # tiny shapes (tested in tests/test_bench.py)
+#   bash benchmarks/gpu_campaign.sh OUT_DIR PHASE ...   # the longer phases, for a second call
 #
-# Phases: tests, bench-1024, bench-2048, kernels, kernels-ncu, train-small, train-1b (what each
-# runs and writes: benchmarks/RESULTS.md, "GPU campaign"). Each is expected to take under ten
-# minutes on an H100 (an estimate until a GPU has run it); every step is cut at STEP_TIMEOUT_S
-# (default 540 s), so that a step that hangs still leaves its log. Packages a bare GPU image may
-# lack (Liger-Kernel, TRL, datasets and two of its needs) are installed from wheels in .whl/ into
-# /tmp/site when present. A phase that fails is reported and the next one still runs; the exit
-# status is the number of failed phases.
+# Steps (cap in seconds; file under OUT_DIR):
+#   versions  15  versions.txt   Python packages, nvidia-smi, the carried wheels' install
+#   check    120  check.jsonl    cuda_check.py: every kernel against float64 at users' shapes
+#   kernels   45  kernels.json   the token kernels' bandwidth against a device copy, 3 V
+#   tests    150  pytest.log     the suite on CUDA (no compile tests: CI runs them), xdist
+#   linear    40  linear.json    linear_epsilon_dpo_loss against its GEMMs and the 4-GEMM floor
+#   bench    100  bench.json     bench_loss.py at one shape: eager, ours, TRL's fused head, Liger
+#   train     50  train.jsonl    20 steps of train/run.py (bf16 mixed precision on CUDA)
+# and campaign.log, every step's output. Phases for a second call (by name, ≤ 540 s each): tests-all,
+# bench-1024, bench-2048, kernels-sweep, kernels-ncu, train-small, train-1b (benchmarks/RESULTS.md).
+#
+# Packages a bare GPU image lacks (TRL, datasets and two of its needs, Liger-Kernel) are installed
+# from wheels in .whl/ into /tmp/site when present. The exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT_DIR=${1:?usage: gpu_campaign.sh OUT_DIR [PHASE ...]}
+OUT_DIR=${1:?usage: gpu_campaign.sh OUT_DIR [--dry-run | PHASE ...]}
 shift
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then
+    DRY=1
+    shift
+fi
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(tests bench-1024 bench-2048 kernels kernels-ncu train-small train-1b)
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 PY=${PYTHON:-python3}
-# Every step has a time limit: a hung step must not take the phases after it with it.
-RUN="timeout ${STEP_TIMEOUT_S:-540}"
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || echo "campaign: wheel install failed" >&2
-    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT_DIR/campaign.log"
+export PY OUT_DIR DRY LOG
+# The one call's step caps, in seconds: their sum is the call's budget (a device command runs at
+# most 600 s, and the machine's start and the transfers come on top).
+declare -A CAP=([versions]=15 [check]=120 [kernels]=45 [tests]=150 [linear]=40 [bench]=100 [train]=50)
+total_cap=0
+for c in "${CAP[@]}"; do total_cap=$((total_cap + c)); done
+if [ ${#PHASES[@]} -eq 0 ] && [ $total_cap -gt 520 ]; then
+    echo "campaign: step caps add up to $total_cap s > 520" >&2
+    exit 99
 fi
 
+# step NAME CAP COMMAND...: run COMMAND under its cap, its output to the log; a step that fails
+# or runs out of time is reported and the next one still runs.
+failed=0
+step() {
+    local name=$1 cap=$2
+    shift 2
+    echo "=== step $name (cap ${cap} s, $(date -u +%H:%M:%S))" | tee -a "$LOG"
+    local start=$SECONDS
+    # Functions run in a child bash (timeout runs programs); they and their variables are exported.
+    timeout --kill-after=5 "$cap" bash -c '"$@"' step "$@" >>"$LOG" 2>&1
+    local status=$?
+    local took=$((SECONDS - start))
+    if [ $status -eq 124 ] || [ $status -eq 137 ]; then
+        echo "=== step $name CUT at its cap (${took} s)" | tee -a "$LOG"
+        failed=$((failed + 1))
+    elif [ $status -ne 0 ]; then
+        echo "=== step $name FAILED ($status, ${took} s)" | tee -a "$LOG"
+        failed=$((failed + 1))
+    else
+        echo "=== step $name ok (${took} s)" | tee -a "$LOG"
+    fi
+}
+
+install_wheels() {
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || echo "campaign: wheel install failed" >&2
+        export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+}
+
+versions() {
+    versions_report 2>&1 | tee "$OUT_DIR/versions.txt"
+}
+
+versions_report() {
+    $PY - <<'EOF'
+import importlib.metadata as md, platform, sys
+print("python", sys.version.split()[0], platform.platform())
+for name in ("torch", "triton", "transformers", "accelerate", "trl", "datasets", "liger-kernel",
+             "pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "numpy"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+import torch
+print("cuda", torch.version.cuda, "devices", torch.cuda.device_count(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+EOF
+    nvidia-smi || echo "no nvidia-smi"
+}
+
+# pytest with whichever of xdist / pytest-timeout is installed (the GPU image has both).
+pytest_cmd() {
+    local args=(-q -p no:cacheprovider --durations=10)
+    $PY -c "import xdist" 2>/dev/null && args+=(-n "${CAMPAIGN_XDIST:-8}" --dist loadfile)
+    $PY -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 60)
+    $PY -m pytest "${args[@]}" "$@"
+}
+
+# The suite's output in its own file, as it runs; its summary in the log.
+run_tests() {
+    pytest_cmd "$@" >"$OUT_DIR/pytest.log" 2>&1
+    local status=$?
+    tail -n 15 "$OUT_DIR/pytest.log"
+    return $status
+}
+
+one_call() {
+    install_wheels
+    if [ $DRY -eq 1 ]; then
+        export TRITON_INTERPRET=1 EPSDPO_TEST_DEVICE=cpu
+        local shapes_check=(--dry-run)
+        local kernels=(--dry-run --rows 32 --vocab 300 1000 --no-sweep)
+        local tests=(tests/test_layout.py tests/test_launch.py)
+        local linear=(--dry-run --tokens 64 --hidden 32 --vocab 300)
+        local bench=(--dry-run)
+        local train=(--max-steps 2 --max-length 96 --micro-batch-size 2 --global-batch-size 4)
+    else
+        local shapes_check=()
+        local kernels=(--rows 16384 --vocab 32000 128256 256000 --no-sweep)
+        # The CUDA-relevant tier: what the compile tests check CI runs, and -m slow is the
+        # second call's (tests-all).
+        local tests=(-m "not slow" --ignore=tests/test_compile.py)
+        local linear=(--tokens 8192 --hidden 4096 --vocab 128256)
+        local bench=(--device cuda --preset llama3-8k --row-timeout 45)
+        local train=(--max-steps 20)
+    fi
+    step versions "${CAP[versions]}" versions
+    step check "${CAP[check]}" $PY benchmarks/cuda_check.py --jsonl "$OUT_DIR/check.jsonl" \
+        "${shapes_check[@]}"
+    step kernels "${CAP[kernels]}" $PY benchmarks/bench_kernels.py --json "$OUT_DIR/kernels.json" \
+        "${kernels[@]}"
+    step tests "${CAP[tests]}" run_tests "${tests[@]}"
+    step linear "${CAP[linear]}" $PY benchmarks/bench_linear.py --json "$OUT_DIR/linear.json" \
+        "${linear[@]}"
+    step bench "${CAP[bench]}" $PY benchmarks/bench_loss.py --json "$OUT_DIR/bench.json" \
+        --impl eager epsdpo-logits epsdpo-linear trl-dpo liger-dpo "${bench[@]}"
+    rm -rf /tmp/campaign/train
+    step train "${CAP[train]}" train_run /tmp/campaign/train "${train[@]}"
+}
+
+# train/run.py into DIR, its metrics copied next to the others even when the run was cut.
+train_run() {
+    local dir=$1
+    shift
+    $PY train/run.py --output-dir "$dir" --save-every 0 --eval-every 0 "$@"
+    local status=$?
+    cp "$dir/metrics.jsonl" "$OUT_DIR/train.jsonl" 2>/dev/null
+    return $status
+}
+
+# ----------------------------------------------------------------------------- second call
 # A long-sequence dataset for the T=2048 runs (the embedded one's pairs are ~130 tokens): byte
 # tokenizer, so characters are tokens; half prompt, half response, as in the benchmark.
 long_dataset() {
@@ -54,49 +182,39 @@ with open(sys.argv[1], "w") as f:
 EOF
 }
 
-phase_tests() {
-    nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
-    # The suite as CI runs it, but on CUDA tensors and compiled kernels (conftest switches).
-    $RUN $PY -m pytest -q -p no:cacheprovider -n 8 --dist loadfile --durations=15 2>&1 \
-        | tee "$OUT_DIR/pytest.log"
+phase_tests_all() {
+    pytest_cmd --ignore=tests/test_compile.py 2>&1 | tee "$OUT_DIR/pytest_all.log"
 }
 
 phase_bench() {
-    # The issue's shapes: B=4, T=1024 or 2048, H=4096, V=128256, bf16, half prompt. One T per
-    # phase, so that each stays under ten minutes (eager and compiled rows are slow to set up).
     local t=$1
-    $RUN $PY benchmarks/bench_loss.py --device cuda --shape "4,$t,4096,128256" \
+    $PY benchmarks/bench_loss.py --device cuda --shape "4,$t,4096,128256" --row-timeout 120 \
         --json "$OUT_DIR/bench_cuda_T$t.json" --plot "$OUT_DIR/bench_cuda_T$t.png" 2>&1 \
         | tee "$OUT_DIR/bench_T$t.log"
 }
 
-phase_kernels() {
-    $RUN $PY benchmarks/bench_kernels.py --rows 16384 --vocab 32000 128256 256000 \
-        --json "$OUT_DIR/kernels.json" --profile "$OUT_DIR/profile.txt" 2>&1 \
-        | tee "$OUT_DIR/kernels.log"
+phase_kernels_sweep() {
+    $PY benchmarks/bench_kernels.py --rows 16384 --vocab 32000 128256 256000 \
+        --json "$OUT_DIR/kernels_sweep.json" --profile "$OUT_DIR/profile.txt" 2>&1 \
+        | tee "$OUT_DIR/kernels_sweep.log"
 }
 
 phase_kernels_ncu() {
-    $RUN $PY benchmarks/kernel_report.py > "$OUT_DIR/kernel_report.txt" 2>&1
-    if command -v ncu >/dev/null; then
-        # One launch of each token kernel at 16k rows × 128256, clocks as found.
-        $RUN ncu --clock-control none --kernel-name regex:token_ --launch-count 3 \
-            --section SpeedOfLight --section MemoryWorkloadAnalysis \
-            $PY benchmarks/bench_kernels.py --rows 16384 --vocab 128256 --no-sweep \
-            > "$OUT_DIR/ncu.txt" 2>&1 || echo "campaign: ncu failed (see ncu.txt)" >&2
-    fi
+    command -v ncu >/dev/null || { echo "campaign: no ncu" >&2; return 1; }
+    # One launch of each token kernel at 16k rows × 128256, clocks as found.
+    ncu --clock-control none --kernel-name regex:token_ --launch-count 3 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        $PY benchmarks/bench_kernels.py --rows 16384 --vocab 128256 --no-sweep \
+        > "$OUT_DIR/ncu.txt" 2>&1
 }
 
 phase_train_small() {
-    $RUN $PY train/run.py --output-dir /tmp/campaign/default 2>&1 \
-        | tee "$OUT_DIR/train_default.log"
+    $PY train/run.py --output-dir /tmp/campaign/default 2>&1 | tee "$OUT_DIR/train_default.log"
     cp /tmp/campaign/default/metrics.jsonl "$OUT_DIR/train_default_metrics.jsonl"
-    cp /tmp/campaign/default/metrics.png "$OUT_DIR/train_default_metrics.png"
-    # Padded against packed batches (padding share and time per 100 pairs, one run).
-    $RUN $PY benchmarks/bench_packing.py --json "$OUT_DIR/packing.json" \
-        --plot "$OUT_DIR/packing.png" 2>&1 | tee "$OUT_DIR/packing.log"
+    $PY benchmarks/bench_packing.py --json "$OUT_DIR/packing.json" 2>&1 \
+        | tee "$OUT_DIR/packing.log"
     # EpsilonDPOTrainer on CUDA (bf16 autocast) against DPOTrainer's memory, printed.
-    $RUN $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k cuda 2>&1 \
+    $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k cuda 2>&1 \
         | tee "$OUT_DIR/trl_cuda.log"
 }
 
@@ -107,7 +225,7 @@ phase_train_1b() {
     # The linear loss padded and packed (tokens/s, peak memory), and the logits loss padded.
     for run in linear:no-padding-free linear:padding-free logits:no-padding-free; do
         local loss=${run%%:*} layout=${run##*:}
-        timeout 280 $PY train/run.py --model train/configs/llama-1b.json \
+        timeout 170 $PY train/run.py --model train/configs/llama-1b.json \
             --dataset /tmp/campaign/long.jsonl --"$layout" \
             --loss "$loss" --max-length 2048 --max-prompt-length 1024 --micro-batch-size 2 \
             --global-batch-size 8 --max-steps 12 --warmup-steps 2 --eval-every 0 \
@@ -119,21 +237,29 @@ phase_train_1b() {
     return $status
 }
 
-failed=0
+export -f versions versions_report pytest_cmd run_tests train_run long_dataset phase_tests_all phase_bench \
+    phase_kernels_sweep phase_kernels_ncu phase_train_small phase_train_1b
+
+if [ ${#PHASES[@]} -eq 0 ]; then
+    one_call
+    echo "=== campaign done: $failed failed step(s) of caps summing to $total_cap s; results in $OUT_DIR" \
+        | tee -a "$LOG"
+    exit $failed
+fi
+
+install_wheels
 for phase in "${PHASES[@]}"; do
     echo "=== campaign phase: $phase ($(date -u +%H:%M:%S))"
     case "$phase" in
-        tests) phase_tests ;;
-        bench-1024) phase_bench 1024 ;;
-        bench-2048) phase_bench 2048 ;;
-        kernels) phase_kernels ;;
-        kernels-ncu) phase_kernels_ncu ;;
-        train-small) phase_train_small ;;
-        train-1b) phase_train_1b ;;
-        *) echo "campaign: unknown phase $phase" >&2; false ;;
+        tests-all) step tests-all 540 phase_tests_all ;;
+        bench-1024) step bench-1024 540 phase_bench 1024 ;;
+        bench-2048) step bench-2048 540 phase_bench 2048 ;;
+        kernels-sweep) step kernels-sweep 540 phase_kernels_sweep ;;
+        kernels-ncu) step kernels-ncu 540 phase_kernels_ncu ;;
+        train-small) step train-small 540 phase_train_small ;;
+        train-1b) step train-1b 540 phase_train_1b ;;
+        *) echo "campaign: unknown phase $phase" >&2; failed=$((failed + 1)) ;;
     esac
-    status=$?
-    [ $status -ne 0 ] && failed=$((failed + 1)) && echo "=== phase $phase FAILED ($status)"
 done
 echo "=== campaign done: $failed failed phase(s); results in $OUT_DIR"
 exit $failed

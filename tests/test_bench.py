@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,54 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     assert "At the start: machine: " in proc.stdout
     assert proc.stderr.count("[bench]") >= 2 * len(rows)  # a progress line per row, and a result
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_one_call_campaign_dry_run_runs_every_step_within_its_budget(tmp_path):
+    """benchmarks/gpu_campaign.sh's first GPU call, on the CPU: every step ends ok, the caps add
+    up to at most 520 s, at most 8 files of at most 16 MiB come back, and each step's file holds
+    what it measured (every kernel case checked, TRL's fused head beside ours)."""
+    from tests.helpers.interpreter import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    out = tmp_path / "campaign"
+    env = {k: v for k, v in script_env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_campaign.sh"), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHON": sys.executable},
+        timeout=900,
+        cwd=ROOT,
+    )
+    log = (out / "campaign.log").read_text()
+    assert proc.returncode == 0, log[-6000:]
+    steps = ["versions", "check", "kernels", "tests", "linear", "bench", "train"]
+    for name in steps:
+        assert f"=== step {name} ok" in log, (name, log[-6000:])
+    caps = [int(c) for c in re.findall(r"=== step \w+ \(cap (\d+) s", log)]
+    assert len(caps) == len(steps) and sum(caps) <= 520, caps
+    assert f"caps summing to {sum(caps)} s" in log
+
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in files), files
+    cases = [json.loads(line) for line in (out / "check.jsonl").read_text().splitlines()]
+    assert cases and all(c["status"] == "ok" for c in cases), [
+        c for c in cases if c["status"] != "ok"
+    ]
+    names = " ".join(c["name"] for c in cases)
+    for kind in ("strided", "packed", "inplace", "big", "linear", "float16", "float32"):
+        assert kind in names, kind
+    assert all(c["syncs"] == ["epsdpo_kernels.call.tolist"] for c in cases)
+    bench = {r["impl"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    for impl in ("eager", "epsdpo-logits", "epsdpo-linear", "trl-dpo"):
+        assert "skipped" not in bench[impl], bench[impl]
+    assert bench["trl-dpo"]["check"].startswith("ok"), bench["trl-dpo"]
+    assert json.loads((out / "linear.json").read_text())["rows"][0]["loss_over_floor"] > 0
+    assert len((out / "train.jsonl").read_text().splitlines()) == 2
+    assert " passed" in (out / "pytest.log").read_text()
+    assert "torch " in (out / "versions.txt").read_text()
 
 
 @pytest.mark.slow
