@@ -55,9 +55,21 @@ def cases(dry_run: bool) -> list[dict]:
         dict(entry="logits", V=vocabs[-1], dtype="bfloat16", B=1, T=2),
         dict(entry="logits", V=vocabs[-1], dtype="float32", B=1, T=2),
         # (The linear reference and its gradients are computed on the CPU: few tokens.)
-        dict(entry="linear", V=mid, dtype="bfloat16", B=2, T=max(2, t // 8), H=64 if dry_run else 2048),
         dict(
-            entry="linear", V=vocabs[-1], dtype="float32", B=2, T=max(2, t // 8), H=64 if dry_run else 1024
+            entry="linear",
+            V=mid,
+            dtype="bfloat16",
+            B=2,
+            T=max(2, t // 8),
+            H=64 if dry_run else 2048,
+        ),
+        dict(
+            entry="linear",
+            V=vocabs[-1],
+            dtype="float32",
+            B=2,
+            T=max(2, t // 8),
+            H=64 if dry_run else 1024,
         ),
     ]
     # Past 2^31 elements on the GPU (in a dry run, the same case at a tiny size).
