@@ -107,6 +107,12 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
             inplace=call.plan.inplace,
             vocab_offset=call.shard.offset if call.shard is not None else 0,
         )
+        if call.plan.inplace:
+            # A kernel's write is invisible to autograd: bump the logits' version as an in-place
+            # torch op would, so that another consumer that saved them, or a second backward
+            # through this graph, raises "modified by an inplace operation" instead of reading
+            # the gradient as logits.
+            torch.autograd.graph.increment_version(policy_logits)
         return grad, None, None, None
 
 

@@ -175,6 +175,28 @@ def test_inplace_backward_reuses_logits_storage(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reader", ["another-consumer", "second-backward"])
+def test_inplace_backward_is_visible_to_autograd(backend, device, reader):
+    """With inplace_backward the logits' storage holds their gradient after the backward: what
+    still reads the logits must fail as after an in-place torch op, on both backends (the
+    Triton kernel's write once left the version counter alone, and a retained graph or a
+    second consumer silently read the gradient as logits)."""
+    policy, ref, labels = make_batch(2, 6, 300, device=device, seed=5)
+    leaf = policy.clone().requires_grad_()
+    logits = leaf * 1
+    # A consumer made before the loss: autograd runs its backward after the loss's, when the
+    # storage it saved (pow saves its input) holds the gradient.
+    other = logits.pow(2).sum() * 1e-3
+    out = epsilon_dpo_loss(logits, ref, labels, beta=0.1, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        if reader == "another-consumer":
+            (out.loss + other).backward()
+        else:
+            out.loss.backward(retain_graph=True)
+            out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_and_frozen_policy(backend, device):
     policy, ref, labels = make_batch(2, 6, 100, device=device, seed=7)
     policy.requires_grad_()
