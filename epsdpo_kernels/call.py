@@ -19,6 +19,7 @@ last argument (the way Cut Cross-Entropy's params object reaches its Function).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,7 @@ def _scan_and_agree(
         ignore_index=options["ignore_index"],
         sequence_ids=sequence_ids,
         num_sequences=2 * num_pairs if num_pairs else labels.shape[0],
+        whole_sequences=group is None,
     )
     params = P.loss_params(options, backend, count)
     if shard is not None:
@@ -215,35 +217,80 @@ def scan_labels(
     ignore_index: int,
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int = 0,
+    whole_sequences: bool = True,
 ) -> tuple[int, S.Sequences]:
     """The number of scored labels and the token-to-sequence map, after checking that every
     label is in [0, V) or ignore_index (a wrong one would read out of bounds in the kernels)
-    and, for a packed stream, that every scored token's sequence id is in [0, 2B). Everything
-    comes back in one transfer: this is the only host synchronisation of a loss call."""
+    and, for a packed stream, that every scored token's sequence id is in [0, 2B) and that each
+    of the 2B sequences has a token in the stream (a ValueError naming num_pairs otherwise);
+    sequences with no scored token get a warning. With ``whole_sequences`` False (a
+    sequence_group: each rank holds parts of sequences) the last two are not judged.
+    Everything comes back in one transfer: this is the only host synchronisation of a call."""
     scored = labels != ignore_index
     bad = scored & ((labels < 0) | (labels >= vocab))
     checks = [scored.sum(), bad.sum()]
-    if sequence_ids is not None:
+    if sequence_ids is None:
+        per_sequence = scored.sum(-1)
+    else:
         keys, bad_ids = S.sequence_keys(sequence_ids, scored, num_sequences)
-        runs = S.run_lengths(keys, num_sequences)
-        checks += [bad_ids.sum(), runs.max()]
+        per_sequence = runs = S.run_lengths(keys, num_sequences)
+        # Sequences no token of the stream belongs to, scored or not: num_pairs says more pairs
+        # than sequence_ids holds (an easy slip that would pass as pairs of empty responses).
+        keys_of_every_token, _ = S.sequence_keys(
+            sequence_ids, torch.ones_like(scored), num_sequences
+        )
+        absent = S.run_lengths(keys_of_every_token, num_sequences) == 0
+        checks += [bad_ids.sum(), runs.max(), absent.sum()]
+    checks.append((per_sequence == 0).sum())
     values = torch.stack(checks).tolist()
-    count, n_bad = values[0], values[1]
+    count, n_bad, n_empty = values[0], values[1], values[-1]
     if n_bad:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
             f"labels must be in [0, V={vocab}) or equal ignore_index={ignore_index}; "
             f"labels{list(first)} = {int(labels[first])}"
         )
-    if sequence_ids is None:
-        return int(count), S.padded_sequences(labels)
-    if values[2]:
+    if sequence_ids is not None and values[2]:
         first = int(bad_ids.nonzero()[0])
         raise ValueError(
             f"sequence_ids must be in [0, 2·num_pairs = {num_sequences}) wherever the label is "
             f"scored; token {first} has sequence id {int(sequence_ids.reshape(-1)[first])}"
         )
+    # Under a sequence_group a rank holds a part of each sequence, which may have no token or no
+    # scored one: these two checks judge whole sequences only.
+    if sequence_ids is not None and values[4] and whole_sequences:
+        missing = absent.nonzero().flatten().tolist()
+        ids = sequence_ids.reshape(-1)
+        held = ids[(ids >= 0) & (ids < num_sequences)]
+        highest = int(held.max()) if held.numel() else -1
+        raise ValueError(
+            f"num_pairs={num_sequences // 2} means sequences 0..{num_sequences - 1}, but "
+            f"sequence_ids holds no token of sequence{'s' if len(missing) > 1 else ''} "
+            f"{_ranges(missing)} (its highest id is {highest}); pass the number of pairs the "
+            f"stream holds (ids 0..B−1 chosen, B..2B−1 rejected)"
+        )
+    if n_empty and whole_sequences:
+        warnings.warn(
+            f"labels: {n_empty} of the {num_sequences or labels.shape[0]} sequences have no "
+            "scored token (every label is ignore_index): their log-probabilities are 0, and a "
+            "pair of them adds log 2 to the loss with no gradient; check the completion masks "
+            "and the truncation",
+            stacklevel=4,
+        )
+    if sequence_ids is None:
+        return int(count), S.padded_sequences(labels)
     return int(count), S.packed_sequences(keys, runs, int(count), int(values[3]))
+
+
+def _ranges(values: list[int]) -> str:
+    """[4, 5, 6, 9] → '4-6, 9' (at most 6 pieces)."""
+    pieces, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            a, b = values[start], values[i - 1]
+            pieces.append(str(a) if a == b else f"{a}-{b}")
+            start = i
+    return ", ".join(pieces[:6]) + (", …" if len(pieces) > 6 else "")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

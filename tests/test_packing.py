@@ -80,27 +80,46 @@ def test_packed_hidden_states_match_the_padded_reference(backend, device, dtype,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_sequence_without_scored_tokens_is_an_all_ignored_row(backend, device):
-    """Pair 1's chosen sequence has no token in the stream at all, pair 0's rejected one only
-    unscored tokens: both count 0 and sum to 0, as all-ignored padded rows do."""
+def test_a_sequence_without_scored_tokens_is_an_all_ignored_row_and_warns(backend, device):
+    """Pair 0's rejected and pair 1's chosen sequences have only unscored tokens: both count 0
+    and sum to 0, as all-ignored padded rows do, and the call says so (in both layouts)."""
     policy, ref, labels = make_batch(2, 5, 70, device=device, seed=2, empty_rows=(1, 2))
-    compare_to_reference(
-        policy, ref, labels, backend=backend, packing=pack(labels, seed=0), beta=0.1, epsilon=0.1
-    )
-    packing = pack(labels, seed=0)
-    keep = (packing.source < 0) | (packing.source // 5 != 1)  # drop sequence 1 entirely
-    out = epsilon_dpo_loss(
-        packing.stream(policy)[keep],
-        packing.stream(ref)[keep],
-        packing.labels(labels)[keep],
+    with pytest.warns(UserWarning, match="labels: 2 of the 4 sequences have no scored token"):
+        compare_to_reference(
+            policy,
+            ref,
+            labels,
+            backend=backend,
+            packing=pack(labels, seed=0),
+            beta=0.1,
+            epsilon=0.1,
+        )
+    with pytest.warns(UserWarning, match="labels: 2 of the 4 sequences have no scored token"):
+        epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_pairs_that_contradicts_sequence_ids_is_refused(backend, device):
+    """A stream of 2 pairs passed with num_pairs=4 once gave 4 "pairs" whose rejected responses
+    were empty (log-prob 0) and a wrong loss; a sequence with no token at all in the stream is
+    refused, naming num_pairs."""
+    policy, ref, labels = make_batch(2, 5, 70, device=device, seed=2)
+    packing = pack(labels, seed=0, fillers=1)
+    stream = dict(
+        policy_logits=packing.stream(policy),
+        ref_logits=packing.stream(ref),
+        labels=packing.labels(labels),
+        sequence_ids=packing.sequence_ids.to(device),
         beta=0.1,
-        sequence_ids=packing.sequence_ids[keep].to(device),
-        num_pairs=2,
         backend=backend,
     )
-    padded = epsilon_dpo_loss(policy, ref, labels, beta=0.1, backend=backend)
-    assert out.chosen_logps[1] == 0 and out.rejected_logps[0] == 0
-    torch.testing.assert_close(out.losses, padded.losses, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"num_pairs=4 means sequences 0\.\.7, .* sequences 4-7"):
+        epsilon_dpo_loss(**stream, num_pairs=4)
+    keep = (packing.source < 0) | (packing.source // 5 != 1)  # drop sequence 1 entirely
+    dropped = {k: v[keep.to(v.device)] if torch.is_tensor(v) else v for k, v in stream.items()}
+    with pytest.raises(ValueError, match="holds no token of sequence 1 "):
+        epsilon_dpo_loss(**dropped, num_pairs=2)
+    assert torch.isfinite(epsilon_dpo_loss(**stream, num_pairs=2).loss)
 
 
 def test_reference_packed_equals_padded_in_float64():
