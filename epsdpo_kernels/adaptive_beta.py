@@ -28,17 +28,21 @@ class AdaptiveBeta:
         check_epsilon(epsilon)
         self.beta = float(beta)
         self.epsilon = float(epsilon)
-        self._pending: torch.Tensor | None = None  # float64 [Σs, count] on the steps' device
+        # float64 [Σs, count, values outside {-1, 0, 1}] on the steps' device
+        self._pending: torch.Tensor | None = None
 
     def observe(self, steps: torch.Tensor) -> None:
-        """Accumulate one micro-batch's per-pair steps (values in {-1, 0, +1})."""
+        """Accumulate one micro-batch's per-pair steps (values in {-1, 0, +1}). Values are
+        checked without a sync: any other (NaN included) is counted here and refused by the
+        next ``update``, before β moves."""
         if not isinstance(steps, torch.Tensor):
             raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
         steps = steps.detach()
         # The count as a fill on the device (torch.tensor of a host number would be a blocking
         # host-to-device copy on CUDA, every micro-batch).
         count = torch.full((), steps.numel(), dtype=torch.float64, device=steps.device)
-        total = torch.stack([steps.sum().double(), count])
+        valid = (steps == -1) | (steps == 0) | (steps == 1)
+        total = torch.stack([steps.sum().double(), count, (~valid).sum().double()])
         self._pending = (
             total if self._pending is None else self._pending + total.to(self._pending.device)
         )
@@ -47,12 +51,18 @@ class AdaptiveBeta:
         """Apply the step's mean to β, reset the accumulator and return the new β."""
         pending = self._pending
         if pending is None:
-            pending = torch.zeros(2, dtype=torch.float64, device=self._default_device(group))
+            pending = torch.zeros(3, dtype=torch.float64, device=self._default_device(group))
         if dist.is_available() and dist.is_initialized():
             pending = pending.to(self._default_device(group))
             dist.all_reduce(pending, op=dist.ReduceOp.SUM, group=group)
-        step_sum, count = pending.tolist()
+        step_sum, count, invalid = pending.tolist()
         self._pending = None
+        if invalid:
+            raise ValueError(
+                f"AdaptiveBeta.observe was given {int(invalid)} step values outside {{-1, 0, +1}} "
+                f"(or NaN) since the last update; β stays {self.beta!r}: observe the loss's "
+                "out.steps"
+            )
         if count > 0:
             self.beta = self.beta / (1.0 + self.epsilon * step_sum / count)
         return self.beta
@@ -86,7 +96,7 @@ class AdaptiveBeta:
         self.beta = float(state["beta"])
         if state.get("pending_count", 0.0) > 0:
             self._pending = torch.tensor(
-                [state["pending_sum"], state["pending_count"]], dtype=torch.float64
+                [state["pending_sum"], state["pending_count"], 0.0], dtype=torch.float64
             )
         else:
             self._pending = None

@@ -72,3 +72,23 @@ def test_update_all_reduces_across_ranks():
     mp.spawn(_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
     expected = 0.1 / (1 + 0.1 * 0.5)
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [torch.tensor([-5, -5]), torch.tensor([1.0, float("nan")]), torch.tensor([0.5])],
+    ids=["out-of-range", "nan", "fraction"],
+)
+def test_observed_values_outside_the_steps_are_refused_before_beta_moves(steps):
+    """observe([-5, -5]) with ε = 0.5 once gave β = −0.067, NaN gave β = NaN, and the error
+    appeared only at the next loss call. observe stays sync-free; update refuses."""
+    controller = AdaptiveBeta(beta=0.1, epsilon=0.5)
+    controller.observe(torch.tensor([1, 0]))
+    controller.observe(steps)
+    with pytest.raises(
+        ValueError, match=r"outside \{-1, 0, \+1\} \(or NaN\) since the last update"
+    ):
+        controller.update()
+    assert controller.beta == 0.1
+    controller.observe(torch.tensor([1, 1]))  # the refused observations are gone
+    assert controller.update() == pytest.approx(0.1 / 1.5)
