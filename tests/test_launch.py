@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 
 import epsdpo_kernels
@@ -89,3 +90,32 @@ def test_only_the_interpreters_numpy_incompatibility_is_turned_into_a_skip():
 
     assert _interpreter_incompatibility(Group([numpy_error, numpy_error]))
     assert not _interpreter_incompatibility(Group([numpy_error, AssertionError("real")]))
+
+
+def test_the_interpreters_numpy_incompatibility_names_the_fix():
+    """The [train] extra pulls NumPy 2.4, under which every interpreted launch of Triton ≤ 3.6
+    fails with an InterpreterError deep in the interpreter; the launch says what to install."""
+    from epsdpo_kernels.triton_backend.launch import NUMPY_SCALAR_ERROR, launch
+
+    class InterpreterError(Exception):  # the interpreter's exception, by its name
+        pass
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise InterpreterError(f"only 0-dimensional arrays {NUMPY_SCALAR_ERROR}")
+
+            return run
+
+    with pytest.raises(RuntimeError, match=r"pip install 'numpy<2.3', or use backend='torch'"):
+        launch((Kernel(), (1,), (), {}, 4), torch.device("cpu"))
+
+    class Other(Kernel):
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise InterpreterError("something else")
+
+            return run
+
+    with pytest.raises(InterpreterError, match="something else"):
+        launch((Other(), (1,), (), {}, 4), torch.device("cpu"))

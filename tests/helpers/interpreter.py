@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 
-# The error Triton's interpreter (3.6 and earlier) raises under NumPy ≥ 2.3, which no longer
-# converts 1-element arrays to Python scalars; GPU images ship such NumPy.
-_NUMPY_SCALAR_ERROR = "can be converted to Python scalars"
+# The error Triton's interpreter (3.6 and earlier) raises under NumPy ≥ 2.3 (GPU images ship
+# such NumPy); the library names the fix when it meets it.
+from epsdpo_kernels.triton_backend.launch import NUMPY_SCALAR_ERROR as _NUMPY_SCALAR_ERROR
 
 
 @functools.cache
