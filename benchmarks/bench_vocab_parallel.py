@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 WORKER_TIMEOUT_S = 900
@@ -106,10 +107,17 @@ def _run(cfg: dict) -> list[dict]:
             "--worker",
             json.dumps(cfg),
         ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cfg}: worker failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryDirectory() as results:
+        # Each rank writes its own file: ranks printing to one shared stdout pipe can interleave
+        # their lines (seen once: two JSON results joined on one line).
+        cmd[cmd.index("--worker") + 1] = json.dumps({**cfg, "result_dir": results})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cfg}: worker failed:\n{proc.stderr[-3000:]}")
+        files = sorted(Path(results).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        return [json.loads(p.read_text()) for p in files]
 
 
 def main(argv=None) -> int:
@@ -122,7 +130,10 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        cfg = json.loads(args.worker)
+        row = _worker(cfg)
+        rank = os.environ.get("RANK", "0")
+        Path(cfg["result_dir"], f"rank{rank}.json").write_text(json.dumps(row))
         return 0
     if not Path("/proc/self/clear_refs").exists():
         print("error: the peak-memory measurement needs Linux /proc", file=sys.stderr)
