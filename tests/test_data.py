@@ -258,7 +258,7 @@ def test_unreadable_files_are_named(tmp_path, content, match):
     path = tmp_path / "d.jsonl"
     if content == "\xff":
         path.write_bytes(b"\xff\xfe\x00garbage")
-        match = "cannot read it as UTF-8"
+        match = "line 1: cannot read it as UTF-8"
     else:
         path.write_text(content)
     with pytest.raises(DataError, match=match):
@@ -284,3 +284,31 @@ def test_packed_rows_hold_the_padded_sequences():
     filler = packed["sequence_ids"] < 0
     assert (packed["labels"][filler] == -100).all()
     assert filler.float().mean() < (padded["attention_mask"] == 0).float().mean()
+
+
+def test_a_byte_order_mark_is_read_and_a_bad_byte_is_named_by_line(tmp_path):
+    """A UTF-8 BOM (Windows editors) was refused; a non-UTF-8 byte was reported as a byte
+    offset, not a line."""
+    row = json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"})
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (row + "\n").encode() * 2)
+    assert len(load_rows(str(path))[0]) + len(load_rows(str(path))[1]) == 2
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((row + "\n").encode() * 2 + row.replace("b", "\xe9").encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl line 3: cannot read it as UTF-8 .*0xe9"):
+        load_rows(str(bad))
+
+
+def test_a_directory_with_two_files_for_one_split_is_refused(tmp_path):
+    row = {"prompt": "a", "chosen": " b", "rejected": " c"}
+    (tmp_path / "train.json").write_text(json.dumps([row]))
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="holds both train.json and train.jsonl"):
+        load_rows(str(tmp_path))
+
+
+def test_a_lone_surrogate_names_its_row():
+    """JSON's "\\ud800" is a lone surrogate; the tokenizer failed on it with a TypeError."""
+    row = json.loads('{"prompt": "a", "chosen": " b\\ud800", "rejected": " c"}')
+    with pytest.raises(DataError, match=r"rows line 1: its text holds '\\ud800', a lone UTF-16"):
+        _tokenize([row])

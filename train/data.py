@@ -14,6 +14,7 @@ identical) is skipped, counted and reported once.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from collections import defaultdict
@@ -94,8 +95,15 @@ def read_splits(source: str) -> dict[str, tuple[Path | None, list[Row]]]:
         files = {}
         for p in sorted(path.iterdir()):
             suffix = data_suffix(p)
-            if suffix is not None:
-                files.setdefault(p.name[: -len(suffix)], p)
+            if suffix is None:
+                continue
+            name = p.name[: -len(suffix)]
+            if name in files:  # train.json and train.jsonl: which one is meant is not ours to guess
+                raise DataError(
+                    f"--dataset {source}: holds both {files[name].name} and {p.name} for the "
+                    f"{name} split; keep one of them"
+                )
+            files[name] = p
         if "train" not in files:
             raise DataError(
                 f"--dataset {source}: a directory needs a train file "
@@ -157,10 +165,20 @@ def _read_file(path: Path) -> list[Row]:
         )
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+    # A UTF-8 byte order mark (editors on Windows write one) is not part of the data.
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: cannot read it as UTF-8 text (byte 0x{raw[e.start]:02x} is "
+            f"not UTF-8; {e.reason}); save the file as UTF-8"
+        ) from None
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         rows = []
         for i, line in enumerate(text.splitlines()):
@@ -320,6 +338,20 @@ class Tokenized:
         return lines
 
 
+def _check_encodable(row: Row, *texts: str) -> None:
+    """JSON can spell a lone surrogate ("\\ud800", half of an emoji's UTF-16 pair), which no
+    tokenizer can encode: name the row instead of failing inside the tokenizer."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{row.where}: its text holds {text[e.start]!r}, a lone UTF-16 surrogate and not "
+                "a character (often an emoji cut in half by whatever wrote the file); fix or "
+                "drop that row"
+            ) from None
+
+
 def tokenize_rows(rows: list[Row], tokenizer, *, max_length: int, max_prompt_length: int):
     """Rows → ``Tokenized``. The prompt is truncated from the left to ``max_prompt_length``, the
     completions from the right to fit ``max_length``; completions end with EOS."""
@@ -338,6 +370,7 @@ def tokenize_rows(rows: list[Row], tokenizer, *, max_length: int, max_prompt_len
             continue
         prompt_text, chosen_text = _render(tokenizer, prompt, chosen)
         _, rejected_text = _render(tokenizer, prompt, rejected)
+        _check_encodable(row, prompt_text, chosen_text, rejected_text)
         full_prompt = encode(prompt_text)
         if bos is not None and full_prompt[:1] != [bos]:
             full_prompt = [bos] + full_prompt
