@@ -31,6 +31,10 @@ def _error_lines(stderr: str) -> list[str]:
         (["--global-batch-size", "12", "--micro-batch-size", "8"], "must be a multiple of"),
         (["--tp", "2"], "error: --tp 2 must divide the number of processes (1)"),
         (["--tp", "0"], "error: --tp must be ≥ 1, got 0"),
+        (["--weight-decay", "nan"], "error: --weight-decay must be a finite number ≥ 0, got nan"),
+        (["--weight-decay", "inf"], "error: --weight-decay must be a finite number ≥ 0, got inf"),
+        (["--lr", "inf"], "error: --lr must be a finite number > 0, got inf"),
+        (["--max-grad-norm", "nan"], "error: --max-grad-norm must be a finite number > 0"),
     ],
     ids=[
         "beta-0",
@@ -43,6 +47,10 @@ def _error_lines(stderr: str) -> list[str]:
         "batch-multiple",
         "tp-over-world",
         "tp-0",
+        "weight-decay-nan",
+        "weight-decay-inf",
+        "lr-inf",
+        "max-grad-norm-nan",
     ],
 )
 def test_user_errors_are_one_line_before_anything_loads(tmp_path, capsys, monkeypatch, args, match):
@@ -265,3 +273,195 @@ def test_make_dataset_help_writes_nothing():
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in data.iterdir()} == before
+
+
+def _thesis(tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("two years of work")
+    return thesis
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path, capsys, monkeypatch, script):
+    """--overwrite on a directory no run made (a typo, the wrong folder) deletes nothing."""
+    thesis = _thesis(tmp_path)
+    code, out, err = run_in_process(
+        script, ["--output-dir", str(thesis), "--overwrite"], capsys, monkeypatch
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert f"--overwrite: {thesis} holds no run" in lines[0] and "chapter1.tex" in lines[0]
+    assert (thesis / "chapter1.tex").read_text() == "two years of work"
+
+
+def test_overwrite_refuses_a_run_directory_with_files_no_run_writes(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "runs"
+    (out_dir / "checkpoints").mkdir(parents=True)
+    (out_dir / "run.json").write_text("{}")
+    (out_dir / "notes.txt").write_text("mine")
+    code, _, err = run_in_process(
+        "run.py", ["--output-dir", str(out_dir), "--overwrite"], capsys, monkeypatch
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "notes.txt, which no run writes" in lines[0], err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["checkpoints", "notes.txt", "run.json"]
+
+
+def test_overwrite_clears_exactly_the_previous_runs_outputs(tmp_path):
+    from train.outputs import start_run_dir
+
+    out_dir = tmp_path / "runs"
+    (out_dir / "checkpoints" / "step_2").mkdir(parents=True)
+    (out_dir / "final").mkdir()
+    for name in (
+        "run.json",
+        "metrics.jsonl",
+        "metrics.png",
+        "scores.jsonl",
+        "pairs.filtered.jsonl",
+    ):
+        (out_dir / name).write_text("old")
+    start_run_dir(out_dir, {"max_steps": 1}, overwrite=True)
+    assert [p.name for p in out_dir.iterdir()] == ["run.json"]
+    assert json.loads((out_dir / "run.json").read_text()) == {"max_steps": 1}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_overwrite_refuses_an_output_dir_holding_the_dataset(tmp_path, capsys, monkeypatch, script):
+    """score.py --dataset runs/x/filtered --output-dir runs/x rewrote its own input."""
+    out_dir = tmp_path / "x"
+    (out_dir / "filtered").mkdir(parents=True)
+    (out_dir / "run.json").write_text("{}")
+    data = out_dir / "filtered" / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
+    before = data.read_text()
+    args = ["--dataset", str(out_dir / "filtered"), "--output-dir", str(out_dir), "--overwrite"]
+    code, _, err = run_in_process(script, args, capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "write over the data it reads" in lines[0], err
+    assert data.read_text() == before
+
+
+def test_score_refuses_an_output_dir_holding_another_run(tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "x"
+    out_dir.mkdir()
+    (out_dir / "scores.jsonl").write_text("earlier\n")
+    code, _, err = run_in_process("score.py", ["--output-dir", str(out_dir)], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"--output-dir {out_dir} is not empty" in lines[0]
+    assert "--overwrite" in lines[0] and "--resume" not in lines[0]
+    assert (out_dir / "scores.jsonl").read_text() == "earlier\n"
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_note_and_resume_goes_on(tmp_path, capsys):
+    """A real ENOSPC during an append left half a row; every later --resume failed with a
+    JSONDecodeError traceback."""
+    from train.metrics import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3)]
+    path.write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    truncate_metrics(path, 2)
+    assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    assert "note: metrics.jsonl: dropped line 4, which did not parse" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_truncating_metrics_replaces_the_file_whole(tmp_path, monkeypatch):
+    """A kill while the rows are rewritten (here: before the rename) leaves the old file
+    intact, not a half-written one."""
+    import os
+
+    from train.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    original = "".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3))
+    path.write_text(original)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        truncate_metrics(path, 1)
+    assert path.read_text() == original
+
+
+def test_the_load_warning_says_what_to_do(monkeypatch, capsys):
+    """At load 5 on 2 cores the default 2 threads ran train/run.py 7-8× slower than one; the
+    warning said the times were slow, not how to fix it."""
+    import torch
+
+    import train.metrics as m
+
+    monkeypatch.setattr(m, "load_average", lambda: 100.0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    m.machine_note()
+    assert "run with OMP_NUM_THREADS=1" in capsys.readouterr().err
+
+
+def _checkpoint(root, step):
+    from train.fsdp import write_marker
+
+    path = root / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"metadata" * 10)
+    (path / "__0_0.distcp").write_bytes(bytes(range(256)) * 4)
+    (path / "run.json").write_text("{}")
+    write_marker(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated-shard", "missing-metadata", "flipped-byte"])
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, damage):
+    """A checkpoint with its COMPLETE marker but a truncated shard or no .metadata gave a raw
+    DCP traceback and no fallback; flipped bytes in tensor data loaded silently."""
+    from train.fsdp import latest_checkpoint
+
+    _checkpoint(tmp_path, 2)
+    newest = _checkpoint(tmp_path, 4)
+    shard = newest / "__0_0.distcp"
+    if damage == "truncated-shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "missing-metadata":
+        (newest / ".metadata").unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[500] ^= 0x10
+        shard.write_bytes(bytes(data))
+    notes = []
+    found = latest_checkpoint(tmp_path, checksums=True, note=notes.append)
+    assert found.name == "step_2"
+    assert len(notes) == 1 and notes[0].startswith("note: checkpoint step_4 does not verify (")
+    if damage == "flipped-byte":  # the same size: only the checksum tells
+        assert latest_checkpoint(tmp_path).name == "step_4"
+        assert "does not match its checksum" in notes[0]
+
+
+def test_a_checkpoint_marker_from_before_manifests_is_trusted(tmp_path):
+    from train.fsdp import latest_checkpoint
+
+    path = _checkpoint(tmp_path, 2)
+    (path / "COMPLETE").write_text("")  # as earlier versions wrote it (touch)
+    assert latest_checkpoint(tmp_path, checksums=True) == path
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC inside dcp.save surfaced as "RuntimeError: [enforce fail at
+    inline_container.cc:672] unexpected pos …" with a traceback."""
+    from types import SimpleNamespace
+
+    import train.fsdp as fsdp
+    from train.cli import UsageError
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 0")
+
+    monkeypatch.setattr(fsdp, "training_state", lambda state: {})
+    monkeypatch.setattr(fsdp.dcp, "save", full)
+    with pytest.raises(
+        UsageError, match=r"saving checkpoint step_3 failed \(\[enforce fail.*GiB free"
+    ):
+        fsdp.save_checkpoint(SimpleNamespace(step=3), tmp_path, 0, {})
+    assert not (tmp_path / "checkpoints" / "step_3" / "COMPLETE").exists()

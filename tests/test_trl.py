@@ -658,6 +658,9 @@ def test_run_trl_trains_the_pairs_run_py_trains_and_says_what_it_drops(tmp_path)
                 if line.startswith("note:") or line.endswith("eval pairs")
             ]
         )
+        # No metrics dict printed per step (transformers' progress callback did): they are in
+        # metrics.jsonl.
+        assert not [line for line in proc.stdout.splitlines() if line.startswith("{'")], script
     assert reports[0] == reports[1]
     assert "189 train pairs, 10 eval pairs" in reports[0]
     assert any("skipped 1 of 190 rows" in line for line in reports[0])

@@ -9,7 +9,10 @@ that returns only its last hidden states (``ReferenceHidden``).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsilon_dpo_loss
-from train.outputs import RUN_RECORD, write_record
+from train.cli import UsageError
+from train.outputs import RUN_RECORD, _nearest_existing, write_record
 from train.parallel import sharded_logits
 
 
@@ -160,9 +164,63 @@ def decoder_layers(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    done = [p.parent for p in (output_dir / "checkpoints").glob("step_*/COMPLETE")]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+MARKER = "COMPLETE"
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_marker(path: Path) -> None:
+    """The ``COMPLETE`` marker, written last: the size and CRC-32 of every file of the
+    checkpoint, so that a resume can tell a truncated or corrupted one from a whole one."""
+    files = {
+        str(f.relative_to(path)): [f.stat().st_size, _crc32(f)]
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != MARKER
+    }
+    partial = path / (MARKER + ".partial")
+    partial.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    os.replace(partial, path / MARKER)
+
+
+def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (None: it verifies). Compares every
+    file with its marker: present, its size, and (``checksums``) its CRC-32. A marker from
+    before markers held a manifest (empty) is taken on trust."""
+    try:
+        text = (path / MARKER).read_text()
+        manifest = json.loads(text)["files"] if text.strip() else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {MARKER} marker does not read ({e})"
+    if manifest is None:
+        return None
+    for name, (size, crc) in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if checksums and _crc32(f) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(output_dir: Path, checksums: bool = False, note=None) -> Path | None:
+    """The newest checkpoint that is complete and verifies (``checkpoint_problem``); one
+    that does not is passed over, with a line to ``note`` saying which and why."""
+    done = [p.parent for p in (output_dir / "checkpoints").glob(f"step_*/{MARKER}")]
+    for path in sorted(done, key=lambda p: int(p.name.split("_")[1]), reverse=True):
+        problem = checkpoint_problem(path, checksums)
+        if problem is None:
+            return path
+        if note is not None:
+            note(f"note: checkpoint {path.name} does not verify ({problem}): passed over")
+    return None
 
 
 def training_state(state) -> dict:
@@ -183,11 +241,22 @@ def save_checkpoint(state, output_dir, rank, record):
     """A sharded checkpoint of ``state`` (a ``run.TrainState``) at its step, with the run's
     configuration ``record`` beside it (a resume compares its own against it)."""
     path = output_dir / "checkpoints" / f"step_{state.step}"
-    dcp.save(training_state(state), checkpoint_id=str(path))
+    try:
+        dcp.save(training_state(state), checkpoint_id=str(path))
+    except (OSError, RuntimeError) as e:
+        # A full disk surfaces as "[enforce fail at inline_container.cc] unexpected pos": say
+        # what happened and what is kept (the unfinished checkpoint has no marker).
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        free = shutil.disk_usage(_nearest_existing(path)).free / 2**30
+        raise UsageError(
+            f"saving checkpoint {path.name} failed ({first}); {free:.1f} GiB free there: free "
+            "space (or save less often, --save-every), then continue with --resume from the "
+            "last complete checkpoint"
+        ) from None
     dist.barrier()
     if rank == 0:
         write_record(path / RUN_RECORD, record)
-        (path / "COMPLETE").touch()  # written last: a checkpoint cut short is never resumed from
+        write_marker(path)  # last: a checkpoint cut short is never resumed from
     dist.barrier()
 
 

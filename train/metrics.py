@@ -61,9 +61,16 @@ def machine_note() -> str:
     if load is not None:
         note += f", load average {load:.2f} (1 min)"
         if load > cores:
+            # On a shared 2-core machine at load 5 the default 2 threads ran train/run.py 7-8×
+            # slower than one thread (same metrics bitwise): threads that wait on each other.
+            fix = (
+                "; run with OMP_NUM_THREADS=1 (torch's threads contend with the other load)"
+                if torch.get_num_threads() > 1
+                else ""
+            )
             print(
                 f"warning: the load average ({load:.2f}) exceeds the {cores} cores: the times "
-                "reported here are slower than on an idle machine",
+                f"reported here are slower than on an idle machine{fix}",
                 file=sys.stderr,
             )
     return note
@@ -80,20 +87,48 @@ def peak_memory_note(device: torch.device) -> str:
     return f"peak memory {kib / 2**10:.0f} MiB (resident set, rank 0)"
 
 
+def _parsed_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for every complete row of a ``metrics.jsonl``. A line that does not parse
+    (the last one, when an append was cut short by a kill or a full disk) is dropped with a
+    note on stderr: one torn row must not make every later resume fail."""
+    rows, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            torn.append(number)
+    if torn:
+        print(
+            f"note: {path.name}: dropped line{'s' if len(torn) > 1 else ''} "
+            f"{', '.join(map(str, torn))}, which did not parse (an append cut short)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The rows of a ``metrics.jsonl``, with ``null`` (a non-finite value) read back as NaN."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in _parsed_lines(path)]
     return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in rows]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only rows up to ``step``: after a resume, rows the interrupted run logged past its
-    last checkpoint are recomputed and must not appear twice."""
+    last checkpoint are recomputed and must not appear twice. The file is replaced whole
+    (written beside it, flushed to disk, then renamed over it), so a kill at any instant leaves
+    either the old rows or the new ones."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if json.loads(r)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in keep))
+    keep = [line for line, row in _parsed_lines(path) if row["step"] <= step]
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 # One colour per series, the same in every panel.

@@ -49,6 +49,19 @@ def check_output_dir(output_dir: str, flag: str = "--output-dir") -> None:
         raise UsageError(f"{flag} {output_dir}: cannot write in {probe} ({e.strerror})") from None
 
 
+def check_input_outside_output(dataset: str | None, output_dir: str) -> None:
+    """The outputs (the filtered dataset among them) must not land on the data being read."""
+    if dataset is None or not Path(dataset).expanduser().exists():
+        return
+    data = Path(dataset).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve()
+    if data == out or data.is_relative_to(out):
+        raise UsageError(
+            f"--output-dir {output_dir} holds --dataset {dataset}: this run's outputs would "
+            "write over the data it reads; pick another --output-dir"
+        )
+
+
 def _listing(path: Path, most: int = 4) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     return ", ".join(names[:most]) + (", …" if len(names) > most else "")
@@ -102,29 +115,72 @@ def check_run_dir(
     )
 
 
-def _refuse_to_clear(path: Path) -> None:
+# Everything the scripts of train/ write in an output directory (run.py and run_trl.py: the
+# record, metrics, checkpoints, the final model; score.py: scores, histograms, the filtered data).
+# --overwrite deletes these names and nothing else.
+RUN_OUTPUTS = frozenset(
+    {
+        RUN_RECORD,
+        "metrics.jsonl",
+        "metrics.jsonl.partial",  # a truncation a kill cut short (train/metrics.py)
+        "metrics.png",
+        "checkpoints",
+        "final",
+        "scores.jsonl",
+        "ches_hist.png",
+        "filtered",
+    }
+)
+
+
+def _is_run_output(name: str) -> bool:
+    # score.py's filtered copy of a one-file dataset: <stem>.filtered<suffix>
+    return name in RUN_OUTPUTS or ".filtered." in name
+
+
+def _clearable(path: Path) -> list[Path]:
+    """What ``--overwrite`` deletes in ``path``: the outputs of the run recorded there. Anything
+    else is refused with one line, before anything is deleted: a directory no run of these
+    scripts made (no run.json), one that also holds files no run writes, the home directory,
+    the working directory (or one above it) and the file system root."""
     resolved = path.resolve()
-    protected = {Path("/"), Path.home().resolve()}
-    if resolved in protected or Path.cwd().resolve().is_relative_to(resolved):
+    if resolved in {Path("/"), Path.home().resolve()} or Path.cwd().resolve().is_relative_to(
+        resolved
+    ):
         raise UsageError(
             f"--overwrite: refusing to clear {path}, which holds the home "
             "directory, the working directory or the file system root"
         )
+    if not (path / RUN_RECORD).is_file():
+        raise UsageError(
+            f"--overwrite: {path} holds no run of these scripts (no {RUN_RECORD}; it has "
+            f"{_listing(path)}): refusing to delete anything; pick another --output-dir"
+        )
+    foreign = sorted(p.name for p in path.iterdir() if not _is_run_output(p.name))
+    if foreign:
+        raise UsageError(
+            f"--overwrite: {path} holds a run and also {', '.join(foreign[:4])}"
+            f"{', …' if len(foreign) > 4 else ''}, which no run writes: refusing to delete "
+            "anything; move those out, or pick another --output-dir"
+        )
+    return list(path.iterdir())
 
 
-def check_overwrite(output_dir: str, overwrite: bool) -> None:
-    """Before anything loads: a directory --overwrite would clear must be a safe one."""
+def check_overwrite(output_dir: str, overwrite: bool, dataset: str | None = None) -> None:
+    """Before anything loads: a directory --overwrite would clear must hold only a run, and
+    not the --dataset the run reads."""
     path = Path(output_dir).expanduser()
     if overwrite and path.is_dir() and any(path.iterdir()):
-        _refuse_to_clear(path)
+        check_input_outside_output(dataset, output_dir)
+        _clearable(path)
 
 
 def start_run_dir(output_dir: Path, record: dict, *, overwrite: bool) -> None:
-    """Make the output directory (cleared first with ``overwrite``) and write ``run.json``.
-    Called by one process, once the run has loaded everything it needs."""
-    if overwrite and output_dir.is_dir():
-        _refuse_to_clear(output_dir)
-        for child in output_dir.iterdir():
+    """Make the output directory (cleared first with ``overwrite``: the previous run's outputs
+    only) and write ``run.json``. Called by one process, once the run has loaded everything."""
+    if overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+        # run.json last: a clear cut short still looks like a run, so --overwrite can finish it.
+        for child in sorted(_clearable(output_dir), key=lambda p: p.name == RUN_RECORD):
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:

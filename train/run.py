@@ -152,11 +152,17 @@ def check_config(cfg: Config, world: int) -> None:
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_prompt_length"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_every", "save_every", "weight_decay"):
+    for name in ("warmup_steps", "eval_every", "save_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(cfg, name)}")
-    if not (cfg.lr > 0 and cfg.max_grad_norm > 0):
-        raise UsageError("--lr and --max-grad-norm must be > 0")
+    # nan fails every comparison and inf passes "> 0": both once reached AdamW (a traceback, or
+    # NaN weights from step 2 on), so each float is checked for a finite value first.
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a finite number ≥ 0, got {cfg.weight_decay}")
+    for name in ("lr", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
     if cfg.max_prompt_length >= cfg.max_length:
         raise UsageError(
             f"--max-prompt-length ({cfg.max_prompt_length}) must be smaller than "
@@ -174,7 +180,7 @@ def check_config(cfg: Config, world: int) -> None:
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
     check_output_dir(cfg.output_dir)
-    check_overwrite(cfg.output_dir, cfg.overwrite)
+    check_overwrite(cfg.output_dir, cfg.overwrite, cfg.dataset)
     checkpoints = Path(cfg.output_dir).expanduser()
     check_run_dir(
         cfg.output_dir,
@@ -392,7 +398,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
         f"world size {world} (data-parallel {data_parallel} × tensor-parallel {cfg.tp}), device "
         f"{device}, gradient accumulation {accumulation}"
     )
-    log(machine_note())
+    if rank == 0:  # its load warning too: once per run, not once per rank
+        log(machine_note())
 
     # Data: read and tokenised before the models load, so a bad file fails fast.
     tokenizer = load_tokenizer(cfg.model)
@@ -417,7 +424,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     metrics_path = output_dir / "metrics.jsonl"
     metrics_log = MetricsLog(metrics_path)
     if cfg.resume:
-        ckpt = latest_checkpoint(output_dir)
+        # Every file of the checkpoint checked against its marker, newest first; a truncated or
+        # corrupted one is passed over with a note, for the one before it.
+        ckpt = latest_checkpoint(output_dir, checksums=True, note=log)
         if ckpt is None:
             log(f"--resume: no complete checkpoint in {output_dir}, starting from scratch")
         else:

@@ -15,6 +15,7 @@ Outputs in --output-dir: ``metrics.jsonl`` and ``metrics.png`` (as train/run.py 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -73,6 +74,8 @@ def check_config(cfg: Config) -> None:
         raise UsageError("--max-steps, --batch-size and --gradient-accumulation-steps must be ≥ 1")
     if cfg.eval_every < 0:
         raise UsageError(f"--eval-every must be ≥ 0, got {cfg.eval_every}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if not 1 <= cfg.max_prompt_length < cfg.max_length:
         raise UsageError(
             f"--max-prompt-length ({cfg.max_prompt_length}) must be ≥ 1 and "
@@ -82,7 +85,7 @@ def check_config(cfg: Config) -> None:
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
     check_output_dir(cfg.output_dir)
-    check_overwrite(cfg.output_dir, cfg.overwrite)
+    check_overwrite(cfg.output_dir, cfg.overwrite, cfg.dataset)
     check_run_dir(cfg.output_dir, {}, resume=None, overwrite=cfg.overwrite)
 
 
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"
     log = print if main_process else (lambda *a: None)
-    log(machine_note())
+    if main_process:  # its load warning too: once per run, not once per rank
+        log(machine_note())
     tokenizer = load_tokenizer(cfg.model)
     train_pairs, eval_pairs = read_pairs(
         cfg.dataset,
@@ -167,6 +171,7 @@ def main(argv=None) -> int:
         start_run_dir(output_dir, run_record(cfg, RUN_DEFINING), overwrite=cfg.overwrite)
     metrics = MetricsRows(MetricsLog(output_dir / "metrics.jsonl"), enabled=main_process)
     trainer.add_callback(metrics)
+    _quiet_step_logs(trainer)
     try:
         trainer.train()
     except (KeyboardInterrupt, Exception) as e:
@@ -189,6 +194,22 @@ def main(argv=None) -> int:
         f"{trainer.adaptive_beta.beta:.6g}; outputs in {output_dir}"
     )
     return 0
+
+
+def _quiet_step_logs(trainer) -> None:
+    """The progress bar without the metrics dict transformers prints under it every step (64
+    lines for 64 steps): the rows are in metrics.jsonl, and the end prints a summary."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ProgressBarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    had_bar = any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(ProgressBarOnly)
 
 
 class MetricsRows(TrainerCallback):

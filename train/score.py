@@ -25,7 +25,7 @@ import gzip
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -42,7 +42,13 @@ from train.data import (
 )
 from train.flags import DataFlags
 from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
-from train.outputs import check_output_dir
+from train.outputs import (
+    check_output_dir,
+    check_overwrite,
+    check_run_dir,
+    run_record,
+    start_run_dir,
+)
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
@@ -61,6 +67,15 @@ class Config(DataFlags):
         choices=["ches_normalized", "ches"],
     )
     device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
+    overwrite: bool = option(
+        False,
+        "clear --output-dir first when it holds an earlier run's outputs (anything else in it "
+        "is refused)",
+    )
+
+
+# What run.json records of a scoring run.
+RUN_DEFINING = [f.name for f in fields(Config) if f.name not in ("output_dir", "overwrite")]
 
 
 def parse_args(argv=None) -> Config:
@@ -86,6 +101,9 @@ def check_config(cfg: Config) -> None:
     check_model_arg(cfg.model)
     check_dataset_arg(cfg.dataset)
     check_output_dir(cfg.output_dir)
+    # The training scripts' rules: one run per directory, --overwrite clears only a run's outputs.
+    check_overwrite(cfg.output_dir, cfg.overwrite, cfg.dataset)
+    check_run_dir(cfg.output_dir, {}, resume=None, overwrite=cfg.overwrite)
 
 
 def main(argv=None) -> int:
@@ -110,7 +128,8 @@ def main(argv=None) -> int:
     records = []
     for split, (_, rows) in splits.items():
         records += score_split(split, rows, model, tokenizer, cfg, device)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves nothing behind
+    # Only now: a failed start leaves nothing behind (and clears nothing).
+    start_run_dir(out_dir, run_record(cfg, RUN_DEFINING), overwrite=cfg.overwrite)
     scores_path = out_dir / "scores.jsonl"
     with open(scores_path, "w") as f:
         for record in records:
