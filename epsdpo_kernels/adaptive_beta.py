@@ -31,18 +31,31 @@ class AdaptiveBeta:
         # float64 [Σs, count, values outside {-1, 0, 1}] on the steps' device
         self._pending: torch.Tensor | None = None
 
-    def observe(self, steps: torch.Tensor) -> None:
+    def observe(self, steps: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Accumulate one micro-batch's per-pair steps (values in {-1, 0, +1}). Values are
         checked without a sync: any other (NaN included) is counted here and refused by the
-        next ``update``, before β moves."""
+        next ``update``, before β moves. ``mask`` (bool, the shape of ``steps``): observe only
+        those pairs, e.g. ``out.finite_pairs``, so that a pair whose logits were not finite
+        (its step 0 by default) does not pull β's update towards 0."""
         if not isinstance(steps, torch.Tensor):
             raise TypeError(f"steps must be a torch.Tensor, got {type(steps).__name__}")
         steps = steps.detach()
-        # The count as a fill on the device (torch.tensor of a host number would be a blocking
-        # host-to-device copy on CUDA, every micro-batch).
-        count = torch.full((), steps.numel(), dtype=torch.float64, device=steps.device)
         valid = (steps == -1) | (steps == 0) | (steps == 1)
-        total = torch.stack([steps.sum().double(), count, (~valid).sum().double()])
+        if mask is None:
+            # The count as a fill on the device (torch.tensor of a host number would be a
+            # blocking host-to-device copy on CUDA, every micro-batch).
+            count = torch.full((), steps.numel(), dtype=torch.float64, device=steps.device)
+            step_sum = steps.sum().double()
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError("mask must be a bool torch.Tensor (e.g. out.finite_pairs)")
+            if mask.shape != steps.shape:
+                raise ValueError(f"mask must have the shape of steps {tuple(steps.shape)}")
+            mask = mask.detach().to(steps.device)
+            count = mask.sum().double()
+            step_sum = torch.where(mask, steps, 0).sum().double()
+            valid = valid | ~mask
+        total = torch.stack([step_sum, count, (~valid).sum().double()])
         self._pending = (
             total if self._pending is None else self._pending + total.to(self._pending.device)
         )

@@ -37,6 +37,24 @@ class EpsilonDPOOutput:
     mean_rejected_logits: torch.Tensor  # scalar
     beta: float  # the β this call was given
 
+    @property
+    def finite_pairs(self) -> torch.Tensor:
+        """(B,) bool, on the device (no sync): the pairs whose loss and log-ratios are finite.
+        NaN or inf logits at a scored position make a pair's values non-finite, and its step
+        0 (no comparison holds); ``AdaptiveBeta.observe(out.steps, out.finite_pairs)`` leaves
+        such pairs out of β's update instead of counting them as "no step"."""
+        values = (
+            self.losses,
+            self.logratios,
+            self.ref_logratios,
+            self.p_epsilon_logratios,
+            self.n_epsilon_logratios,
+        )
+        finite = torch.isfinite(values[0].detach())
+        for v in values[1:]:
+            finite = finite & torch.isfinite(v.detach())
+        return finite
+
     def pair_metrics(self) -> dict[str, torch.Tensor]:
         """Per-pair values, shape (B,), of the metrics TRL logs as batch means (detached).
         Training loops that average over micro-batches and ranks sum these."""

@@ -448,7 +448,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 -out.chosen_logps.sum() / chosen.sum().clamp(min=1)
             )
         if mode == "train":
-            self.adaptive_beta.observe(out.steps)
+            self.adaptive_beta.observe(out.steps, out.finite_pairs)
         # TRL's num_tokens counts the batch's real tokens (its attention mask; packed: no filler).
         tokens = (inputs["sequence_ids"] >= 0).sum() if packing else inputs["attention_mask"].sum()
         self._accumulate(mode, out, tokens)

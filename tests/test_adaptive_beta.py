@@ -92,3 +92,24 @@ def test_observed_values_outside_the_steps_are_refused_before_beta_moves(steps):
     assert controller.beta == 0.1
     controller.observe(torch.tensor([1, 1]))  # the refused observations are gone
     assert controller.update() == pytest.approx(0.1 / 1.5)
+
+
+def test_pairs_whose_logits_were_not_finite_are_left_out_of_the_update():
+    """NaN logits at a scored position made a pair's loss NaN and its step silently 0, which
+    the controller counted as "no step"; out.finite_pairs flags it on the device."""
+    from epsdpo_kernels import epsilon_dpo_loss
+    from tests.helpers.batches import make_batch
+
+    policy, ref, labels = make_batch(3, 6, 50, seed=1)
+    scored = (labels[1] != -100).nonzero()[0, 0]
+    policy[1, scored, 7] = float("nan")  # pair 1's chosen response
+    out = epsilon_dpo_loss(policy, ref, labels, beta=0.1, epsilon=0.5, backend="torch")
+    assert out.finite_pairs.tolist() == [True, False, True]
+    assert not torch.isfinite(out.losses[1])
+
+    masked, plain = AdaptiveBeta(beta=0.1, epsilon=0.5), AdaptiveBeta(beta=0.1, epsilon=0.5)
+    masked.observe(out.steps, out.finite_pairs)
+    plain.observe(out.steps[[0, 2]])
+    assert masked.update() == plain.update()
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        masked.observe(out.steps, out.finite_pairs.float())

@@ -337,7 +337,7 @@ def train_step(state: TrainState, train_pairs, order) -> dict:
         state.policy.set_requires_gradient_sync(micro == state.accumulation - 1)
         out, tokens, positions = forward(state, [train_pairs[i] for i in ids], train_mode=True)
         (out.loss / state.accumulation).backward()
-        state.beta.observe(out.steps)
+        state.beta.observe(out.steps, out.finite_pairs)
         sums.add(out, torch.ones_like(out.losses))
         sums.add_tokens(tokens, positions)
     grad_norm = clip_grad_norm(state.policy.parameters(), cfg.max_grad_norm)
