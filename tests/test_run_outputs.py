@@ -5,10 +5,12 @@ subprocesses."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +105,94 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
 
     run([*args, "--resume"])
     assert [r["step"] for r in _strict_rows(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_sigterm_is_one_line_with_the_resume_hint(tmp_path):
+    """SIGTERM (a scheduler's stop, `kill`) once ended the run with no message and status −15."""
+    out = tmp_path / "out"
+    args = ["--max-steps", "40", *FAST, "--save-every", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train" / "run.py"), *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and last.endswith("resume with --resume"), last
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state: the parent's pid
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
+    """kill -9 of the torchrun agent once left its workers training, orphaned."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train" / "run.py"),
+        "--max-steps",
+        "200",
+        *FAST,
+        "--save-every",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
+    agent = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
+            assert agent.poll() is None and time.time() < deadline, "ended before its checkpoint"
+            time.sleep(0.05)
+        workers = [
+            w for w in _children(agent.pid) if b"run.py" in Path(f"/proc/{w}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2, workers
+        agent.kill()
+        agent.wait(timeout=60)
+        # With the request to the kernel they get SIGTERM at once and stop at the next Python
+        # instruction; without it they went on until a collective or the agent's store failed
+        # them (about 40 s in this test, minutes or never in a long run).
+        killed = time.time()
+        while any(_alive(w) for w in workers) and time.time() < killed + 20:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "workers outlived their agent by 20 s"
+    finally:
+        for w in _children(agent.pid) + (workers if "workers" in locals() else []):
+            try:
+                os.kill(w, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def test_absurd_beta_writes_strict_json_and_stops(tmp_path):

@@ -19,34 +19,59 @@ class UsageError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C (SIGINT) during a run; the message says where the run stands and how to go on."""
+    """Ctrl-C (SIGINT) or SIGTERM during a run; the message says where the run stands and how
+    to go on."""
 
 
-# The shell's convention for a process ended by SIGINT: 128 + 2.
-EXIT_INTERRUPTED = 130
-_sigint_received = False
+# The shell's convention for a process ended by signal N: 128 + N (SIGINT 130, SIGTERM 143).
+_signal_received: int | None = None
 
 
-def _on_sigint(signum, frame):
-    global _sigint_received
-    _sigint_received = True
+def _on_signal(signum, frame):
+    global _signal_received
+    _signal_received = signum
     raise KeyboardInterrupt
 
 
 def watch_for_interrupt() -> None:
-    """Ctrl-C raises KeyboardInterrupt as usual and is remembered: under torchrun a rank that
-    was inside a collective when its peer stopped fails with a connection error instead, and
-    ``interrupt_requested`` tells that apart from a real failure."""
-    signal.signal(signal.SIGINT, _on_sigint)
+    """Ctrl-C and SIGTERM (a scheduler's stop, ``kill``, a torchrun agent that stops its
+    workers) raise KeyboardInterrupt and are remembered: under torchrun a rank that was inside
+    a collective when its peer stopped fails with a connection error instead, and
+    ``interrupt_requested`` tells that apart from a real failure. A torchrun worker also asks
+    the kernel for SIGTERM when its agent dies, so that a ``kill -9`` of the agent does not
+    leave it training."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _terminate_with_parent()
+
+
+def _terminate_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM) on Linux; elsewhere nothing (best effort)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1  # linux/prctl.h
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() == 1:  # the agent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def interrupt_requested() -> bool:
-    return _sigint_received
+    return _signal_received is not None
+
+
+def interrupt_exit_status() -> int:
+    return 128 + (_signal_received or signal.SIGINT)
 
 
 def is_interruption(error: BaseException) -> bool:
-    """Ctrl-C itself, or a failure that followed it (a collective whose peer stopped)."""
-    return isinstance(error, KeyboardInterrupt) or _sigint_received
+    """Ctrl-C or SIGTERM itself, or a failure that followed it (a collective whose peer
+    stopped)."""
+    return isinstance(error, KeyboardInterrupt) or _signal_received is not None
 
 
 def is_rank_zero() -> bool:
@@ -115,7 +140,7 @@ def run_main(main, argv=None) -> int:
         if is_rank_zero():
             message = str(e) if isinstance(e, Interrupted) else "interrupted before training began"
             print(message, file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return interrupt_exit_status()
 
 
 def looks_like_path(value: str, suffixes=()) -> bool:
