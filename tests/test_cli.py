@@ -465,3 +465,25 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     ):
         fsdp.save_checkpoint(SimpleNamespace(step=3), tmp_path, 0, {})
     assert not (tmp_path / "checkpoints" / "step_3" / "COMPLETE").exists()
+
+
+def test_an_unloadable_model_id_is_one_line_without_the_hubs_retry_log(caplog):
+    """huggingface_hub logged each retry of a failed HEAD request before the error line."""
+    import logging
+
+    from train.cli import UsageError
+    from train.models import _from_pretrained
+
+    class Unreachable:
+        @staticmethod
+        def from_pretrained(name, **kwargs):
+            logging.getLogger("huggingface_hub.utils._http").warning(
+                "'[Errno -2] Name or service not known' thrown while requesting HEAD ..."
+            )
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    before = logging.getLogger("huggingface_hub").level
+    with pytest.raises(UsageError, match="could not load it .We couldn't connect"):
+        _from_pretrained(Unreachable, "no-such-org/no-such-model")
+    assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]
+    assert logging.getLogger("huggingface_hub").level == before  # restored

@@ -9,6 +9,7 @@ or a local directory.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -94,8 +95,15 @@ def load_policy_and_reference(model: str | None, seed: int, *, reference: bool =
 
 
 def _from_pretrained(cls, model: str, **kwargs):
+    # huggingface_hub logs every retry of a failed request ("'[Errno -2] ...' thrown while
+    # requesting HEAD ...", five times) before the error: the one line below says it all.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         return cls.from_pretrained(os.path.expanduser(model), **kwargs)
     except OSError as e:  # missing files, unknown id, offline: the user's to fix
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {model}: could not load it ({first})") from None
+    finally:
+        hub_logger.setLevel(level)
