@@ -34,6 +34,8 @@ def linear_epsilon_dpo_loss(
     sequence_ids: torch.Tensor | None = None,
     num_pairs: int | None = None,
     sequence_group=None,
+    logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> EpsilonDPOOutput:
     """ε-DPO from the last hidden states and the lm_head weights, never materialising the
     ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
@@ -71,6 +73,13 @@ def linear_epsilon_dpo_loss(
         sequence_ids, num_pairs: a packed (padding-free) stream, as for ``epsilon_dpo_loss``:
             hidden states ``(N, H)`` (or ``(1, N, H)``), labels and ``sequence_ids`` ``(N,)``
             (or ``(1, N)``).
+        logit_softcap, logit_scale: the model's map from lm_head outputs z to its logits,
+            for policy and reference alike (one model family): ``logits = logit_softcap ·
+            tanh(logit_scale · z / logit_softcap)``, or ``logit_scale · z`` without a cap, as
+            transformers applies them (Gemma 2: ``final_logit_softcapping``; Cohere:
+            ``logit_scale``; Granite: ``1 / logits_scaling``). Applied where the kernels read
+            each chunk's logits, and its slope in the backward: no extra pass over V. ε-DPO's
+            mixes are of these final logits (docs/SPEC.md).
         beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend,
             sequence_group: as for ``epsilon_dpo_loss``. Under a sequence group, the weight
             gradients summed over the group equal the single-process gradient.
@@ -101,6 +110,8 @@ def linear_epsilon_dpo_loss(
         ignore_index=ignore_index,
         average_log_prob=average_log_prob,
         backend=backend,
+        logit_softcap=logit_softcap,
+        logit_scale=logit_scale,
     )
     inputs, labels, call = prepare_linear(
         LinearInputs(policy_hidden, policy_weight, policy_bias, ref_hidden, ref_weight, ref_bias),

@@ -28,6 +28,15 @@ class LossParams:
     average_log_prob: bool
     backend: str  # resolved: "triton" or "torch"
     scored_count: int  # labels != ignore_index
+    # The model's own map from lm_head outputs z to its logits, applied to policy and
+    # reference alike: logits = cap·tanh(scale·z / cap) (Gemma 2's final_logit_softcapping),
+    # or scale·z without a cap (Cohere's logit_scale; Granite's 1 / logits_scaling).
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+
+    @property
+    def transformed(self) -> bool:
+        return self.logit_softcap is not None or self.logit_scale != 1.0
 
 
 def _is_real_number(x) -> bool:
@@ -66,10 +75,32 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def check_logit_transform(logit_softcap, logit_scale) -> None:
+    if logit_softcap is not None and (
+        not _is_real_number(logit_softcap) or not math.isfinite(logit_softcap) or logit_softcap <= 0
+    ):
+        raise ValueError(
+            f"logit_softcap must be None or a finite number > 0 (Gemma 2: 30.0), got "
+            f"{logit_softcap!r}"
+        )
+    if not _is_real_number(logit_scale) or not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+
+
 def check_loss_options(
-    *, beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend
+    *,
+    beta,
+    epsilon,
+    label_smoothing,
+    ignore_index,
+    average_log_prob,
+    backend,
+    logit_softcap=None,
+    logit_scale=1.0,
 ) -> None:
-    """Every scalar option both entry points share, before any tensor is looked at."""
+    """Every scalar option of the entry points, before any tensor is looked at (the logit
+    transform is the linear entry point's: logits come from the model already transformed)."""
+    check_logit_transform(logit_softcap, logit_scale)
     check_beta(beta)
     check_epsilon(epsilon)
     check_label_smoothing(label_smoothing)
@@ -89,6 +120,10 @@ def loss_params(options: dict, backend: str, scored_count: int) -> LossParams:
         average_log_prob=options["average_log_prob"],
         backend=backend,
         scored_count=scored_count,
+        logit_scale=float(options.get("logit_scale", 1.0)),
+        logit_softcap=(
+            None if options.get("logit_softcap") is None else float(options["logit_softcap"])
+        ),
     )
 
 

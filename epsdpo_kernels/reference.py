@@ -29,6 +29,12 @@ def _mix(h: torch.Tensor, g: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.where(torch.isnan(mix), -torch.inf, mix)
 
 
+def _model_logits(z: torch.Tensor, softcap: float | None, scale: float) -> torch.Tensor:
+    """A model's logits from its lm_head outputs: cap·tanh(scale·z/cap), or scale·z."""
+    z = z * scale if scale != 1.0 else z
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def reference_epsilon_dpo(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -42,6 +48,8 @@ def reference_epsilon_dpo(
     sequence_ids: torch.Tensor | None = None,
     num_pairs: int | None = None,
     dtype: torch.dtype = torch.float64,
+    logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """ε-DPO on materialised logits; every field of ``EpsilonDPOOutput`` as a dict.
 
@@ -51,8 +59,8 @@ def reference_epsilon_dpo(
     pair j, sequence B + j its rejected response). Arithmetic is done in ``dtype`` (float64 in
     tests).
     """
-    h = policy_logits.to(dtype)
-    g = ref_logits.to(dtype).detach()
+    h = _model_logits(policy_logits.to(dtype), logit_softcap, logit_scale)
+    g = _model_logits(ref_logits.to(dtype).detach(), logit_softcap, logit_scale)
     scored = labels != ignore_index
     b = h.shape[0] // 2 if num_pairs is None else num_pairs
 

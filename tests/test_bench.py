@@ -292,7 +292,9 @@ def test_vocab_parallel_benchmark_counts_the_modelled_bytes(tmp_path):
     assert single["all_reduce_payload_bytes_per_rank"] == 0
     assert double["losses"] == pytest.approx(single["losses"], rel=1e-6)
     tokens, hidden = 32, 16
-    check = 2 * 6 * 8  # max and −min of 6 float64 values (tokens, label checksum, 4 options)
+    # max and −min of 8 float64 values: tokens, label checksum, 6 options (β, ε, label
+    # smoothing, averaging, the logit scale and cap)
+    check = 2 * 8 * 8
     assert (
         double["all_reduce_payload_bytes_per_rank"] == 13 * 4 * tokens + 4 * hidden * tokens + check
     )

@@ -36,13 +36,28 @@ CASES = [
     ("linear", "torch", torch.float32, "padded", "blocks"),
     ("linear", "torch", torch.float32, "packed", "strided"),
     ("linear", "triton", torch.float32, "padded", "blocks"),
+    # A soft-capped and scaled head: the transform is per token, the sums over ranks unchanged.
+    ("linear", "torch", torch.float32, "packed", "balanced", dict(logit_softcap=2.0)),
+    (
+        "linear",
+        "triton",
+        torch.float32,
+        "padded",
+        "strided",
+        dict(logit_softcap=2.0, logit_scale=0.5),
+    ),
 ]
 B, T, V, H = 3, 7, 507, 16
 
 
 def _case_id(case) -> str:
-    entry, backend, dtype, layout, split = case
-    return f"{entry}-{backend}-{str(dtype).removeprefix('torch.')}-{layout}-{split}"
+    entry, backend, dtype, layout, split = case[:5]
+    transform = "".join(f"-{k.removeprefix('logit_')}{v:g}" for k, v in _transform(case).items())
+    return f"{entry}-{backend}-{str(dtype).removeprefix('torch.')}-{layout}-{split}{transform}"
+
+
+def _transform(case) -> dict:
+    return case[5] if len(case) > 5 else {}
 
 
 def _positions(split: str, n: int, rank: int, world: int) -> torch.Tensor:
@@ -80,7 +95,7 @@ def _inputs(entry, dtype, layout):
 def _call(case, positions=None, group=None, grad=True):
     """One call of the case's entry point on the tokens at ``positions`` (all when None):
     (fields, gradients of the policy inputs, β after one AdaptiveBeta step)."""
-    entry, backend, dtype, layout, _ = case
+    entry, backend, dtype, layout, _ = case[:5]
     policy_inputs, rest, packing = _inputs(entry, dtype, layout)
     if positions is not None:
         per_token = ("policy_logits", "ref_logits", "policy_hidden", "ref_hidden", "labels")
@@ -101,6 +116,7 @@ def _call(case, positions=None, group=None, grad=True):
             epsilon=EPSILON,
             backend=backend,
             sequence_group=group,
+            **_transform(case),
         )
     if grad:
         out.loss.backward()
@@ -182,7 +198,7 @@ def test_sequence_parallel_ranks_equal_one_process(ranks, case):
     world, results = ranks
     i = CASES.index(case)
     fields, grads, beta = _call(case)
-    _, backend, dtype, layout, split = case
+    _, backend, dtype, layout, split = case[:5]
     rtol = grad_rtol(dtype, backend, "cpu")
     n = T if layout == "padded" else _inputs(case[0], dtype, layout)[1]["labels"].shape[1]
     weight_sums = {}

@@ -34,6 +34,17 @@ CASES = [
     ("triton", torch.float32, "padded", 301, "sharded", "2d"),
     ("triton", torch.float32, "packed", 301, "plain", "1d"),
     ("torch", torch.float32, "padded", 4, "sharded", "1d"),
+    # Soft-capped and scaled logits (Gemma 2, Cohere): each shard applies the transform.
+    ("torch", torch.float32, "padded", 301, "sharded", "1d", dict(logit_softcap=2.0)),
+    (
+        "triton",
+        torch.float32,
+        "packed",
+        301,
+        "plain",
+        "2d",
+        dict(logit_softcap=2.0, logit_scale=0.5),
+    ),
 ]
 B, T, H = 2, 5, 16
 
@@ -43,12 +54,20 @@ def _runnable(case) -> bool:
 
 
 def _case_id(case) -> str:
-    backend, dtype, layout, vocab, ref_kind, mesh = case
-    return f"{backend}-{str(dtype).removeprefix('torch.')}-{layout}-V{vocab}-ref_{ref_kind}-{mesh}"
+    backend, dtype, layout, vocab, ref_kind, mesh = case[:6]
+    transform = "".join(f"-{k.removeprefix('logit_')}{v:g}" for k, v in _transform(case).items())
+    return (
+        f"{backend}-{str(dtype).removeprefix('torch.')}-{layout}-V{vocab}-ref_{ref_kind}-{mesh}"
+        + transform
+    )
+
+
+def _transform(case) -> dict:
+    return case[6] if len(case) > 6 else {}
 
 
 def _inputs(case):
-    _, dtype, layout, vocab, _, _ = case
+    _, dtype, layout, vocab, _, _ = case[:6]
     data = make_linear_batch(B, T, H, vocab, dtype=dtype, device="cpu", bias=True, seed=4)
     packing = {}
     if layout == "packed":
@@ -63,7 +82,7 @@ def _inputs(case):
 def _call(case, mesh=None, labels_shift=0):
     """(fields, grads) of one call; with ``mesh``, the weights (and biases) are distributed over
     its "tp" dimension and the gradients returned are this rank's local shards."""
-    backend, _, _, _, ref_kind, _ = case
+    backend, _, _, _, ref_kind, _ = case[:6]
     data, packing = _inputs(case)
     if labels_shift:
         data["labels"] = data["labels"].roll(labels_shift, dims=1)
@@ -79,7 +98,7 @@ def _call(case, mesh=None, labels_shift=0):
     for name in ("policy_hidden", "policy_weight", "policy_bias"):
         data[name].requires_grad_()
     out = linear_epsilon_dpo_loss(
-        **data, **packing, beta=0.1, epsilon=0.2, backend=backend, chunk_size=4
+        **data, **packing, beta=0.1, epsilon=0.2, backend=backend, chunk_size=4, **_transform(case)
     )
     out.loss.backward()
     fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
@@ -175,7 +194,7 @@ def test_vocabulary_parallel_linear_ranks_equal_one_process(ranks, case):
     world, results = ranks
     i = CASES.index(case)
     fields, grads = _call(case)
-    backend, dtype, _, vocab, _, _ = case
+    backend, dtype, _, vocab, _, _ = case[:6]
     rtol = grad_rtol(dtype, backend, "cpu")
     per_rank = -(-vocab // world)
     for rank in range(world):

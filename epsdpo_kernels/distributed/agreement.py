@@ -38,6 +38,9 @@ def check_ranks_agree(group, device: torch.device, values: dict, argument: str, 
 
 def option_values(options: dict) -> dict:
     """The loss options every rank of a group must share, by name."""
-    return {
+    values = {
         name: options[name] for name in ("beta", "epsilon", "label_smoothing", "average_log_prob")
     }
+    values["logit_scale"] = options.get("logit_scale", 1.0)
+    values["logit_softcap"] = options.get("logit_softcap") or 0.0  # None: no cap
+    return values

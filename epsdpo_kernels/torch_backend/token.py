@@ -62,6 +62,26 @@ class _ScoredRows:
         return x[rows, cols]
 
 
+def logit_transform(z: torch.Tensor, params) -> torch.Tensor:
+    """The model's logits from fp32 lm_head outputs z (``LossParams.logit_scale`` and
+    ``logit_softcap``); z itself when there is neither. In place on z."""
+    if params.logit_scale != 1.0:
+        z.mul_(params.logit_scale)
+    if params.logit_softcap is not None:
+        cap = params.logit_softcap
+        z.div_(cap).tanh_().mul_(cap)
+    return z
+
+
+def logit_transform_slope(logits: torch.Tensor, params) -> torch.Tensor | float:
+    """d logits / d z at the transformed ``logits``: scale·(1 − (logits/cap)²) with a cap
+    (tanh' from tanh itself, so nothing but the logits is needed), scale without."""
+    if params.logit_softcap is None:
+        return params.logit_scale
+    t = logits / params.logit_softcap
+    return params.logit_scale * (1 - t * t)
+
+
 def _nonpositive(x: torch.Tensor) -> torch.Tensor:
     # A log-probability is ≤ 0: rounding must not make one positive (a select, so NaN stays).
     return torch.where(x > 0, 0.0, x)
@@ -81,6 +101,8 @@ def token_forward(
     for sel, r, c in rows.chunks():
         h = rows.take(policy_logits, sel, r, c).float()
         g = rows.take(ref_logits, sel, r, c).float()
+        if params.transformed:  # a copy first: .float() of fp32 views is the input itself
+            h, g = logit_transform(h.clone(), params), logit_transform(g.clone(), params)
         y = rows.take(labels.unsqueeze(-1), sel, r, c).long()
         out = stats[:, sel]
         log_p = torch.log_softmax(h, -1)
@@ -127,12 +149,15 @@ def token_backward(
     for sel, r, c in rows.chunks():
         h = rows.take(policy_logits, sel, r, c)
         y = rows.take(labels.unsqueeze(-1), sel, r, c).long()
+        logits = logit_transform(h.float().clone(), params) if params.transformed else h.float()
         # c·(onehot − p), with p = exp(h − lse) from the forward's lse: one exp per element.
-        g = torch.sub(h.float(), stats[L.TOK_LSE, sel].unsqueeze(1)).exp_()
+        g = torch.sub(logits, stats[L.TOK_LSE, sel].unsqueeze(1)).exp_()
         local = y - vocab_offset  # the label's column, if it falls in this slice
         inside = (local >= 0) & (local < v)
         g.scatter_add_(1, local.clamp(0, v - 1), -inside.float())
         g.mul_(-coef[sel].unsqueeze(1))
+        if params.transformed:  # through the model's transform: ∂logits/∂z per element
+            g.mul_(logit_transform_slope(logits, params))
         if r is None:
             grad.reshape(-1, v)[sel] = g
         else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import layout as L
-from .token import _chunk_rows, _nonpositive
+from .token import _chunk_rows, _nonpositive, logit_transform
 
 MAX_FIELDS = 4  # the four streams' maxes
 SUM_FIELDS = 9  # their four Σexp, their four label logits, Σh
@@ -49,6 +49,8 @@ def token_partials(policy_logits, ref_logits, labels, params, offset: int, rows:
         sl = slice(start, min(count, start + step))
         h = policy_logits[sl, 0].float()
         g = ref_logits[sl, 0].float()
+        if params.transformed:
+            h, g = logit_transform(h.clone(), params), logit_transform(g.clone(), params)
         diff = h - g
         streams = (h, g, h + params.epsilon * diff, h - params.epsilon * diff)
         for k, z in enumerate(streams):

@@ -43,6 +43,8 @@ from .vocab_merge import (
     _exp2,
     _finish,
     _merge_lanes,
+    _model_logits,
+    _model_logits_slope,
     _stack,
     _unstack,
     token_merge_kernel,
@@ -94,6 +96,20 @@ def _fold_block(h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _masked_model_logits(
+    h, g, valid, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, FAST_MATH: tl.constexpr
+):
+    """The model's logits of a masked block: the cap would turn the masked columns' −inf into
+    −cap, an entry that counts; they stay −inf (absent)."""
+    h = _model_logits(h, LOGIT_SCALE, SOFTCAP, FAST_MATH)
+    g = _model_logits(g, LOGIT_SCALE, SOFTCAP, FAST_MATH)
+    if SOFTCAP > 0.0:
+        h = tl.where(valid, h, -float("inf"))
+        g = tl.where(valid, g, -float("inf"))
+    return h, g
+
+
+@triton.jit
 def _first_aligned_column(row_offset, col_start, col_end, VEC: tl.constexpr):
     """The first column ≥ col_start (at most col_end) whose element sits on a 16-byte boundary,
     for a row starting ``row_offset`` elements after a 16-byte-aligned base. A row whose stride
@@ -132,6 +148,8 @@ def token_forward_kernel(
     SPLIT: tl.constexpr,  # write partial states for token_merge_kernel instead of stats
     FAST_MATH: tl.constexpr,  # GPU: ftz ex2 and max-based NaN removal (False: interpreter)
     ALIGN_ROWS: tl.constexpr,  # rows may start mid-vector: align each before its main loop
+    LOGIT_SCALE: tl.constexpr = 1.0,  # the model's logits from z (vocab_merge._model_logits)
+    SOFTCAP: tl.constexpr = 0.0,  # 0: no cap
 ):
     """Program (row, split) owns columns [split·cols_per_split, …) of one token row: it streams h
     and g once and folds the policy, the reference and the two ε-mixes into running
@@ -174,6 +192,7 @@ def token_forward_kernel(
             # Masked columns are −inf in both: an absent entry, which contributes nothing.
             h = tl.load(policy_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
             g = tl.load(ref_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
+            h, g = _masked_model_logits(h, g, valid, LOGIT_SCALE, SOFTCAP, FAST_MATH)
             state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH)
         policy_block = policy_ptr + tl.multiple_of(policy_offset + first, VEC)
         ref_block = ref_ptr + tl.multiple_of(ref_offset + first, VEC)
@@ -186,6 +205,8 @@ def token_forward_kernel(
     for k in range(0, full_blocks):
         h = tl.load(policy_block + k * (LANES * VEC) + tile).to(tl.float32)
         g = tl.load(ref_block + k * (LANES * VEC) + tile).to(tl.float32)
+        h = _model_logits(h, LOGIT_SCALE, SOFTCAP, FAST_MATH)
+        g = _model_logits(g, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         state = _fold_block(h, g, h, state, epsilon, FAST_MATH)
     rest = col_end - first - full_blocks * (LANES * VEC)
     if rest > 0:
@@ -193,6 +214,7 @@ def token_forward_kernel(
         valid = tile < rest
         h = tl.load(policy_block + cols, mask=valid, other=-float("inf")).to(tl.float32)
         g = tl.load(ref_block + cols, mask=valid, other=-float("inf")).to(tl.float32)
+        h, g = _masked_model_logits(h, g, valid, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH)
 
     run_max, run_sum, logit_sum = state
@@ -214,6 +236,8 @@ def token_forward_kernel(
     else:
         h_y = tl.load(policy_row + label).to(tl.float32)
         g_y = tl.load(ref_row + label).to(tl.float32)
+        h_y = _model_logits(h_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
+        g_y = _model_logits(g_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         _finish(
             out_ptr,
             row,
@@ -265,6 +289,8 @@ def token_backward_kernel(
     VEC: tl.constexpr,
     FAST_MATH: tl.constexpr,
     ALIGN_ROWS: tl.constexpr,  # rows may start mid-vector: align each before its main loop
+    LOGIT_SCALE: tl.constexpr = 1.0,  # the model's logits from z, as in the forward
+    SOFTCAP: tl.constexpr = 0.0,
 ):
     """Program (row, split) writes the gradient of one token row's columns [split·cols_per_split,
     …): zeros for an ignored row (without reading its logits), c·(onehot(y) − exp(h − lse))
@@ -293,6 +319,8 @@ def token_backward_kernel(
             VEC,
             FAST_MATH,
             ALIGN_ROWS,
+            LOGIT_SCALE,
+            SOFTCAP,
             ZEROS=True,
         )
     else:
@@ -312,6 +340,8 @@ def token_backward_kernel(
             VEC,
             FAST_MATH,
             ALIGN_ROWS,
+            LOGIT_SCALE,
+            SOFTCAP,
             ZEROS=False,
         )
 
@@ -331,6 +361,8 @@ def _gradient_row(
     VEC: tl.constexpr,
     FAST_MATH: tl.constexpr,
     ALIGN_ROWS: tl.constexpr,
+    LOGIT_SCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZEROS: tl.constexpr,
 ):
     """Columns [col_start, col_end) of one row's gradient: a masked head block up to a 16-byte
@@ -353,6 +385,8 @@ def _gradient_row(
                 shift,
                 coef,
                 FAST_MATH,
+                LOGIT_SCALE,
+                SOFTCAP,
                 ZEROS,
                 MASKED=True,
             )
@@ -374,6 +408,8 @@ def _gradient_row(
             shift,
             coef,
             FAST_MATH,
+            LOGIT_SCALE,
+            SOFTCAP,
             ZEROS,
             MASKED=False,
         )
@@ -390,6 +426,8 @@ def _gradient_row(
             shift,
             coef,
             FAST_MATH,
+            LOGIT_SCALE,
+            SOFTCAP,
             ZEROS,
             MASKED=True,
         )
@@ -406,6 +444,8 @@ def _gradient_block(
     shift,
     coef,
     FAST_MATH: tl.constexpr,
+    LOGIT_SCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ZEROS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -419,8 +459,13 @@ def _gradient_block(
             h = tl.load(policy_base + cols, mask=valid, other=-float("inf")).to(tl.float32)
         else:
             h = tl.load(policy_base + cols).to(tl.float32)
+        h = _model_logits(h, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         grad = -coef * _exp2(h * LOG2E - shift, FAST_MATH)
         grad = tl.where(row_cols == label_col, grad + coef, grad)
+        if LOGIT_SCALE != 1.0 or SOFTCAP > 0.0:
+            # Through the model's transform to its lm_head outputs z (masked columns are not
+            # stored, so their −cap does no harm here).
+            grad = grad * _model_logits_slope(h, LOGIT_SCALE, SOFTCAP)
     out = grad.to(grad_base.dtype.element_ty)
     if MASKED:
         tl.store(grad_base + cols, out, mask=valid)
@@ -487,8 +532,26 @@ def align_rows(vec: int, *tensors: torch.Tensor) -> bool:
     return len(residues) == 1
 
 
+def _transform_constexprs(logit_scale: float, logit_softcap: float | None) -> dict:
+    """The model's logit transform as compile-time constants: none (the default, the plain
+    kernels), a scale, a cap (a model has one value: one specialisation)."""
+    return dict(
+        LOGIT_SCALE=float(logit_scale),
+        SOFTCAP=0.0 if logit_softcap is None else float(logit_softcap),
+    )
+
+
 def forward_launches(
-    policy_logits, ref_logits, labels, stats, partial, epsilon, ignore_index, splits: int
+    policy_logits,
+    ref_logits,
+    labels,
+    stats,
+    partial,
+    epsilon,
+    ignore_index,
+    splits: int,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ):
     """[(kernel, grid, args, constexprs, num_warps)] of the forward: one launch, or the split
     forward into ``partial`` and the merge. The real launch and the compile check
@@ -499,6 +562,7 @@ def forward_launches(
     vec = vec_of(policy_logits.dtype)
     splits, cols_per_split = _split_plan(policy_logits, lanes * vec, splits)
     fast = _fast_math()
+    transform = _transform_constexprs(logit_scale, logit_softcap)
     strides = (
         policy_logits.stride(0),
         policy_logits.stride(1),
@@ -529,6 +593,7 @@ def forward_launches(
             SPLIT=splits > 1,
             FAST_MATH=fast,
             ALIGN_ROWS=align_rows(vec, policy_logits, ref_logits),
+            **transform,
         ),
         FWD_WARPS,
     )
@@ -550,7 +615,7 @@ def forward_launches(
             epsilon,
             ignore_index,
         ),
-        dict(BLOCK_S=triton.next_power_of_2(splits), FAST_MATH=fast),
+        dict(BLOCK_S=triton.next_power_of_2(splits), FAST_MATH=fast, **transform),
         1,
     )
     return [forward, merge]
@@ -590,6 +655,8 @@ def token_forward(
         params.epsilon,
         params.ignore_index,
         splits,
+        params.logit_scale,
+        params.logit_softcap,
     ):
         launch(spec, device)
     return stats
@@ -605,6 +672,8 @@ def backward_launch(
     *,
     vocab_offset: int = 0,
     splits: int | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ):
     """(kernel, grid, args, constexprs, num_warps) of the backward."""
     n, t, v = policy_logits.shape
@@ -638,6 +707,7 @@ def backward_launch(
             VEC=vec,
             FAST_MATH=_fast_math(),
             ALIGN_ROWS=align_rows(vec, policy_logits, grad),
+            **_transform_constexprs(logit_scale, logit_softcap),
         ),
         BWD_WARPS,
     )
@@ -668,6 +738,8 @@ def token_backward(
         params.ignore_index,
         vocab_offset=vocab_offset,
         splits=splits,
+        logit_scale=params.logit_scale,
+        logit_softcap=params.logit_softcap,
     )
     launch(spec, policy_logits.device)
     return grad

@@ -47,6 +47,31 @@ def _exp2(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _model_logits(z, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr, FAST_MATH: tl.constexpr):
+    """The model's logits from lm_head outputs z (LossParams.logit_scale, logit_softcap; both
+    compile-time, so the plain kernels are unchanged): scale·z, then cap·tanh(·/cap). The tanh
+    is cap − 2·cap / (1 + 2^(2·log2e·x/cap)): one ex2 and one reciprocal per element, exactly
+    ±cap where the exponential overflows or underflows (also for x = ±inf), NaN kept; near 0
+    its absolute error is a few ulps of the cap, the rounding of logits of that size."""
+    if LOGIT_SCALE != 1.0:
+        z = z * LOGIT_SCALE
+    if SOFTCAP > 0.0:
+        e = _exp2(z * (2.0 * LOG2E / SOFTCAP), FAST_MATH)
+        z = SOFTCAP - (2.0 * SOFTCAP) / (1.0 + e)
+    return z
+
+
+@triton.jit
+def _model_logits_slope(y, LOGIT_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """d logits / d z at the model's logits y: scale·(1 − (y/cap)²), tanh' from tanh itself."""
+    if SOFTCAP > 0.0:
+        t = y * (1.0 / SOFTCAP)
+        return LOGIT_SCALE * (1.0 - t * t)
+    else:
+        return LOGIT_SCALE
+
+
+@triton.jit
 def _unstack(x):
     """(h, g, mix_p, mix_n) values of a [2, 2] stacked state (see _fold_block)."""
     hg, mixes = tl.split(x)
@@ -129,6 +154,8 @@ def token_merge_kernel(
     ignore_index,
     BLOCK_S: tl.constexpr,
     FAST_MATH: tl.constexpr,
+    LOGIT_SCALE: tl.constexpr = 1.0,
+    SOFTCAP: tl.constexpr = 0.0,
 ):
     """One program owns one token row: it combines the row's per-split states exactly as the
     unsplit kernel combines its lanes, then writes the row's stats."""
@@ -162,6 +189,8 @@ def token_merge_kernel(
     logit_sum = tl.sum(tl.load(base + 8 * n_rows, mask=valid, other=0.0), axis=0)
     h_y = tl.load(policy_ptr + n * stride_pn + t * stride_pt + label).to(tl.float32)
     g_y = tl.load(ref_ptr + n * stride_rn + t * stride_rt + label).to(tl.float32)
+    h_y = _model_logits(h_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
+    g_y = _model_logits(g_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
     _finish(
         stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
     )
