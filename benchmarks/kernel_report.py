@@ -163,9 +163,10 @@ def time_range(
     )
 
 
-def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
+def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int, softcap: float | None = None):
     """(name, kernel, launch, elements per loop trip per thread, bytes per element) for every
-    kernel at this shape, with the launchers' own arguments."""
+    kernel at this shape, with the launchers' own arguments; with ``softcap``, the token
+    kernels' soft-capped specialisation (Gemma 2's logits) instead, named ``…-softcap``."""
     import torch
 
     from epsdpo_kernels.sequences import Sequences
@@ -184,23 +185,32 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int):
     out = []
     for splits in (1, 2):
         for launch in K.forward_launches(
-            policy, policy, labels, stats, partial, 0.01, -100, splits
+            policy, policy, labels, stats, partial, 0.01, -100, splits, logit_softcap=softcap
         ):
             kernel = launch[0]
             name = kernel.__name__ + (
                 "-split" if splits > 1 and kernel is K.token_forward_kernel else ""
             )
+            name += "-softcap" if softcap is not None else ""
             if any(r[0] == name for r in out):
                 continue
             per_trip = launch[3].get("LANES", 1) * launch[3].get("VEC", 1) // (32 * launch[4])
             out.append((name, launch, per_trip, 2 * element))
     grad_launch = K.backward_launch(
-        policy, labels, stats, torch.empty(rows, device="meta"), policy, -100, splits=1
+        policy,
+        labels,
+        stats,
+        torch.empty(rows, device="meta"),
+        policy,
+        -100,
+        splits=1,
+        logit_softcap=softcap,
     )
     lanes, vec = grad_launch[3]["LANES"], grad_launch[3]["VEC"]
-    out.append(
-        ("token_backward_kernel", grad_launch, lanes * vec // (32 * grad_launch[4]), 2 * element)
-    )
+    name = "token_backward_kernel" + ("-softcap" if softcap is not None else "")
+    out.append((name, grad_launch, lanes * vec // (32 * grad_launch[4]), 2 * element))
+    if softcap is not None:
+        return out  # the sums and the head do not read logits: the same kernels
     # The head's inputs at B = 16 pairs of 1024 tokens, padded rows and the same packed.
     seq_labels = torch.empty(32, 1024, dtype=torch.long, device="meta")
     seq_out = torch.empty(6, 32, device="meta")
@@ -298,11 +308,17 @@ def _programs(grid) -> int:
 
 
 def report(
-    arch: int, dtype_name: str, rows: int, vocab: int, gpu=H100, baseline: bool = False
+    arch: int,
+    dtype_name: str,
+    rows: int,
+    vocab: int,
+    gpu=H100,
+    baseline: bool = False,
+    softcap: float | None = None,
 ) -> list[dict]:
     results = []
     elements = rows * vocab
-    kernels = kernel_rows(arch, dtype_name, rows, vocab)
+    kernels = kernel_rows(arch, dtype_name, rows, vocab, softcap)
     if baseline:
         kernels += baseline_rows(dtype_name, rows, vocab)
     for name, (kernel, _grid, args, constexprs, warps), per_trip, bytes_per_element in kernels:
@@ -319,12 +335,15 @@ def report(
         if loop is not None and per_trip:
             instr = len(loop) / per_trip
             mufu = sum(op == "MUFU.EX2" for _, op, _ in loop) / per_trip
+            # Every SFU op (the soft cap adds a reciprocal to each exponential): the SFU time.
+            sfu_ops = sum(op.startswith("MUFU.") for _, op, _ in loop) / per_trip
             load_bytes = loop_load_bytes(loop)
             row.update(
                 loop_instructions=len(loop),
                 elements_per_trip=per_trip,
                 instructions_per_element=round(instr, 2),
                 mufu_per_element=round(mufu, 3),
+                sfu_ops_per_element=round(sfu_ops, 3),
                 shuffles_or_barriers_in_loop=sum(
                     op.startswith(("SHFL", "BAR")) for _, op, _ in loop
                 ),
@@ -332,7 +351,7 @@ def report(
                 **time_range(
                     elements=elements,
                     bytes_per_element=bytes_per_element,
-                    mufu=mufu,
+                    mufu=sfu_ops,
                     instr=instr,
                     registers=row["registers"],
                     warps=warps,
@@ -406,6 +425,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument(
+        "--softcap",
+        type=float,
+        default=None,
+        help="report the token kernels' soft-capped specialisation (e.g. 30: Gemma 2)",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="also report the kernels before the roofline rewrite",
@@ -417,7 +442,7 @@ def main(argv=None) -> int:
         dict(r, vocab=v)
         for v in args.vocab
         for dt in args.dtype
-        for r in report(args.arch, dt, args.rows, v, baseline=args.baseline)
+        for r in report(args.arch, dt, args.rows, v, baseline=args.baseline, softcap=args.softcap)
     ]
     print(markdown(results, args.rows, args.vocab))
     if args.json:

@@ -135,3 +135,55 @@ def test_token_forward_divides_with_round_to_nearest(compiled, arch, dtype):
         divisions = compiled[f"{kernel}-sm{arch}-{dtype}-V5000"]["fp32_divisions"]
         assert divisions.get("div.rn.f32", 0) >= 2, divisions
         assert set(divisions) == {"div.rn.f32"}, divisions
+
+
+_COMPILE_SOFTCAP = r"""
+import json, sys
+from benchmarks.kernel_report import report
+results = {}
+for arch in (80, 90):
+    for dt in ("fp32", "bf16"):
+        for v in (50257, 128256):
+            for row in report(arch, dt, 16384, v, softcap=30.0):
+                results[f"{row['kernel']}-sm{arch}-{dt}-V{v}"] = row
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_softcap() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SOFTCAP],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SOFTCAP_CASES = [(a, d, v) for a in (80, 90) for d in ("fp32", "bf16") for v in (50257, 128256)]
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, vocab", SOFTCAP_CASES, ids=[f"sm{a}-{d}-V{v}" for a, d, v in SOFTCAP_CASES]
+)
+def test_the_soft_capped_specialisation_costs_one_exp_and_one_reciprocal_per_stream(
+    compiled, compiled_softcap, arch, dtype, vocab
+):
+    """Gemma 2's cap·tanh(z/cap) as cap − 2·cap/(1 + e^(2z/cap)): in the hot loop one more
+    MUFU.EX2 and one MUFU.RCP per stream read (the forward reads two, the backward one), no
+    spills; the plain kernels are not touched (the cap is a compile-time flag)."""
+    for kernel, streams in (("token_forward_kernel", 2), ("token_backward_kernel", 1)):
+        plain = compiled[f"{kernel}-sm{arch}-{dtype}-V{vocab}"]
+        capped = compiled_softcap[f"{kernel}-softcap-sm{arch}-{dtype}-V{vocab}"]
+        assert capped["spill_bytes"] == 0 and capped["stack_bytes"] == 0, capped
+        assert capped["mufu_per_element"] == pytest.approx(plain["mufu_per_element"] + streams)
+        assert capped["sfu_ops_per_element"] == pytest.approx(
+            plain["sfu_ops_per_element"] + 2 * streams
+        )
