@@ -169,23 +169,16 @@ def worker(cfg: dict) -> dict:
                 times.append((time.perf_counter() - t0) * 1e3)
             row[name] = statistics.median(times)
     if cfg["impl"] == "eager":
-        # The plain-DPO value the trl-dpo and liger-dpo rows are checked against.
+        # The values the plain-DPO rows (trl-dpo, liger-dpo) and the soft-capped row are
+        # checked against.
         import torch
 
-        from benchmarks.impls import eager_loss
+        from benchmarks.impls import SOFTCAP, eager_loss
 
+        args = [inputs[k] for k in ("hidden", "weight", "ref_hidden", "ref_weight", "labels")]
         with torch.no_grad():
-            row["loss_eps0"] = float(
-                eager_loss(
-                    inputs["hidden"],
-                    inputs["weight"],
-                    inputs["ref_hidden"],
-                    inputs["ref_weight"],
-                    inputs["labels"],
-                    BETA,
-                    0.0,
-                )
-            )
+            row["loss_eps0"] = float(eager_loss(*args, BETA, 0.0))
+            row["loss_softcap"] = float(eager_loss(*args, BETA, EPSILON, softcap=SOFTCAP))
     return row
 
 
@@ -220,7 +213,7 @@ def _roofline(cfg, inputs, device, fwd_bwd_ms: float) -> dict:
         # rows and writes every gradient row (zeros for ignored ones).
         moved = (2 * scored * v + scored * v + rows * v) * elt
         return dict(kernel_fwd_bwd_ms=ms, hbm_fraction=round(moved / (ms * 1e-3) / bandwidth, 3))
-    if cfg["impl"] in ("epsdpo-linear", "trl-dpo", "liger-dpo"):
+    if cfg["impl"] in ("epsdpo-linear", "epsdpo-linear-softcap", "trl-dpo", "liger-dpo"):
         # Counted as the floor of 4 GEMMs over the scored tokens (policy and reference logits,
         # ∂hidden, ∂weight), whatever an implementation really runs (ours: 5, with the
         # recompute), so the figure compares implementations on useful work.
@@ -333,6 +326,7 @@ COLORS = {
     "compiled": "tab:purple",
     "epsdpo-logits": "tab:blue",
     "epsdpo-linear": "tab:green",
+    "epsdpo-linear-softcap": "tab:olive",
     "trl-dpo": "tab:red",
     "liger-dpo": "tab:orange",
 }
@@ -489,7 +483,13 @@ def main(argv=None) -> int:
                 if eager_row is None or "skipped" in eager_row:
                     cfg["unchecked_reason"] = "unchecked: eager could not run this shape"
                 else:
-                    key = "loss_eps0" if impl in PLAIN_DPO else "loss"
+                    key = (
+                        "loss_eps0"
+                        if impl in PLAIN_DPO
+                        else "loss_softcap"
+                        if impl.endswith("-softcap")
+                        else "loss"
+                    )
                     cfg["expected_loss"] = eager_row[key]
             print(
                 f"[bench] {impl:14s} B={shape['B']} T={shape['T']} H={shape['H']} "

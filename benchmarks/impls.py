@@ -11,7 +11,17 @@ import torch
 from epsdpo_kernels import epsilon_dpo_loss, linear_epsilon_dpo_loss
 from epsdpo_kernels.reference import reference_epsilon_dpo
 
-IMPLS = ["eager", "compiled", "epsdpo-logits", "epsdpo-linear", "trl-dpo", "liger-dpo"]
+IMPLS = [
+    "eager",
+    "compiled",
+    "epsdpo-logits",
+    "epsdpo-linear",
+    "epsdpo-linear-softcap",
+    "trl-dpo",
+    "liger-dpo",
+]
+# Gemma 2's final_logit_softcapping: the capped row is checked against eager with the same cap.
+SOFTCAP = 30.0
 # Plain DPO (no ε step): less work than ε-DPO; checked against eager at ε = 0.
 PLAIN_DPO = ("trl-dpo", "liger-dpo")
 
@@ -35,14 +45,20 @@ def make_inputs(b, t, h, v, dtype, device, seed=0):
     )
 
 
-def eager_loss(hidden, weight, ref_hidden, ref_weight, labels, beta, epsilon):
+def eager_loss(hidden, weight, ref_hidden, ref_weight, labels, beta, epsilon, softcap=None):
     """What the authors' TRL trainer does: materialise both logits, log-softmax the policy,
     the reference and both mixes over the full vocabulary, autograd through the policy."""
     logits = hidden @ weight.t()
     with torch.no_grad():
         ref_logits = ref_hidden @ ref_weight.t()
     out = reference_epsilon_dpo(
-        logits, ref_logits, labels, beta=beta, epsilon=epsilon, dtype=torch.float32
+        logits,
+        ref_logits,
+        labels,
+        beta=beta,
+        epsilon=epsilon,
+        dtype=torch.float32,
+        logit_softcap=softcap,
     )
     return out["loss"]
 
@@ -80,6 +96,11 @@ def build(name: str, inputs: dict, beta: float, epsilon: float, device: torch.de
         return logits_step
     if name == "epsdpo-linear":
         return lambda: linear_epsilon_dpo_loss(*args, beta=beta, epsilon=epsilon).loss
+    if name == "epsdpo-linear-softcap":
+        # Gemma 2's logits: the cap fused where the kernels read each chunk's logits.
+        return lambda: (
+            linear_epsilon_dpo_loss(*args, beta=beta, epsilon=epsilon, logit_softcap=SOFTCAP).loss
+        )
     if name == "trl-dpo":
         return _trl_dpo(inputs, beta)
     if name == "liger-dpo":
