@@ -25,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import DPOConfig, DPOTrainer
 
 from .adaptive_beta import AdaptiveBeta
-from .hugging_face import check_linear_head
+from .hugging_face import check_same_transform, logit_transform
 from .linear_loss import linear_epsilon_dpo_loss
 from .params import check_beta, check_epsilon, check_label_smoothing
 
@@ -321,13 +321,17 @@ class EpsilonDPOTrainer(DPOTrainer):
                 "EpsilonDPOTrainer; set router_aux_loss_coef=0.0"
             )
         policy = self._unwrapped_policy()
-        check_linear_head(policy.config.get_text_config())
+        # Soft-capped or scaled logits (Gemma 2, Cohere, Granite, ...): the loss applies the
+        # model's own transform where its kernels read the logits, as TRL's fused head does.
+        self._logit_transform = logit_transform(policy.config.get_text_config())
         if padding_free:
             self._use_packed_batches(kwargs.get("data_collator"))
         _hidden_state_forward(policy)
         if self.ref_model is not None:
             reference = self.accelerator.unwrap_model(self.ref_model)
-            check_linear_head(reference.config.get_text_config())
+            self._logit_transform = check_same_transform(
+                policy.config.get_text_config(), reference.config.get_text_config()
+            )
             _hidden_state_forward(reference)
         self.adaptive_beta = AdaptiveBeta(args.beta, args.epsilon)
         self.loss_weights = dict(zip(args.loss_type, self.loss_weights))
@@ -432,6 +436,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 label_smoothing=self.args.label_smoothing,
                 policy_bias=policy_bias,
                 ref_bias=ref_bias,
+                **self._logit_transform,
                 **{
                     k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
                     for k, v in packing.items()

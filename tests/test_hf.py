@@ -62,11 +62,49 @@ def test_linear_loss_from_hf_model_equals_loss_on_its_logits(tie):
         assert_close(got, param.grad, rtol=1e-4, atol=1e-7, name="param grad")
 
 
-def test_refuses_softcapped_logits():
+def test_a_soft_capped_model_returns_its_transform_and_is_refused_without_asking():
+    """Its logits are not hidden @ W.T: a caller that did not ask for the transform (and so
+    would not pass it to the loss) is refused, naming the way."""
     model = tiny_llama(False)
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        causal_lm_hidden_and_head(model, torch.zeros(1, 3, dtype=torch.long))
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"soft-capped at 30, not .*return_logit_transform=True"):
+        causal_lm_hidden_and_head(model, ids)
+    *_, transform = causal_lm_hidden_and_head(model, ids, return_logit_transform=True)
+    assert transform == {"logit_softcap": 30.0, "logit_scale": 1.0}
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        (dict(), {"logit_softcap": None, "logit_scale": 1.0}),
+        (dict(final_logit_softcapping=None), {"logit_softcap": None, "logit_scale": 1.0}),
+        (dict(logit_scale=0.0625), {"logit_softcap": None, "logit_scale": 0.0625}),
+        (dict(logits_scaling=4.0), {"logit_softcap": None, "logit_scale": 0.25}),
+        (
+            dict(logits_scaling=4.0, model_type="hyperclovax"),
+            {"logit_softcap": None, "logit_scale": 4.0},
+        ),
+        (dict(lm_head_multiplier=2.0), {"logit_softcap": None, "logit_scale": 2.0}),
+        (dict(final_logit_softcapping=15.0), {"logit_softcap": 15.0, "logit_scale": 1.0}),
+    ],
+    ids=["plain", "cap-none", "cohere", "granite", "hyperclovax", "falcon-h1", "nanochat"],
+)
+def test_the_logit_transform_is_read_as_transformers_applies_it(fields, expected):
+    from types import SimpleNamespace
+
+    from epsdpo_kernels.hugging_face import logit_transform
+
+    assert logit_transform(SimpleNamespace(**fields)) == expected
+
+
+def test_a_transform_the_loss_cannot_follow_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from epsdpo_kernels.hugging_face import logit_transform
+
+    with pytest.raises(ValueError, match="output_multiplier_scale=3.0"):
+        logit_transform(SimpleNamespace(output_multiplier_scale=3.0))
 
 
 def test_refuses_non_causal_lm():

@@ -136,3 +136,14 @@ def test_histogram_axis_is_not_stretched_by_one_outlier(tmp_path):
     rows = [{"ches": v, "ches_normalized": v / 100} for v in values]
     plot_histograms(rows, tmp_path / "hist.png")
     assert (tmp_path / "hist.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_soft_capped_gemma2_config_is_scored(tmp_path):
+    """CHES reads only the last hidden states of the scored tokens, never the logits,
+    so a model that caps its logits (Gemma 2, the paper's HH model) needs nothing more."""
+    out = tmp_path / "ches"
+    model = str(ROOT / "train" / "configs" / "tiny-gemma2.json")
+    proc = score(["--model", model, "--output-dir", str(out), "--batch-size", "64"])
+    assert "ches_normalized: n 1328" in proc.stdout
+    assert all(math.isfinite(r["ches"]) for r in records(out))

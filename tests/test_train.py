@@ -82,6 +82,17 @@ def test_packed_run_trains_the_padded_run_steps(tmp_path, loss):
         assert 0 <= a["padding_share"] <= b["padding_share"] < 1
 
 
+def test_a_soft_capped_gemma2_trains_the_same_steps_with_either_loss(tmp_path):
+    """train/configs/tiny-gemma2.json (final_logit_softcapping 30): --loss linear caps inside
+    the fused loss, --loss logits reads the model's own capped logits (and caps the
+    reference's, formed from its hidden states): the same steps to fp32 rounding."""
+    args = ["--model", str(ROOT / "train" / "configs" / "tiny-gemma2.json"), "--max-steps", "3"]
+    args += [*FAST, "--padding-free"]
+    run([*args, "--output-dir", str(tmp_path / "linear"), "--loss", "linear"])
+    run([*args, "--output-dir", str(tmp_path / "logits"), "--loss", "logits"])
+    _assert_same_steps(metrics(tmp_path / "linear"), metrics(tmp_path / "logits"))
+
+
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path):
     args = [
         "--max-steps",

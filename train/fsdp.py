@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsilon_dpo_loss
+from epsdpo_kernels.hugging_face import logit_transform
 from train.cli import UsageError
 from train.outputs import RUN_RECORD, _nearest_existing, write_record
 from train.parallel import sharded_logits
@@ -83,8 +84,13 @@ class EpsilonDPOPolicy(nn.Module):
             layout = dict(sequence_ids=sequence_ids.reshape(-1), num_pairs=num_pairs)
             labels = labels.reshape(-1)
         if self.loss == "linear":
-            hidden, _, _ = causal_lm_hidden_and_head(
-                self.model, input_ids, attention_mask, position_ids=position_ids
+            # The model's own logit transform (Gemma 2's soft cap, a scale), fused in the loss.
+            hidden, _, _, transform = causal_lm_hidden_and_head(
+                self.model,
+                input_ids,
+                attention_mask,
+                position_ids=position_ids,
+                return_logit_transform=True,
             )
             if layout:
                 hidden, ref_hidden = hidden.flatten(0, 1), ref_hidden.flatten(0, 1)
@@ -96,6 +102,7 @@ class EpsilonDPOPolicy(nn.Module):
                 ref_bias=ref_bias,
                 beta=beta,
                 epsilon=epsilon,
+                **transform,
                 **layout,
             )
         else:
@@ -107,10 +114,24 @@ class EpsilonDPOPolicy(nn.Module):
                 use_cache=False,
             ).logits
             ref_logits = sharded_logits(ref_hidden, ref_weight.to(ref_hidden.dtype), ref_bias)
+            # The policy's logits come from its own forward, capped or scaled as the model does;
+            # the reference's are formed here from its hidden states, so they get the same.
+            ref_logits = model_logits(
+                ref_logits, logit_transform(self.model.config.get_text_config())
+            )
             if layout:
                 logits, ref_logits = logits.flatten(0, 1), ref_logits.flatten(0, 1)
             out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon, **layout)
         return out
+
+
+def model_logits(z, transform: dict):
+    """A model's logits from lm_head outputs ``z`` (``hugging_face.logit_transform``), as
+    transformers forms them: scale·z, then cap·tanh(·/cap)."""
+    if transform["logit_scale"] != 1.0:
+        z = z * transform["logit_scale"]
+    cap = transform["logit_softcap"]
+    return z if cap is None else torch.tanh(z / cap) * cap
 
 
 class ReferenceHidden(nn.Module):
@@ -123,7 +144,11 @@ class ReferenceHidden(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         return causal_lm_hidden_and_head(
-            self.model, input_ids, attention_mask, position_ids=position_ids
+            self.model,
+            input_ids,
+            attention_mask,
+            position_ids=position_ids,
+            return_logit_transform=True,  # the policy's forward applies it (the same model)
         )[0]
 
 

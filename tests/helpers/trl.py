@@ -26,8 +26,10 @@ def pairs(n: int, offset: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
-    config = LlamaConfig(
+def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True, softcap: float | None = None):
+    """A tiny Llama policy and an equal reference; with ``softcap``, a tiny Gemma 2 whose
+    logits are capped at it (``final_logit_softcapping``)."""
+    sizes = dict(
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
@@ -40,9 +42,16 @@ def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True):
         eos_token_id=257,
         pad_token_id=258,
     )
+    if softcap is None:
+        config, model_cls = LlamaConfig(**sizes), LlamaForCausalLM
+    else:
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        config = Gemma2Config(**sizes, head_dim=8, final_logit_softcapping=softcap)
+        model_cls = Gemma2ForCausalLM
     torch.manual_seed(seed)
-    policy = LlamaForCausalLM(config)
-    reference = LlamaForCausalLM(config)
+    policy = model_cls(config)
+    reference = model_cls(config)
     reference.load_state_dict(policy.state_dict())
     return policy, reference
 
@@ -68,8 +77,8 @@ def config(tmp_path, **overrides) -> EpsilonDPOConfig:
     return EpsilonDPOConfig(**options)
 
 
-def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, **overrides):
-    policy, reference = tiny_models(seed)
+def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, softcap=None, **overrides):
+    policy, reference = tiny_models(seed, softcap=softcap)
     return EpsilonDPOTrainer(
         policy,
         ref_model=reference,
