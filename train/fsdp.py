@@ -10,6 +10,7 @@ that returns only its last hidden states (``ReferenceHidden``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -305,9 +306,17 @@ def export_final(state, output_dir, rank):
     """Gather the full policy of ``state`` (a ``run.TrainState``) on rank 0 and write it with
     save_pretrained (+ tokenizer)."""
     policy, policy_lm, tokenizer = state.policy, state.policy_lm, state.tokenizer
-    full = get_model_state_dict(
-        policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    # Under --tp a (dp, tp) mesh's weights gather in two all-gathers, and DTensor warns on every
+    # rank that this is "suboptimal": true of a step, noise for a one-time export.
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_log.level
+    redistribute_log.setLevel(logging.ERROR)
+    try:
+        full = get_model_state_dict(
+            policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    finally:
+        redistribute_log.setLevel(level)
     if rank == 0:
         # A tied weight appears under each of its names; gathered, the copies are no longer
         # one tensor, so save_pretrained would write both: keep the first name only.
