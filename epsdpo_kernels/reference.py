@@ -29,10 +29,13 @@ def _mix(h: torch.Tensor, g: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.where(torch.isnan(mix), -torch.inf, mix)
 
 
-def _model_logits(z: torch.Tensor, softcap: float | None, scale: float) -> torch.Tensor:
-    """A model's logits from its lm_head outputs: cap·tanh(scale·z/cap), or scale·z."""
-    z = z * scale if scale != 1.0 else z
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
+def model_logits(
+    z: torch.Tensor, logit_softcap: float | None = None, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """A model's logits from its lm_head outputs, as transformers forms them:
+    cap·tanh(scale·z/cap), or scale·z (``hugging_face.logit_transform`` gives the arguments)."""
+    z = z * logit_scale if logit_scale != 1.0 else z
+    return z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
 
 
 def reference_epsilon_dpo(
@@ -59,8 +62,8 @@ def reference_epsilon_dpo(
     pair j, sequence B + j its rejected response). Arithmetic is done in ``dtype`` (float64 in
     tests).
     """
-    h = _model_logits(policy_logits.to(dtype), logit_softcap, logit_scale)
-    g = _model_logits(ref_logits.to(dtype).detach(), logit_softcap, logit_scale)
+    h = model_logits(policy_logits.to(dtype), logit_softcap, logit_scale)
+    g = model_logits(ref_logits.to(dtype).detach(), logit_softcap, logit_scale)
     scored = labels != ignore_index
     b = h.shape[0] // 2 if num_pairs is None else num_pairs
 

@@ -30,8 +30,9 @@ from torch.distributed.fsdp import fully_shard
 
 from epsdpo_kernels import LinearEpsilonDPOHead, causal_lm_hidden_and_head, epsilon_dpo_loss
 from epsdpo_kernels.hugging_face import logit_transform
+from epsdpo_kernels.reference import model_logits
 from train.cli import UsageError
-from train.outputs import RUN_RECORD, _nearest_existing, write_record
+from train.outputs import RUN_RECORD, _nearest_existing, replace_whole, write_record
 from train.parallel import sharded_logits
 
 
@@ -118,21 +119,12 @@ class EpsilonDPOPolicy(nn.Module):
             # The policy's logits come from its own forward, capped or scaled as the model does;
             # the reference's are formed here from its hidden states, so they get the same.
             ref_logits = model_logits(
-                ref_logits, logit_transform(self.model.config.get_text_config())
+                ref_logits, **logit_transform(self.model.config.get_text_config())
             )
             if layout:
                 logits, ref_logits = logits.flatten(0, 1), ref_logits.flatten(0, 1)
             out = epsilon_dpo_loss(logits, ref_logits, labels, beta=beta, epsilon=epsilon, **layout)
         return out
-
-
-def model_logits(z, transform: dict):
-    """A model's logits from lm_head outputs ``z`` (``hugging_face.logit_transform``), as
-    transformers forms them: scale·z, then cap·tanh(·/cap)."""
-    if transform["logit_scale"] != 1.0:
-        z = z * transform["logit_scale"]
-    cap = transform["logit_softcap"]
-    return z if cap is None else torch.tanh(z / cap) * cap
 
 
 class ReferenceHidden(nn.Module):
@@ -209,9 +201,7 @@ def write_marker(path: Path) -> None:
         for f in sorted(path.rglob("*"))
         if f.is_file() and f.name != MARKER
     }
-    partial = path / (MARKER + ".partial")
-    partial.write_text(json.dumps({"files": files}, indent=1) + "\n")
-    os.replace(partial, path / MARKER)
+    replace_whole(path / MARKER, json.dumps({"files": files}, indent=1) + "\n")
 
 
 def checkpoint_problem(path: Path, checksums: bool = True) -> str | None:
