@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from epsdpo_kernels import EpsilonDPOOutput
+from train.outputs import replace_whole
 
 
 class MetricSums:
@@ -123,12 +124,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line, row in _parsed_lines(path) if row["step"] <= step]
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    replace_whole(path, "".join(line + "\n" for line in keep))
 
 
 # One colour per series, the same in every panel.

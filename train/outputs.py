@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -187,6 +188,17 @@ def start_run_dir(output_dir: Path, record: dict, *, overwrite: bool) -> None:
                 child.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
     write_record(output_dir / RUN_RECORD, record)
+
+
+def replace_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a kill at any instant leaves the old file or the new
+    one: written beside it (``<name>.partial``), flushed to disk, then renamed over it."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 def write_record(path: Path, record: dict) -> None:
