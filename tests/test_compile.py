@@ -48,13 +48,13 @@ pytestmark = pytest.mark.slow
 _COMPILE_ALL = r"""
 import json, sys
 from benchmarks.kernel_report import report
-archs, dtypes, vocabs = (json.loads(a) for a in sys.argv[1:4])
+archs, dtypes, vocabs, softcap = (json.loads(a) for a in sys.argv[1:5])
 results = {}
 for arch in archs:
     for dt in dtypes:
         for v in vocabs:
             try:
-                for row in report(arch, dt, 16384, v):
+                for row in report(arch, dt, 16384, v, softcap=softcap):
                     results[f"{row['kernel']}-sm{arch}-{dt}-V{v}"] = row
             except Exception as e:  # reported per case by the test
                 results[f"error-sm{arch}-{dt}-V{v}"] = f"{type(e).__name__}: {e}"[:3000]
@@ -62,20 +62,15 @@ print(json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict:
+def _compile_sweep(archs, dtypes, vocabs, softcap=None) -> dict:
+    """Every kernel's report row (or the error of a case), compiled in a subprocess off the
+    interpreter; with ``softcap``, the token kernels' soft-capped specialisation."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    args = [json.dumps(x) for x in (archs, dtypes, vocabs, softcap)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _COMPILE_ALL,
-            json.dumps(ARCHS),
-            json.dumps(DTYPES),
-            json.dumps(VOCABS),
-        ],
+        [sys.executable, "-c", _COMPILE_ALL, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -84,6 +79,11 @@ def compiled() -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    return _compile_sweep(ARCHS, DTYPES, VOCABS)
 
 
 CASES = [(k, a, d, v) for a in ARCHS for d in DTYPES for v in VOCABS for k in KERNELS]
@@ -137,37 +137,15 @@ def test_token_forward_divides_with_round_to_nearest(compiled, arch, dtype):
         assert set(divisions) == {"div.rn.f32"}, divisions
 
 
-_COMPILE_SOFTCAP = r"""
-import json, sys
-from benchmarks.kernel_report import report
-results = {}
-for arch in (80, 90):
-    for dt in ("fp32", "bf16"):
-        for v in (50257, 128256):
-            for row in report(arch, dt, 16384, v, softcap=30.0):
-                results[f"{row['kernel']}-sm{arch}-{dt}-V{v}"] = row
-print(json.dumps(results))
-"""
+SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
 
 
 @pytest.fixture(scope="module")
 def compiled_softcap() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SOFTCAP],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _compile_sweep(SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS, softcap=30.0)
 
 
-SOFTCAP_CASES = [(a, d, v) for a in (80, 90) for d in ("fp32", "bf16") for v in (50257, 128256)]
+SOFTCAP_CASES = [(a, d, v) for a in SOFTCAP_ARCHS for d in SOFTCAP_DTYPES for v in SOFTCAP_VOCABS]
 
 
 @pytest.mark.parametrize(
@@ -179,6 +157,8 @@ def test_the_soft_capped_specialisation_costs_one_exp_and_one_reciprocal_per_str
     """Gemma 2's cap·tanh(z/cap) as cap − 2·cap/(1 + e^(2z/cap)): in the hot loop one more
     MUFU.EX2 and one MUFU.RCP per stream read (the forward reads two, the backward one), no
     spills; the plain kernels are not touched (the cap is a compile-time flag)."""
+    error = compiled_softcap.get(f"error-sm{arch}-{dtype}-V{vocab}")
+    assert error is None, error
     for kernel, streams in (("token_forward_kernel", 2), ("token_backward_kernel", 1)):
         plain = compiled[f"{kernel}-sm{arch}-{dtype}-V{vocab}"]
         capped = compiled_softcap[f"{kernel}-softcap-sm{arch}-{dtype}-V{vocab}"]
