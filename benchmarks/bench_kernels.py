@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,18 +44,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help=dry_help)
     args = parser.parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    from benchmarks.devices import benchmark_device
 
+    device = benchmark_device(parser, args.dry_run)
     import torch
-
-    if not args.dry_run and not torch.cuda.is_available():
-        parser.error("needs a CUDA device (or --dry-run, through Triton's CPU interpreter)")
     import triton
 
     from epsdpo_kernels.params import LossParams
 
-    device = torch.device("cpu" if args.dry_run else "cuda")
     # Every row is scored (see the module docstring); the per-token kernels read the rest.
     params = LossParams(
         beta=0.1,

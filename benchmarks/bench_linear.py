@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,15 +38,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if min(args.tokens, args.hidden, *args.vocab) < 1:
         parser.error("--tokens, --hidden and --vocab must be ≥ 1")
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-    import torch
+    from benchmarks.devices import benchmark_device
 
-    if not args.dry_run and not torch.cuda.is_available():
-        parser.error("needs a CUDA device (or --dry-run, through Triton's CPU interpreter)")
+    device = benchmark_device(parser, args.dry_run)
+    import torch
     import triton
 
-    device = torch.device("cpu" if args.dry_run else "cuda")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     if args.dry_run:
 

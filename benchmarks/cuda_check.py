@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -342,13 +341,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     args = parser.parse_args(argv)
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    from benchmarks.devices import benchmark_device
+
+    device = benchmark_device(parser, args.dry_run)
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        parser.error("needs a CUDA device (or --dry-run, through Triton's CPU interpreter)")
-    device = torch.device("cpu" if args.dry_run else "cuda")
     failed = 0
     with open(args.jsonl, "a") as sink:
         for case in cases(args.dry_run):
