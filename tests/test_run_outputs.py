@@ -71,11 +71,11 @@ def test_a_directory_holds_one_run(tmp_path):
     assert "pass one of them" in line
 
 
-def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
-    out = tmp_path / "out"
-    args = ["--max-steps", "4", *FAST, "--save-every", "1", "--output-dir", str(out)]
-    # SIGINT as a terminal's Ctrl-C delivers it; SIG_DFL first, since a shell that starts a job
-    # in the background makes it ignore SIGINT, and the test must not depend on how it was run.
+def _signal_at_first_checkpoint(args, out, signum) -> tuple[int, str]:
+    """Run train/run.py with ``args``, send ``signum`` once its step-1 checkpoint into ``out``
+    is complete; (exit status, stderr). SIG_DFL for SIGINT first, since a shell that starts a
+    job in the background makes it ignore SIGINT, and the tests must not depend on how they
+    were run."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train" / "run.py"), *args],
         env=_env(),
@@ -88,9 +88,16 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stderr
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = ["--max-steps", "4", *FAST, "--save-every", "1", "--output-dir", str(out)]
+    returncode, stderr = _signal_at_first_checkpoint(args, out, signal.SIGINT)
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr
     rows = _strict_rows(out / "metrics.jsonl")
     saved = max(
@@ -111,20 +118,8 @@ def test_sigterm_is_one_line_with_the_resume_hint(tmp_path):
     """SIGTERM (a scheduler's stop, `kill`) once ended the run with no message and status −15."""
     out = tmp_path / "out"
     args = ["--max-steps", "40", *FAST, "--save-every", "1", "--output-dir", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train" / "run.py"), *args],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    returncode, stderr = _signal_at_first_checkpoint(args, out, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted at step ") and last.endswith("resume with --resume"), last
