@@ -70,6 +70,18 @@ def cases(dry_run: bool) -> list[dict]:
             T=max(2, t // 8),
             H=64 if dry_run else 1024,
         ),
+        # Gemma 2's soft cap: on the GPU its tanh runs on ex2.approx and an approximate divide,
+        # which the interpreter does not (logits of several times the cap: tanh saturates).
+        dict(
+            entry="linear",
+            V=vocabs[-1],
+            dtype="bfloat16",
+            B=2,
+            T=max(2, t // 8),
+            H=64 if dry_run else 1024,
+            logit_softcap=2.0,
+            spread=8.0,
+        ),
     ]
     # Past 2^31 elements on the GPU (in a dry run, the same case at a tiny size).
     big = (2, 16) if dry_run else (BIG_B, BIG_T)
@@ -92,6 +104,7 @@ def cases(dry_run: bool) -> list[dict]:
                 f"{2 * case['B']}x{case['T']}",
                 case.get("layout", ""),
                 "inplace" if case.get("inplace") else "",
+                f"softcap{case['logit_softcap']:g}" if "logit_softcap" in case else "",
             )
             if x
         )
@@ -310,7 +323,12 @@ def run_linear_case(case, device) -> dict:
     inputs = make_linear_batch(
         case["B"], case["T"], case["H"], case["V"], dtype=dtype, device=device, bias=False
     )
-    out = compare_linear(inputs, backend="triton", chunk_size=None, beta=BETA, epsilon=EPSILON)
+    for key in ("policy_hidden", "ref_hidden"):
+        inputs[key] = inputs[key] * case.get("spread", 1.0)
+    transform = {k: case[k] for k in ("logit_softcap",) if k in case}
+    out = compare_linear(
+        inputs, backend="triton", chunk_size=None, beta=BETA, epsilon=EPSILON, **transform
+    )
     hidden = inputs["policy_hidden"].detach().requires_grad_()
     weight = inputs["policy_weight"].detach().requires_grad_()
 
@@ -324,6 +342,7 @@ def run_linear_case(case, device) -> dict:
             beta=BETA,
             epsilon=EPSILON,
             backend="triton",
+            **transform,
         ).loss.backward()
 
     syncs = _syncs(step, device)
