@@ -5,6 +5,7 @@ from .diagnostics import ches_scores
 from .hugging_face import causal_lm_hidden_and_head
 from .linear_loss import LinearEpsilonDPOHead, linear_epsilon_dpo_loss
 from .loss import epsilon_dpo_loss
+from .loss_types import preference_losses
 from .output import EpsilonDPOOutput
 
 __version__ = "0.1.0"
@@ -17,5 +18,6 @@ __all__ = [
     "ches_scores",
     "epsilon_dpo_loss",
     "linear_epsilon_dpo_loss",
+    "preference_losses",
     "__version__",
 ]

@@ -62,7 +62,9 @@ def row_coefficients(
 def _token_coefficients(ctx, pair, grads) -> torch.Tensor:
     call = ctx.call
     row_coef = row_coefficients(pair, *grads, average_log_prob=call.params.average_log_prob)
-    return call.sequences.token_coefficients(row_coef)
+    coef = call.sequences.token_coefficients(row_coef)
+    # ∂A_n/∂h_t = w_t·(onehot − p) under token_weights: the weight rides on the coefficient.
+    return coef if call.token_weights is None else coef * call.token_weights
 
 
 class EpsilonDPOLogitsFunction(torch.autograd.Function):

@@ -44,6 +44,8 @@ class LossCall:
     shard: VS.VocabShard | None = None
     # Sequence parallelism: the ranks holding the other tokens of the same sequences.
     sequence_group: object | None = None
+    # (N,) fp32 weight of each token row in the sequence sums (and so in its gradient), or None.
+    token_weights: torch.Tensor | None = None
 
 
 def prepare_logits(
@@ -56,10 +58,12 @@ def prepare_logits(
     sequence_ids,
     num_pairs,
     sequence_group,
+    token_weights=None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], LossCall]:
     """``epsilon_dpo_loss``'s arguments, checked: ((policy_logits, ref_logits, labels), call)."""
     P.check_loss_options(**options)
     P.check_flag("inplace_backward", inplace_backward)
+    V.check_token_weights(token_weights, labels)
     group = resolve_group(sequence_group)
     policy_logits, ref_logits, shard = VS.localize_logits(policy_logits, ref_logits)
     V.check_not_sharded(policy_logits=policy_logits, ref_logits=ref_logits)
@@ -83,7 +87,11 @@ def prepare_logits(
         )
     V.check_labels(labels, rows=rows, tokens=tokens)
     device = V.check_same_device(
-        policy_logits=policy_logits, ref_logits=ref_logits, labels=labels, sequence_ids=sequence_ids
+        policy_logits=policy_logits,
+        ref_logits=ref_logits,
+        labels=labels,
+        sequence_ids=sequence_ids,
+        token_weights=token_weights,
     )
     call = _scan_and_agree(
         labels,
@@ -96,6 +104,7 @@ def prepare_logits(
         group=group,
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
+        token_weights=token_weights,
     )
     return (policy_logits, ref_logits, labels), call
 
@@ -110,9 +119,11 @@ def prepare_linear(
     sequence_ids,
     num_pairs,
     sequence_group,
+    token_weights=None,
 ) -> tuple[LinearInputs, torch.Tensor, LossCall]:
     """``linear_epsilon_dpo_loss``'s arguments, checked: (inputs, labels, call)."""
     P.check_loss_options(**options)
+    V.check_token_weights(token_weights, labels)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
@@ -157,7 +168,9 @@ def prepare_linear(
         )
         _check_head(prefix, hidden, weight, bias, rows, tokens, vocab, autocast)
     V.check_labels(labels, rows=rows, tokens=tokens)
-    device = V.check_same_device(**inputs._asdict(), labels=labels, sequence_ids=sequence_ids)
+    device = V.check_same_device(
+        **inputs._asdict(), labels=labels, sequence_ids=sequence_ids, token_weights=token_weights
+    )
     element_size = max(  # the logits'
         torch.empty(0, dtype=autocast_dtype or w.dtype).element_size()
         for w in (inputs.policy_weight, inputs.ref_weight)
@@ -178,15 +191,32 @@ def prepare_linear(
         group=group,
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
+        token_weights=token_weights,
     )
     return inputs, labels, call
 
 
 def _scan_and_agree(
-    labels, device, backend, *, options, vocab, plan, shard, group, sequence_ids, num_pairs
+    labels,
+    device,
+    backend,
+    *,
+    options,
+    vocab,
+    plan,
+    shard,
+    group,
+    sequence_ids,
+    num_pairs,
+    token_weights=None,
 ) -> LossCall:
     """Steps 4 and 5 of the module docstring: the label scan (the call's one host sync), the
     ``LossParams``, and the rank agreement of each group."""
+    if token_weights is not None:
+        # Zero at unscored tokens, whatever was there: their stats are zeros, and a NaN or inf
+        # weight would make 0·w a NaN in a padded row's sum.
+        scored = (labels != options["ignore_index"]).reshape(-1)
+        token_weights = torch.where(scored, token_weights.reshape(-1).float(), 0.0)
     count, sequences = scan_labels(
         labels,
         vocab=vocab,
@@ -194,6 +224,7 @@ def _scan_and_agree(
         sequence_ids=sequence_ids,
         num_sequences=2 * num_pairs if num_pairs else labels.shape[0],
         whole_sequences=group is None,
+        token_weights=token_weights,
     )
     params = P.loss_params(options, backend, count)
     if shard is not None:
@@ -207,6 +238,7 @@ def _scan_and_agree(
         plan=plan,
         shard=shard,
         sequence_group=group,
+        token_weights=token_weights,
     )
 
 
@@ -218,6 +250,7 @@ def scan_labels(
     sequence_ids: torch.Tensor | None = None,
     num_sequences: int = 0,
     whole_sequences: bool = True,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[int, S.Sequences]:
     """The number of scored labels and the token-to-sequence map, after checking that every
     label is in [0, V) or ignore_index (a wrong one would read out of bounds in the kernels)
@@ -225,6 +258,7 @@ def scan_labels(
     of the 2B sequences has a token in the stream (a ValueError naming num_pairs otherwise);
     sequences with no scored token get a warning. With ``whole_sequences`` False (a
     sequence_group: each rank holds parts of sequences) the last two are not judged.
+    ``token_weights`` (flat, N) must be finite and ≥ 0 wherever the label is scored.
     Everything comes back in one transfer: this is the only host synchronisation of a call."""
     scored = labels != ignore_index
     bad = scored & ((labels < 0) | (labels >= vocab))
@@ -241,9 +275,19 @@ def scan_labels(
         )
         absent = S.run_lengths(keys_of_every_token, num_sequences) == 0
         checks += [bad_ids.sum(), runs.max(), absent.sum()]
+    if token_weights is not None:
+        weighted = scored.reshape(-1)
+        bad_weight = weighted & ~(torch.isfinite(token_weights) & (token_weights >= 0))
+        checks.append(bad_weight.sum())
     checks.append((per_sequence == 0).sum())
     values = torch.stack(checks).tolist()
     count, n_bad, n_empty = values[0], values[1], values[-1]
+    if token_weights is not None and values[-2]:
+        first = int(bad_weight.nonzero()[0])
+        raise ValueError(
+            "token_weights must be finite and >= 0 wherever the label is scored; token "
+            f"{first} (flattened) has weight {float(token_weights[first])}"
+        )
     if n_bad:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(

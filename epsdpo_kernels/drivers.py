@@ -57,9 +57,18 @@ def logits_stats(policy_logits, ref_logits, labels, call) -> torch.Tensor:
     return spread_scored(scored_stats, labels, params.ignore_index, dim=1)
 
 
+# The token fields that ``token_weights`` scale: the four log-probability streams (their sums
+# are the weighted sequence log-probs), not the logit sums of the metrics.
+_WEIGHTED_FIELDS = [L.TOK_LOGP, L.TOK_REF_LOGP, L.TOK_P_EPS_DELTA, L.TOK_N_EPS_DELTA]
+
+
 def pair_buffer(stats: torch.Tensor, labels: torch.Tensor, call) -> torch.Tensor:
     """The ``(PAIR_FIELDS, B)`` pair buffer from token stats: per-sequence sums (over every rank
-    of the sequence group), then the pair head."""
+    of the sequence group), then the pair head. With ``token_weights`` the sums are of weighted
+    streams, taken from a copy: the stats saved for the backward stay unweighted."""
+    if call.token_weights is not None:
+        stats = stats.clone()
+        stats[_WEIGHTED_FIELDS] *= call.token_weights
     sums = dispatch.sequence_sums(stats, labels, call.sequences, call.params)
     complete_sums(sums, call.sequence_group)
     return dispatch.pair_head(sums, call.params)

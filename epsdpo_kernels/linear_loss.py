@@ -36,6 +36,7 @@ def linear_epsilon_dpo_loss(
     sequence_group=None,
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
+    token_weights: torch.Tensor | None = None,
 ) -> EpsilonDPOOutput:
     """ε-DPO from the last hidden states and the lm_head weights, never materialising the
     ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
@@ -81,8 +82,9 @@ def linear_epsilon_dpo_loss(
             each chunk's logits, and its slope in the backward: no extra pass over V. ε-DPO's
             mixes are of these final logits (docs/SPEC.md).
         beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend,
-            sequence_group: as for ``epsilon_dpo_loss``. Under a sequence group, the weight
-            gradients summed over the group equal the single-process gradient.
+            sequence_group, token_weights: as for ``epsilon_dpo_loss``. Under a sequence
+            group, the weight gradients summed over the group equal the single-process
+            gradient.
 
     Gradients reach ``policy_hidden``, ``policy_weight`` and ``policy_bias``, in their dtypes.
     Under ``torch.autocast`` the matmuls run in the autocast dtype, as ``lm_head(hidden)``
@@ -122,6 +124,7 @@ def linear_epsilon_dpo_loss(
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
         sequence_group=sequence_group,
+        token_weights=token_weights,
     )
     # Autocast stays out of the kernels and the drivers, which cast what they read themselves.
     with (

@@ -25,6 +25,7 @@ def epsilon_dpo_loss(
     sequence_ids: torch.Tensor | None = None,
     num_pairs: int | None = None,
     sequence_group=None,
+    token_weights: torch.Tensor | None = None,
 ) -> EpsilonDPOOutput:
     """ε-DPO loss (Lee et al., 2025, arXiv 2502.13177) on concatenated chosen/rejected logits.
 
@@ -66,6 +67,12 @@ def epsilon_dpo_loss(
             number of sequences and the same options; the per-sequence sums are all-reduced
             (6·2B floats), so every rank gets the whole loss and every per-pair field, and its
             backward gives its own tokens' share of the single-process gradient.
+        token_weights: optional float weights of the labels' shape: each scored token's
+            log-probabilities enter its sequence's sums (A, R and the perturbed U, D alike)
+            times its weight, and so does its gradient; finite and ≥ 0 where scored. TRL's
+            ``ld_alpha`` (LD-DPO: α on the tokens past the shorter response's length) and
+            SparsePO-style token masks are such weights. ``average_log_prob`` still divides by
+            the scored-token count.
 
     Returns:
         ``EpsilonDPOOutput``; ``.loss`` is the mean over pairs. ``.metrics()`` gives TRL's names.
@@ -98,6 +105,7 @@ def epsilon_dpo_loss(
         sequence_ids=sequence_ids,
         num_pairs=num_pairs,
         sequence_group=sequence_group,
+        token_weights=token_weights,
     )
     losses, chosen, rejected, pair = run(EpsilonDPOLogitsFunction, *tensors, call=call)
     return build_output(losses, chosen, rejected, pair, beta=call.params.beta, vocab=call.vocab)

@@ -35,6 +35,9 @@ class EpsilonDPOOutput:
     n_epsilon_logratios: torch.Tensor  # (B,) ℓ⁻ under the (1−ε)·h + ε·g mix
     mean_chosen_logits: torch.Tensor  # scalar: mean raw policy logit over chosen scored tokens × V
     mean_rejected_logits: torch.Tensor  # scalar
+    # (B,) scored tokens of each row (the whole group's, under sequence_group=)
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
     beta: float  # the β this call was given
 
     @property
@@ -140,5 +143,7 @@ def build_output(
         n_epsilon_logratios=pair[L.PAIR_N_EPS_LOGRATIO],
         mean_chosen_logits=pair[L.PAIR_CHOSEN_LOGIT_SUM].sum() / (chosen_tokens * vocab),
         mean_rejected_logits=pair[L.PAIR_REJECTED_LOGIT_SUM].sum() / (rejected_tokens * vocab),
+        chosen_tokens=pair[L.PAIR_CHOSEN_COUNT],
+        rejected_tokens=pair[L.PAIR_REJECTED_COUNT],
         beta=beta,
     )

@@ -53,6 +53,7 @@ def reference_epsilon_dpo(
     dtype: torch.dtype = torch.float64,
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
+    token_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """ε-DPO on materialised logits; every field of ``EpsilonDPOOutput`` as a dict.
 
@@ -60,7 +61,8 @@ def reference_epsilon_dpo(
     ``labels``: ``(2B, T)``, already shifted. Or a packed stream: logits ``(N, V)``, labels and
     ``sequence_ids`` ``(N,)``, and ``num_pairs`` = B (sequence j < B is the chosen response of
     pair j, sequence B + j its rejected response). Arithmetic is done in ``dtype`` (float64 in
-    tests).
+    tests). ``token_weights`` (the labels' shape) multiply each token's four log-probabilities
+    before the sequence sums.
     """
     h = model_logits(policy_logits.to(dtype), logit_softcap, logit_scale)
     g = model_logits(ref_logits.to(dtype).detach(), logit_softcap, logit_scale)
@@ -72,6 +74,9 @@ def reference_epsilon_dpo(
     r = _label_logps(g, labels, scored)
     u = _label_logps(_mix(h.detach(), g, epsilon), labels, scored)
     d = _label_logps(_mix(h.detach(), g, -epsilon), labels, scored)
+    if token_weights is not None:
+        w = torch.where(scored, token_weights.to(h.device, dtype), 0.0)
+        a, r, u, d = a * w, r * w, u * w, d * w
 
     # Per sequence: sums over scored tokens (optionally averaged).
     logit_sums = h.detach().sum(-1) * scored
@@ -127,6 +132,8 @@ def reference_epsilon_dpo(
         "n_epsilon_logratios": n_epsilon_logratios,
         "mean_chosen_logits": logit_sums[:b].sum() / (chosen_tokens * vocab),
         "mean_rejected_logits": logit_sums[b:].sum() / (rejected_tokens * vocab),
+        "chosen_tokens": counts[:b],
+        "rejected_tokens": counts[b:],
     }
 
 

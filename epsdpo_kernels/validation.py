@@ -93,6 +93,25 @@ def packed_inputs(policy_name: str, policy, ref_name: str, ref, labels, sequence
     )
 
 
+def check_token_weights(token_weights, labels) -> None:
+    """``token_weights``: None, or a float tensor of the labels' shape (as passed: padded
+    ``(2B, T)``, or the packed stream's ``(N,)``/``(1, N)``). Its values are judged in the label
+    scan, with the call's one host synchronisation."""
+    if token_weights is None:
+        return
+    if not isinstance(token_weights, torch.Tensor):
+        raise TypeError(
+            f"token_weights must be a torch.Tensor or None, got {type(token_weights).__name__}"
+        )
+    if not token_weights.is_floating_point():
+        raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
+    if isinstance(labels, torch.Tensor) and token_weights.shape != labels.shape:
+        raise ValueError(
+            f"token_weights must have the shape of labels {tuple(labels.shape)}, got "
+            f"{tuple(token_weights.shape)}"
+        )
+
+
 def check_not_sharded(**tensors) -> None:
     """A DTensor (an FSDP2-sharded parameter) reaching the functional API would be read as its
     local shard: refuse it, saying what to do instead."""

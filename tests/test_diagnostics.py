@@ -131,6 +131,8 @@ def _output(chosen, ref_chosen):
         n_epsilon_logratios=zeros,
         mean_chosen_logits=zeros.sum(),
         mean_rejected_logits=zeros.sum(),
+        chosen_tokens=zeros + 1,
+        rejected_tokens=zeros + 1,
         beta=0.1,
     )
 

@@ -23,7 +23,7 @@ def test_output_is_a_pytree_of_its_tensors():
     policy, ref, labels = make_batch(2, 4, 30)
     out = epsilon_dpo_loss(policy.requires_grad_(), ref, labels, beta=0.2)
     leaves, spec = pytree.tree_flatten(out)
-    assert len(leaves) == 16 and all(isinstance(x, torch.Tensor) for x in leaves)
+    assert len(leaves) == 18 and all(isinstance(x, torch.Tensor) for x in leaves)
     assert any(x is out.loss for x in leaves)
     rebuilt = pytree.tree_unflatten(leaves, spec)
     assert isinstance(rebuilt, EpsilonDPOOutput) and rebuilt.beta == 0.2

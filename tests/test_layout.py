@@ -93,7 +93,15 @@ LAYERS = {
     "call": ["plans", "call"],
     "drivers": ["drivers", "linear_chunks"],
     "autograd": ["autograd"],
-    "api": ["output", "loss", "linear_loss", "adaptive_beta", "diagnostics", "reference"],
+    "api": [
+        "output",
+        "loss",
+        "linear_loss",
+        "loss_types",
+        "adaptive_beta",
+        "diagnostics",
+        "reference",
+    ],
     "integrations": ["hugging_face", "trl"],
     "package": [""],
 }

@@ -50,7 +50,7 @@ def compare_to_reference(
             inplace_backward=inplace,
             sequence_ids=packing.sequence_ids.to(labels.device),
             num_pairs=packing.num_pairs,
-            **kw,
+            **packed_options(kw, packing),
         )
     objective(out, on_device(weights, policy.device)).backward()
     agree = check_outputs(out, expected)
@@ -69,6 +69,14 @@ def compare_to_reference(
     assert_close(grad, leaf64.grad, rtol=rtol, atol=atol, name="grad", mask=row_mask)
     assert ref.grad is None
     return out, expected
+
+
+def packed_options(kw: dict, packing) -> dict:
+    """The loss options for the packed stream: ``token_weights`` of the padded rows streamed as
+    the tokens are (NaN at fillers: unscored, so never read)."""
+    if kw.get("token_weights") is None:
+        return kw
+    return {**kw, "token_weights": packing.stream(kw["token_weights"])}
 
 
 def _logits(hidden, weight, bias):
@@ -130,7 +138,7 @@ def compare_linear(inputs, *, backend, chunk_size, vocab_chunk_size=None, packin
         chunk_size=chunk_size,
         vocab_chunk_size=vocab_chunk_size,
         **layout,
-        **kw,
+        **(kw if packing is None else packed_options(kw, packing)),
     )
     objective(out, on_device(weights, device)).backward()
     grad_hidden = hidden.grad

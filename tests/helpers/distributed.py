@@ -21,6 +21,8 @@ FIELDS = (
     "n_epsilon_logratios",
     "mean_chosen_logits",
     "mean_rejected_logits",
+    "chosen_tokens",
+    "rejected_tokens",
 )
 
 

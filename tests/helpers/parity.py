@@ -182,6 +182,8 @@ def check_outputs(out, expected, row_logp_atol=None) -> torch.Tensor:
         assert_close(getattr(out, name), e[name], name=name, mask=mask, rtol=rtol, atol=atol)
     for name in ("mean_chosen_logits", "mean_rejected_logits"):
         assert_close(getattr(out, name), e[name], name=name, **VALUE_TOL)
+    for name in ("chosen_tokens", "rejected_tokens"):  # counts: exact
+        assert torch.equal(getattr(out, name).cpu().double(), e[name].cpu().double()), name
     if agree.all():
         loss_scale = rtol * operand_scale["losses"] + extra_atol["losses"]
         atol = VALUE_TOL["atol"] + loss_scale.mean()
