@@ -27,15 +27,21 @@ from trl import DPOConfig, DPOTrainer
 from .adaptive_beta import AdaptiveBeta
 from .hugging_face import check_same_transform, logit_transform
 from .linear_loss import linear_epsilon_dpo_loss
+from .loss_types import (
+    LENGTH_NORMALISED,
+    LOSS_TYPES,
+    check_loss_type,
+    preference_losses,
+    with_reference_logps,
+)
 from .params import check_beta, check_epsilon, check_label_smoothing
 
 BETA_STATE_FILE = "epsilon_dpo_beta.json"
 
-_LOSS_TYPES = {"sigmoid", "sft"}
 # A dataset with these columns is already tokenized pairs and is used as it is.
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # Logged metrics that are one value per micro-batch (averaged over batches, not pairs).
-_PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta")
+_PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta", "aux_loss")
 
 
 @dataclass
@@ -43,9 +49,13 @@ class EpsilonDPOConfig(DPOConfig):
     """TRL's ``DPOConfig`` plus ``epsilon``, ε-DPO's step size for the per-pair KL coefficient.
 
     ``beta`` is the initial β; it then moves by β ← β / (1 + ε·mean(s)) after every optimizer
-    step. ``label_smoothing`` is conservative DPO (cDPO) on the ε-DPO loss, as in the ε-DPO
-    authors' trainer (TRL 1.x's own ``sigmoid`` loss ignores it). ``loss_type=["sigmoid", "sft"]``
-    with ``loss_weights=[1.0, α]`` adds α times the chosen responses' NLL (RPO), as in TRL.
+    step. Every TRL 1.16 ``loss_type`` (and lists of them with ``loss_weights``) and
+    ``f_divergence_type`` is TRL's formula with each pair's β̃ = β/(1+ε·s) for β
+    (``epsdpo_kernels.preference_losses``); at ε = 0 each is TRL's. ``label_smoothing`` is
+    conservative DPO (cDPO) on the sigmoid losses, as in the ε-DPO authors' trainer (TRL 1.x's
+    own ``sigmoid`` ignores it), and TRL's meaning for ``robust``, ``exo_pair`` and ``aot*``.
+    ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1.0, α]`` adds α times the chosen
+    responses' NLL (RPO), as in TRL.
     ``padding_free=True`` trains packed rows (``DataCollatorForPackedPreference``), which TRL
     1.16's own ``DPOTrainer`` switches off.
     """
@@ -66,38 +76,42 @@ class EpsilonDPOConfig(DPOConfig):
 def refused_options(args: DPOConfig) -> list[str]:
     """Why each set option cannot be honoured by the fused ε-DPO loss (empty when all can)."""
     problems = []
-    if args.precompute_ref_log_probs:
+    if args.precompute_ref_log_probs and getattr(args, "epsilon", 0.0) > 0:
         problems.append(
-            "precompute_ref_log_probs=True: ε-DPO needs the reference's whole next-token "
-            "distribution at every scored token (its perturbed policies mix the two models' "
-            "logits), not its sequence log-probs; keep precompute_ref_log_probs=False (the "
-            "reference forward costs no logits memory here)"
+            "precompute_ref_log_probs=True with epsilon > 0: ε-DPO needs the reference's whole "
+            "next-token distribution at every scored token (its perturbed policies mix the two "
+            "models' logits), not its sequence log-probs; keep precompute_ref_log_probs=False "
+            "(the reference forward costs no logits memory here), or epsilon=0 (plain DPO)"
         )
     loss_types = list(args.loss_type)
-    if "sigmoid" not in loss_types or not set(loss_types) <= _LOSS_TYPES:
+    unknown = [t for t in loss_types if t not in LOSS_TYPES and t != "sft"]
+    if unknown:
         problems.append(
-            f"loss_type={loss_types}: ε-DPO is the sigmoid DPO loss with a per-pair β; use "
-            "loss_type='sigmoid', or ['sigmoid', 'sft'] with loss_weights=[1.0, alpha] for RPO"
+            f"loss_type={loss_types}: {unknown} not among TRL 1.16's loss types "
+            f"{[*LOSS_TYPES, 'sft']}"
         )
-    if args.f_divergence_type != "reverse_kl":
+    for loss_type in (t for t in loss_types if t in LOSS_TYPES):
+        try:
+            check_loss_type(
+                loss_type,
+                f_divergence_type=args.f_divergence_type,
+                f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                label_smoothing=args.label_smoothing,
+                discopop_tau=args.discopop_tau,
+            )
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    if args.ld_alpha is not None and "sft" in loss_types:
         problems.append(
-            f"f_divergence_type={args.f_divergence_type!r}: ε-DPO's step decisions are defined "
-            "for the reverse-KL log-ratios; use f_divergence_type='reverse_kl'"
-        )
-    if args.ld_alpha is not None:
-        problems.append(
-            f"ld_alpha={args.ld_alpha}: the fused loss sums every completion token with weight 1; "
-            "leave ld_alpha=None"
+            f"ld_alpha={args.ld_alpha} with loss_type 'sft': the fused loss returns the "
+            "length-desensitised (weighted) sums only, and TRL's SFT term is the unweighted "
+            "NLL; use one of them"
         )
     if args.use_weighting:
         problems.append(
-            "use_weighting=True: WPO weights need per-token Σp² of the policy, which the fused "
-            "loss does not compute; use use_weighting=False"
-        )
-    if args.sync_ref_model:
-        problems.append(
-            "sync_ref_model=True: ε-DPO adapts β against a fixed reference; moving the reference "
-            "(TR-DPO) changes what the step decisions measure; use sync_ref_model=False"
+            "use_weighting=True: WPO weights need each token's log Σ_v p_v² of the policy, one "
+            "more statistic of the vocabulary pass that the fused kernels do not compute yet; "
+            "use use_weighting=False"
         )
     parallelism = getattr(args, "parallelism_config", None)
     split = {
@@ -124,7 +138,7 @@ def refused_options(args: DPOConfig) -> list[str]:
             check(value)
         except (TypeError, ValueError) as e:
             problems.append(str(e))
-    return problems
+    return list(dict.fromkeys(problems))  # one loss type's checks repeat the scalar ones
 
 
 def check_options(args: DPOConfig) -> None:
@@ -190,13 +204,18 @@ class DataCollatorForPackedPreference:
         def row(values):
             return torch.tensor(values, dtype=torch.long).reshape(1, -1)
 
-        return {
+        batch = {
             "input_ids": row(input_ids),
             "position_ids": row(position_ids),
             "completion_mask": row(completion_mask),
             "sequence_ids": row(sequence_ids),
             "num_pairs": len(examples),
         }
+        # precompute_ref_log_probs: the reference's sums, one per pair, as TRL's collator has them.
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([float(e[key]) for e in examples])
+        return batch
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,7 @@ class HeadInputs:
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
+    aux_loss: torch.Tensor | None = None  # an MoE's load-balancing loss, when asked for
 
 
 def _hidden_state_forward(model: torch.nn.Module) -> None:
@@ -223,6 +243,8 @@ def _hidden_state_forward(model: torch.nn.Module) -> None:
     FSDP and PEFT wrappers in the path: they see a forward and prepare the backward as usual.
     The backbone and the head are looked up on every call because FSDP and PEFT replace them
     after patching. Any other call is the forward as it was (TRL's fused head, generation).
+    With ``output_router_logits=True`` (an MoE policy) the load-balancing loss of the same
+    forward comes back as ``aux_loss``, computed as the model's own forward computes it.
     """
     wrapped = model.forward
 
@@ -237,9 +259,64 @@ def _hidden_state_forward(model: torch.nn.Module) -> None:
         if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head: gather it
             weight = _gather_data_parallel(weight)
             bias = _gather_data_parallel(bias) if bias is not None else None
-        return HeadInputs(outputs.last_hidden_state, weight, bias)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = router_aux_loss(self)(
+                outputs.router_logits,
+                self.num_experts,
+                self.num_experts_per_tok,
+                kwargs.get("attention_mask"),
+            )
+        return HeadInputs(outputs.last_hidden_state, weight, bias, aux_loss)
 
     model.forward = forward.__get__(model)
+
+
+def router_aux_loss(model):
+    """The load-balancing loss function an MoE causal LM's forward adds to its loss
+    (``load_balancing_loss_func`` of its modeling module, called with the model's
+    ``num_experts`` and ``num_experts_per_tok``, as Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and the
+    other transformers MoE families do), or a ``ValueError`` naming what is missing."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    function = getattr(module, "load_balancing_loss_func", None)
+    missing = [name for name in ("num_experts", "num_experts_per_tok") if not hasattr(model, name)]
+    if function is None or missing:
+        what = "load_balancing_loss_func in its module" if function is None else missing
+        raise ValueError(
+            f"router_aux_loss_coef: {type(model).__name__} has no {what}, so the trainer cannot "
+            "compute its load-balancing loss as the model's forward does; set "
+            "router_aux_loss_coef=0.0"
+        )
+    return function
+
+
+def ld_token_weights(labels, sequence_ids, num_pairs, alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights (TRL's ``ld_alpha``), in the labels' layout: 1 on each
+    response's first ``min(len_chosen, len_rejected)`` scored tokens, ``alpha`` on the rest, so
+    that the longer response's tail is down-weighted. Padded rows (sequence n = row n) or a
+    packed row with ``sequence_ids`` and ``num_pairs`` (a sequence's tokens in stream order,
+    anywhere in the row). Device ops only: no host synchronisation."""
+    scored = (labels != -100).reshape(-1)
+    rows = labels.shape[0]
+    if sequence_ids is None:
+        ids = torch.arange(rows, device=labels.device).repeat_interleave(labels.shape[1])
+        count = rows
+    else:
+        ids = sequence_ids.reshape(-1).long()
+        count = 2 * num_pairs
+    keys = torch.where(scored & (ids >= 0) & (ids < count), ids, count)
+    runs = torch.bincount(keys, minlength=count + 1)
+    starts = torch.cumsum(runs, 0) - runs
+    order = torch.argsort(keys, stable=True)
+    position = torch.empty_like(keys)  # 1-based among its sequence's scored tokens
+    position[order] = torch.arange(1, keys.numel() + 1, device=keys.device) - starts[keys[order]]
+    lengths = runs[:count]
+    shared = torch.minimum(lengths[: count // 2], lengths[count // 2 :]).repeat(2)
+    shared = torch.cat([shared, shared.new_zeros(1)])[keys]
+    weights = torch.where(position <= shared, 1.0, float(alpha))
+    return torch.where(scored, weights, 0.0).reshape(labels.shape)
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -277,9 +354,12 @@ class EpsilonDPOTrainer(DPOTrainer):
     TRL, else (PEFT) the policy with its adapter disabled. β is an ``AdaptiveBeta``
     (``trainer.adaptive_beta``) updated once per optimizer step over every micro-batch and
     process, saved with each checkpoint and restored by ``train(resume_from_checkpoint=...)``.
+    TRL's options around the loss are TRL's (``sync_ref_model``, ``ld_alpha`` as
+    ``token_weights``, an MoE's ``router_aux_loss_coef``, ``compute_metrics``, and
+    ``precompute_ref_log_probs`` at ε = 0); ``refused_options`` says why the rest are not.
 
     Logged (``eval_``-prefixed on evaluation): TRL's ``loss``, ``rewards/*``, ``logps/*``,
-    ``logits/*``; ε-DPO's ``kl/beta``, ``kl/p_epsilon_steps``, ``kl/n_epsilon_steps``,
+    ``logits/*``, ``aux_loss`` (MoE); ε-DPO's ``kl/beta``, ``kl/p_epsilon_steps``, ``kl/n_epsilon_steps``,
     ``kl/avg_steps``; and ``displacement/*`` (see ``EpsilonDPOOutput.pair_metrics``). TRL's
     ``entropy`` and ``mean_token_accuracy`` are not: they need per-token vocabulary reductions
     the fused loss does not compute.
@@ -298,11 +378,6 @@ class EpsilonDPOTrainer(DPOTrainer):
                 f"{type(args).__name__}"
             )
         check_options(args)
-        if kwargs.get("compute_metrics") is not None:
-            raise ValueError(
-                "compute_metrics: the fused loss never forms the logits that compute_metrics "
-                "receives; log what you need from trainer.state.log_history instead"
-            )
         # TRL 1.16 turns padding_free off with a warning (its loss cannot take packed rows);
         # the fused loss can, so it is kept off only while DPOTrainer is built.
         padding_free, args.padding_free = args.padding_free, False
@@ -315,12 +390,9 @@ class EpsilonDPOTrainer(DPOTrainer):
             raise ValueError(
                 "train_dataset has images: EpsilonDPOTrainer supports text-only causal LMs"
             )
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "router_aux_loss_coef: the MoE load-balancing loss is not added by "
-                "EpsilonDPOTrainer; set router_aux_loss_coef=0.0"
-            )
         policy = self._unwrapped_policy()
+        if self.aux_loss_enabled:
+            router_aux_loss(policy)  # refused here, not at the first step
         # Soft-capped or scaled logits (Gemma 2, Cohere, Granite, ...): the loss applies the
         # model's own transform where its kernels read the logits, as TRL's fused head does.
         self._logit_transform = logit_transform(policy.config.get_text_config())
@@ -334,7 +406,8 @@ class EpsilonDPOTrainer(DPOTrainer):
             )
             _hidden_state_forward(reference)
         self.adaptive_beta = AdaptiveBeta(args.beta, args.epsilon)
-        self.loss_weights = dict(zip(args.loss_type, self.loss_weights))
+        # (loss type, weight) in TRL's order, as TRL sums them (a list: a type may repeat).
+        self.weighted_loss_types = list(zip(args.loss_type, self.loss_weights, strict=True))
         self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
         self._train_tokens = 0  # attention-mask tokens of the training batches, all processes
         self.add_callback(_BetaUpdate(self))
@@ -372,8 +445,9 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     # -- the loss ------------------------------------------------------------------------------
 
-    def _hidden(self, model, inputs):
-        """(hidden states scoring labels[:, 1:], lm_head weight, bias) of ``model``, its
+    def _hidden(self, model, inputs, **extra):
+        """(hidden states scoring labels[:, 1:], lm_head weight, bias, the MoE load-balancing
+        loss when ``extra`` asks for router logits, else None) of ``model``, its
         backbone run under the Trainer's autocast, as accelerate runs a prepared model's forward
         (the reference's forward was wrapped before ``_hidden_state_forward`` replaced it: TRL
         prepares it in ``__init__``, the policy only in ``train()``). The hidden states stay in
@@ -383,15 +457,15 @@ class EpsilonDPOTrainer(DPOTrainer):
             k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
         }
         with self.accelerator.autocast():
-            head = model(**kwargs, epsdpo_hidden=True)
+            head = model(**kwargs, epsdpo_hidden=True, **extra)
         # Prompt-learning PEFT prepends virtual tokens; hidden[:, t] scores labels[:, t + 1].
         hidden = head.hidden[:, -inputs["input_ids"].shape[1] :][:, :-1]
-        return hidden, head.weight, head.bias
+        return hidden, head.weight, head.bias, head.aux_loss
 
     def _reference_hidden(self, inputs):
         with torch.no_grad():
             if self.ref_model is not None:
-                return self._hidden(self.ref_model, inputs)
+                return self._hidden(self.ref_model, inputs)[:3]
             unwrapped = self.accelerator.unwrap_model(self.model)
             if not is_peft_model(unwrapped):
                 raise ValueError("no reference: pass ref_model or train a PEFT adapter")
@@ -404,7 +478,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 use_adapter(unwrapped, adapter_name=adapter),
                 _no_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs),
             ):
-                return self._hidden(self.model, inputs)
+                return self._hidden(self.model, inputs)[:3]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -418,8 +492,23 @@ class EpsilonDPOTrainer(DPOTrainer):
                 sequence_ids=inputs["sequence_ids"][:, 1:], num_pairs=inputs["num_pairs"]
             )
         labels = inputs["input_ids"].masked_fill(~scored, -100)[:, 1:]
-        policy_hidden, policy_weight, policy_bias = self._hidden(model, inputs)
-        ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
+        weighting = {}
+        if self.args.ld_alpha is not None:
+            weighting["token_weights"] = ld_token_weights(
+                labels, packing.get("sequence_ids"), packing.get("num_pairs"), self.args.ld_alpha
+            )
+        # MoE: the router logits of the policy's forward only, as TRL (the reference is frozen).
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        policy_hidden, policy_weight, policy_bias, aux_loss = self._hidden(model, inputs, **router)
+        precomputed = self.args.precompute_ref_log_probs
+        if precomputed:
+            # ε = 0 (checked with the config): the reference enters through its precomputed
+            # sums alone. The policy stands in for it in the fused call, which then costs one
+            # more lm_head pass without gradient, not a reference model's forward.
+            ref_hidden, ref_weight = policy_hidden.detach(), policy_weight.detach()
+            ref_bias = policy_bias.detach() if policy_bias is not None else None
+        else:
+            ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
         beta = self.adaptive_beta.beta
         # Under mixed precision (bf16=True/fp16=True) the loss casts its inputs to the autocast
         # dtype once, as autocast casts an lm_head's: a half lm_head is used as it is (no copy),
@@ -439,51 +528,99 @@ class EpsilonDPOTrainer(DPOTrainer):
                 **self._logit_transform,
                 **{
                     k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
-                    for k, v in packing.items()
+                    for k, v in {**packing, **weighting}.items()
                 },
             )
-        loss = self.loss_weights["sigmoid"] * out.loss
-        if "sft" in self.loss_weights:
-            # TRL's "sft" term: mean NLL over the batch's chosen completion tokens.
-            if packing:
-                chosen = (labels != -100) & (packing["sequence_ids"] < packing["num_pairs"])
-            else:
-                chosen = labels[: labels.shape[0] // 2] != -100
-            loss = loss + self.loss_weights["sft"] * (
-                -out.chosen_logps.sum() / chosen.sum().clamp(min=1)
+        if precomputed:
+            out = with_reference_logps(
+                out,
+                inputs["ref_chosen_logps"],
+                inputs["ref_rejected_logps"],
+                label_smoothing=self.args.label_smoothing,
             )
+        loss = self._weighted_loss(out, inputs, labels, packing)
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         if mode == "train":
             self.adaptive_beta.observe(out.steps, out.finite_pairs)
         # TRL's num_tokens counts the batch's real tokens (its attention mask; packed: no filler).
         tokens = (inputs["sequence_ids"] >= 0).sum() if packing else inputs["attention_mask"].sum()
-        self._accumulate(mode, out, tokens)
+        self._accumulate(mode, out, tokens, aux_loss)
         if return_outputs:
             return loss, out
         return loss
 
+    def _weighted_loss(self, out, inputs, labels, packing):
+        """Σ weight × batch mean of each ``loss_type``, as TRL sums them: the pair losses of
+        ``preference_losses`` (β̃ per pair), and "sft", the mean NLL over the batch's chosen
+        completion tokens."""
+        args = self.args
+        loss = 0.0
+        for loss_type, weight in self.weighted_loss_types:
+            if loss_type == "sft":
+                if packing:
+                    chosen = (labels != -100) & (packing["sequence_ids"] < packing["num_pairs"])
+                else:
+                    chosen = labels[: labels.shape[0] // 2] != -100
+                term = -out.chosen_logps.sum() / chosen.sum().clamp(min=1)
+            else:
+                lengths = {}
+                if loss_type in LENGTH_NORMALISED:
+                    lengths = dict(
+                        zip(("chosen_lengths", "rejected_lengths"), self._lengths(inputs))
+                    )
+                term = preference_losses(
+                    out,
+                    loss_type,
+                    label_smoothing=args.label_smoothing,
+                    f_divergence_type=args.f_divergence_type,
+                    f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                    discopop_tau=args.discopop_tau,
+                    **lengths,
+                ).mean()
+            loss = loss + weight * term
+        return loss
+
+    @staticmethod
+    def _lengths(inputs):
+        """Each response's completion tokens (chosen, rejected), counted on the completion mask
+        as TRL's length-normalised losses count them: all of a sequence's completion tokens,
+        also one at its first position, which is never scored."""
+        mask = inputs["completion_mask"]
+        if "sequence_ids" not in inputs:
+            return mask.sum(dim=1).float().chunk(2)
+        ids = inputs["sequence_ids"].flatten()
+        real = ids >= 0
+        counts = torch.zeros(2 * inputs["num_pairs"], device=mask.device)
+        counts.index_add_(0, ids[real], mask.flatten()[real].float())
+        return counts.chunk(2)
+
     # -- metrics: per-pair sums kept on the device, reduced over processes when logged ---------
 
-    def _accumulate(self, mode, out, tokens):
+    def _accumulate(self, mode, out, tokens, aux_loss=None):
         """Add one micro-batch to ``mode``'s sums, one float64 tensor on the device: per-pair
-        metrics summed over pairs, the per-batch values once, the pair and batch counts, and
-        the batch's tokens (attention mask), for TRL's running ``num_tokens``."""
-        per_pair = out.pair_metrics()
-        row = torch.cat(
-            [
-                torch.stack([v.detach().double().sum() for v in per_pair.values()]),
-                torch.stack([out.mean_chosen_logits, out.mean_rejected_logits]).detach().double(),
-                # Fills on the device: torch.tensor of host numbers would be a blocking
-                # host-to-device copy on CUDA, every micro-batch.
-                *(
-                    torch.full((1,), value, dtype=torch.float64, device=out.losses.device)
-                    for value in (out.beta, out.losses.numel(), 1.0)
-                ),
-                tokens.detach().double().reshape(1).to(out.losses.device),
-            ]
-        )
-        names = [*per_pair, *_PER_BATCH, "_pairs", "_batches", "_tokens"]
+        metrics summed over pairs, the per-batch values once (the MoE ``aux_loss`` too, as TRL
+        logs it), the pair and batch counts, and the batch's tokens (attention mask), for TRL's
+        running ``num_tokens``."""
+        device = out.losses.device
+
+        def fill(value):
+            # On the device: torch.tensor of a host number would be a blocking host-to-device
+            # copy on CUDA, every micro-batch.
+            return torch.full((), value, dtype=torch.float64, device=device)
+
+        values = {k: v.detach().double().sum() for k, v in out.pair_metrics().items()}
+        values["logits/chosen"] = out.mean_chosen_logits.detach().double()
+        values["logits/rejected"] = out.mean_rejected_logits.detach().double()
+        values["kl/beta"] = fill(out.beta)
+        if aux_loss is not None:
+            values["aux_loss"] = aux_loss.detach().double().to(device)
+        values["_pairs"] = fill(out.losses.numel())
+        values["_batches"] = fill(1.0)
+        values["_tokens"] = tokens.detach().double().reshape(()).to(device)
+        row = torch.stack(list(values.values()))
         previous = self._metric_sums[mode]
-        self._metric_sums[mode] = (names, row if previous is None else previous[1] + row)
+        self._metric_sums[mode] = (list(values), row if previous is None else previous[1] + row)
 
     def _reduced_metrics(self, mode) -> dict[str, float]:
         if self._metric_sums[mode] is None:
@@ -510,10 +647,21 @@ class EpsilonDPOTrainer(DPOTrainer):
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The evaluation loss; with ``compute_metrics`` (``prediction_loss_only`` False), also
+        the policy's logits and ``input_ids`` as labels, as TRL passes them. Those logits come
+        from one more forward of the policy, which forms them: the fused loss never does, and
+        TRL 1.16 recomputes them the same way (it deprecates ``compute_metrics`` for this cost)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            kwargs = {
+                k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
+            }
+            with self.accelerator.autocast():
+                logits = model(**kwargs, use_cache=False).logits
+        return loss.detach(), logits, inputs["input_ids"]
 
     # -- β across optimizer steps and checkpoints ----------------------------------------------
 
