@@ -359,10 +359,10 @@ class EpsilonDPOTrainer(DPOTrainer):
     ``precompute_ref_log_probs`` at ε = 0); ``refused_options`` says why the rest are not.
 
     Logged (``eval_``-prefixed on evaluation): TRL's ``loss``, ``rewards/*``, ``logps/*``,
-    ``logits/*``, ``aux_loss`` (MoE); ε-DPO's ``kl/beta``, ``kl/p_epsilon_steps``, ``kl/n_epsilon_steps``,
-    ``kl/avg_steps``; and ``displacement/*`` (see ``EpsilonDPOOutput.pair_metrics``). TRL's
-    ``entropy`` and ``mean_token_accuracy`` are not: they need per-token vocabulary reductions
-    the fused loss does not compute.
+    ``logits/*``, ``aux_loss`` (MoE); ε-DPO's ``kl/beta``, ``kl/p_epsilon_steps``,
+    ``kl/n_epsilon_steps``, ``kl/avg_steps``; and ``displacement/*`` (see
+    ``EpsilonDPOOutput.pair_metrics``). TRL's ``entropy`` and ``mean_token_accuracy`` are not:
+    they need per-token vocabulary reductions the fused loss does not compute.
     """
 
     _tag_names = ["trl", "dpo", "epsilon-dpo", "epsdpo-kernels"]

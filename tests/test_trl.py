@@ -328,7 +328,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     "overrides, match",
     [
         (dict(precompute_ref_log_probs=True), "whole next-token distribution"),  # ε = 0.05
-        (dict(ld_alpha=0.5), "ld_alpha"),
+        (dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]), "ld_alpha=0.5 with loss_type 'sft'"),
+        (dict(loss_type="kto"), "not among TRL 1.16's loss types"),
+        (dict(loss_type="exo_pair"), "label_smoothing must be > 0"),
+        (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "is defined for"),
         (dict(use_weighting=True), "WPO"),
         (dict(epsilon=-0.1), "epsilon"),
         (dict(epsilon=1.5), "epsilon"),

@@ -37,10 +37,7 @@ def _lora():
     return peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
-@pytest.mark.parametrize(
-    "setup",
-    ["gradient-accumulation", "peft", "ipo+accumulation"],
-)
+@pytest.mark.parametrize("setup", ["gradient-accumulation", "peft", "ipo+accumulation"])
 def test_training_runs_log_what_trl_logs(tmp_path, setup):
     """Three optimizer steps at ε = 0 beside TRL's DPOTrainer: with 2 accumulated micro-batches
     per step, with a LoRA adapter (the reference is the policy with it disabled), and IPO with
