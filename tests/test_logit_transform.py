@@ -182,6 +182,7 @@ def _tiny(family: str, **transform):
     return model_cls(config_cls(**common, **extra, **transform)).eval()
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize(
     "family, transform, loss_kwargs",
     [
@@ -193,11 +194,13 @@ def _tiny(family: str, **transform):
     ids=["gemma2-cap-30", "gemma2-cap-that-bites", "cohere-scale", "granite-scaling"],
 )
 def test_a_models_own_logits_equal_the_linear_path_with_its_transform(
-    family, transform, loss_kwargs
+    family, transform, loss_kwargs, layout
 ):
     """epsilon_dpo_loss on model(...).logits (the model caps or scales them itself) and
     linear_epsilon_dpo_loss on its last hidden states with the transform: the same loss, every
-    field, and the same gradient of every parameter."""
+    field, and the same gradient of every parameter. ``packed``: the linear path's model runs
+    the four sequences as one row (position_ids restarting at 0: attention stays inside each)
+    and the loss takes the stream with sequence_ids, against the padded rows' logits."""
     model = _tiny(family, **transform)
     for p in model.parameters():  # logits of a few units, so that a cap of 0.5 bites
         p.data.mul_(4 if family == "gemma2" else 1)
@@ -220,16 +223,32 @@ def test_a_models_own_logits_equal_the_linear_path_with_its_transform(
         model(input_ids).logits[:, :-1], ref_logits, labels, beta=0.1, epsilon=0.3
     )
     expected = grads(by_logits.loss)
-    hidden = model.get_decoder()(input_ids).last_hidden_state[:, :-1]
+    rows, length = input_ids.shape
+    if layout == "padded":
+        hidden = model.get_decoder()(input_ids).last_hidden_state[:, :-1]
+        stream = {}
+        loss_labels = labels
+    else:
+        positions = torch.arange(length).repeat(rows).view(1, -1)
+        # use_cache=False: transformers finds packed sequences in position_ids only without a
+        # cache (the trainers pass it too).
+        packed = model.get_decoder()(input_ids.view(1, -1), position_ids=positions, use_cache=False)
+        # Each sequence's last hidden state scores nothing (its successor is another sequence's).
+        hidden = packed.last_hidden_state.view(rows, length, -1)[:, :-1].reshape(1, -1, 32)
+        ref_hidden = ref_hidden.reshape(1, -1, 32)
+        loss_labels = labels.reshape(1, -1)
+        ids = torch.arange(rows).repeat_interleave(length - 1).view(1, -1)
+        stream = dict(sequence_ids=ids, num_pairs=rows // 2)
     by_hidden = linear_epsilon_dpo_loss(
         hidden,
         model.get_output_embeddings().weight,
         ref_hidden,
         ref.get_output_embeddings().weight,
-        labels,
+        loss_labels,
         beta=0.1,
         epsilon=0.3,
         **loss_kwargs,
+        **stream,
     )
     got = grads(by_hidden.loss)
     assert torch.equal(by_hidden.steps, by_logits.steps)
