@@ -125,8 +125,10 @@ def refused_options(args: DPOConfig) -> list[str]:
             f"parallelism_config with {sizes}: tensor parallelism splits the lm_head over the "
             "vocabulary and context/sequence parallelism splits every sequence over ranks, and "
             "this trainer would sum each rank's part as if it were the whole sequence; use data "
-            "parallelism only (dp_replicate_size, dp_shard_size). Outside the trainer, "
-            "linear_epsilon_dpo_loss takes sequence_group= for context parallelism"
+            "parallelism only (dp_replicate_size, dp_shard_size). accelerate runs these meshes "
+            "only on GPUs (it refuses a ParallelismConfig on CPU processes), so this path has "
+            "no test yet; outside the trainer, linear_epsilon_dpo_loss takes a vocabulary-"
+            "sharded lm_head (DTensor Shard(0)) and sequence_group= (tested on CPU)"
         )
     # The loss's own checks, so that the config says what the loss would say.
     for check, value in (
