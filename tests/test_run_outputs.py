@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tests.helpers.scripts import FAST, ROOT, metrics, run  # noqa: E402
+from tests.helpers.scripts import FAST, ROOT, metrics, run, run_in_process  # noqa: E402
 from tests.helpers.scripts import script_env as _env
 
 # Every test here runs a script of train/ in a subprocess.
@@ -123,6 +123,52 @@ def test_sigterm_is_one_line_with_the_resume_hint(tmp_path):
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted at step ") and last.endswith("resume with --resume"), last
+
+
+def test_ctrl_c_of_launched_ranks_is_one_line(tmp_path):
+    """--nproc-per-node 2 and Ctrl-C at the terminal (SIGINT to the whole process group): one
+    line and status 130, where torchrun's agent added its log lines and a 20-line traceback."""
+    out = tmp_path / "out"
+    args = ["--nproc-per-node", "2", "--max-steps", "200", *FAST, "--save-every", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train" / "run.py"), *args, "--output-dir", str(out)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
+            assert proc.poll() is None and time.time() < deadline, "ended before its checkpoint"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    # What is left once rank 0's progress bar (carriage-return updates) and the note of a
+    # busy machine are taken out.
+    lines = [
+        line
+        for line in stderr.replace("\r", "\n").splitlines()
+        if line.strip() and not line.startswith(("ε-DPO", "warning: the load average"))
+    ]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("interrupted at step ") and lines[0].endswith("--resume"), stderr
+
+
+def test_launched_ranks_are_checked_once_before_the_launch(tmp_path, capsys, monkeypatch):
+    code, _, err = run_in_process(
+        "run.py", ["--nproc-per-node", "3", "--output-dir", str(tmp_path)], capsys, monkeypatch
+    )
+    assert code == 2 and err.count("error:") == 1
+    assert "data-parallel size = 8 × 3 (world size 3" in err
+    code, _, err = run_in_process("run.py", ["--nproc-per-node", "0"], capsys, monkeypatch)
+    assert code == 2 and "--nproc-per-node must be ≥ 1" in err
 
 
 def _children(pid: int) -> list[int]:

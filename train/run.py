@@ -56,6 +56,7 @@ from train.fsdp import (
     save_checkpoint,
     shard,
 )
+from train.launch import launch_workers, launched_worker
 from train.metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics
 from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
 from train.outputs import (
@@ -106,6 +107,11 @@ class Config(TrainFlags):
         negatable=True,
     )
     save_every: int = option(30, "checkpoint every N steps (0: never)")
+    nproc_per_node: int = option(
+        1,
+        "ranks to start on this machine, as torchrun --standalone --nproc_per_node=N does, "
+        "stopped like one process: Ctrl-C prints one line on every rank's behalf",
+    )
     resume: bool = option(
         False,
         "continue from the latest complete checkpoint in --output-dir "
@@ -198,7 +204,22 @@ def _checkpoint_record(output_dir: Path) -> dict | None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be ≥ 1, got {cfg.nproc_per_node}")
+    if cfg.nproc_per_node > 1 and not launched_worker():
+        # Checked here once, not by every rank after the launch.
+        check_config(cfg, cfg.nproc_per_node)
+        args = sys.argv[1:] if argv is None else list(argv)
+        return launch_workers(cfg.nproc_per_node, os.path.abspath(__file__), args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.nproc_per_node > 1 and "LOCAL_WORLD_SIZE" in os.environ:
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        if local != cfg.nproc_per_node:
+            raise UsageError(
+                f"--nproc-per-node {cfg.nproc_per_node} under a launcher that started {local} "
+                "ranks per node: use one of them"
+            )
+    check_config(cfg, world)
     watch_for_interrupt()
     rank, world, device = init_distributed()
     try:
@@ -523,4 +544,12 @@ def _progress(rank, total, initial):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    status = run_main(main)
+    if interrupt_requested() and launched_worker():
+        # A rank stopped while a peer may be inside a collective: gloo's teardown at exit then
+        # aborts ("terminate called without an active exception"). Everything the run writes
+        # is closed by now, so the process ends without the interpreter's teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
