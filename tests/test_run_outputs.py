@@ -71,7 +71,7 @@ def test_a_directory_holds_one_run(tmp_path):
     assert "pass one of them" in line
 
 
-def _signal_at_first_checkpoint(args, out, signum) -> tuple[int, str]:
+def _signal_at_first_checkpoint(args, out, signum, times=1) -> tuple[int, str]:
     """Run train/run.py with ``args``, send ``signum`` once its step-1 checkpoint into ``out``
     is complete; (exit status, stderr). SIG_DFL for SIGINT first, since a shell that starts a
     job in the background makes it ignore SIGINT, and the tests must not depend on how they
@@ -88,7 +88,9 @@ def _signal_at_first_checkpoint(args, out, signum) -> tuple[int, str]:
     while not (out / "checkpoints" / "step_1" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
         time.sleep(0.01)
-    proc.send_signal(signum)
+    for i in range(times):
+        proc.send_signal(signum)
+        time.sleep(0.05 * (i + 1 < times))
     _, stderr = proc.communicate(timeout=300)
     return proc.returncode, stderr
 
@@ -112,6 +114,18 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
 
     run([*args, "--resume"])
     assert [r["step"] for r in _strict_rows(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_second_ctrl_c_while_stopping_is_ignored(tmp_path):
+    """A launcher forwards the terminal's Ctrl-C to ranks that already got it, and users press
+    it twice: the second one used to break the stopping rank's handler with a traceback."""
+    out = tmp_path / "out"
+    args = ["--max-steps", "40", *FAST, "--save-every", "1", "--output-dir", str(out)]
+    returncode, stderr = _signal_at_first_checkpoint(args, out, signal.SIGINT, times=3)
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and last.endswith("resume with --resume"), last
 
 
 def test_sigterm_is_one_line_with_the_resume_hint(tmp_path):

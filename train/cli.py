@@ -30,6 +30,13 @@ _signal_received: int | None = None
 def _on_signal(signum, frame):
     global _signal_received
     _signal_received = signum
+    # Later signals are ignored: a launcher forwards the terminal's Ctrl-C to ranks that already
+    # got it from the terminal, and users press it twice. Raising again would break the
+    # stopping rank's handler (or a checkpoint write it waits for) with a traceback, and one
+    # landing in the interpreter's teardown would kill it by the signal. The run is already
+    # stopping; kill -9 (or the launcher's own SIGKILL after its timeout) remains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
