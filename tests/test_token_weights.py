@@ -58,7 +58,7 @@ def test_logits_entry_point_matches_reference(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     b=st.integers(1, 3),
     t=st.integers(1, 7),
