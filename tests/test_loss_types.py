@@ -22,9 +22,8 @@ from epsdpo_kernels.loss_types import LOSS_TYPES, f_divergence_scores  # noqa: E
 from epsdpo_kernels.reference import reference_epsilon_dpo  # noqa: E402
 from epsdpo_kernels.trl import DataCollatorForPackedPreference  # noqa: E402
 from tests.helpers.parity import fp32_sum_rel_error, sequence_logp_disagreement  # noqa: E402
-from tests.helpers.trl import config, make_trainer, pairs, tiny_models  # noqa: E402
+from tests.helpers.trl import dpo_trainer, make_trainer  # noqa: E402
 from tests.test_trl import _token_pairs  # noqa: E402
-from train.tokenizer import byte_tokenizer  # noqa: E402
 
 # (loss_type list, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef)
 CASES = {
@@ -71,21 +70,11 @@ def _set_loss(ours, theirs, case):
 def pair_of_trainers(tmp_path_factory):
     """EpsilonDPOTrainer at ε = 0 and TRL's DPOTrainer on equal, equally perturbed policies,
     and one batch of ragged token pairs (one with an empty prompt), padded and packed."""
-    from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     tmp = tmp_path_factory.mktemp("loss_types")
     ours = make_trainer(tmp / "eps", train=_token_pairs(n=6), epsilon=0.0)
-    args = config(tmp / "dpo", epsilon=0.0)
-    fields = {k for k in args.to_dict() if k in DPOConfig.__dataclass_fields__}
-    policy, reference = tiny_models()
-    theirs = DPOTrainer(
-        policy,
-        ref_model=reference,
-        train_dataset=pairs(8),
-        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
-        processing_class=byte_tokenizer(),
-    )
+    theirs = dpo_trainer(tmp / "dpo")
     for trainer in (ours, theirs):
         gen = torch.Generator().manual_seed(7)
         with torch.no_grad():

@@ -10,26 +10,8 @@ import torch
 pytest.importorskip("trl")
 
 from tests.helpers.parity import loss_disagreement  # noqa: E402
-from tests.helpers.trl import config, make_trainer, pairs, tiny_models  # noqa: E402
+from tests.helpers.trl import config, dpo_trainer, make_trainer, pairs, tiny_models  # noqa: E402
 from train.tokenizer import byte_tokenizer  # noqa: E402
-
-
-def _trl_trainer(tmp_path, peft_config=None, **overrides):
-    """TRL's DPOTrainer with the test config's DPOConfig fields, on an equal tiny policy (and
-    its reference, unless a PEFT adapter is trained)."""
-    from trl import DPOConfig, DPOTrainer
-
-    args = config(tmp_path, epsilon=0.0, **overrides)
-    fields = {k for k in args.to_dict() if k in DPOConfig.__dataclass_fields__}
-    policy, reference = tiny_models()
-    return DPOTrainer(
-        policy,
-        ref_model=None if peft_config else reference,
-        train_dataset=pairs(8),
-        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
-        processing_class=byte_tokenizer(),
-        peft_config=peft_config,
-    )
 
 
 def _lora():
@@ -60,7 +42,7 @@ def test_training_runs_log_what_trl_logs(tmp_path, setup):
         processing_class=byte_tokenizer(),
         peft_config=peft_config,
     )
-    theirs = _trl_trainer(tmp_path / "dpo", peft_config=peft_config, **options)
+    theirs = dpo_trainer(tmp_path / "dpo", peft_config=peft_config, **options)
     ours.train()
     theirs.train()
     logs = [_step_logs(t) for t in (ours, theirs)]
@@ -83,7 +65,7 @@ def test_sync_ref_model_trains_as_trl_tr_dpo(tmp_path):
     sync = dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
     ours = make_trainer(tmp_path / "eps", epsilon=0.0, max_steps=3, **sync)
     initial = {n: p.detach().clone() for n, p in ours.ref_model.named_parameters()}
-    theirs = _trl_trainer(tmp_path / "dpo", max_steps=3, **sync)
+    theirs = dpo_trainer(tmp_path / "dpo", max_steps=3, **sync)
     ours.train()
     theirs.train()
     moved = [n for n, p in ours.ref_model.named_parameters() if not torch.equal(p, initial[n])]
@@ -107,7 +89,7 @@ def test_precomputed_reference_at_epsilon_zero_trains_as_trl(tmp_path, padding_f
     ours = make_trainer(tmp_path / "eps", epsilon=0.0, padding_free=padding_free, **pre)
     assert ours.ref_model is not None  # an explicit ref_model is what TRL precomputes from
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(ours.train_dataset.column_names)
-    theirs = _trl_trainer(tmp_path / "dpo", **pre)
+    theirs = dpo_trainer(tmp_path / "dpo", **pre)
     ours.train()
     theirs.train()
     logs = [_step_logs(t) for t in (ours, theirs)]
@@ -256,7 +238,7 @@ def test_compute_metrics_receives_the_policys_logits_as_trl_passes_them(tmp_path
                 compute_metrics=mean_top1_agreement,
             )
         else:
-            trainer = _trl_trainer(tmp_path / kind, per_device_eval_batch_size=2)
+            trainer = dpo_trainer(tmp_path / kind, per_device_eval_batch_size=2)
             trainer.compute_metrics = mean_top1_agreement
             trainer.eval_dataset = trainer._prepare_dataset(
                 pairs(4, offset=8), trainer.processing_class, trainer.args, "eval"

@@ -89,5 +89,24 @@ def make_trainer(tmp_path, train=None, eval_dataset=None, seed=0, softcap=None, 
     )
 
 
+def dpo_trainer(tmp_path, peft_config=None, **overrides):
+    """TRL's own DPOTrainer with the DPOConfig fields of ``config(tmp_path, epsilon=0, ...)``, on
+    the tiny policy ``make_trainer`` builds (and its reference, unless a PEFT adapter is
+    trained): the trainer EpsilonDPOTrainer at ε = 0 is compared with."""
+    from trl import DPOConfig, DPOTrainer
+
+    args = config(tmp_path, **{"epsilon": 0.0, **overrides})
+    fields = {k for k in args.to_dict() if k in DPOConfig.__dataclass_fields__}
+    policy, reference = tiny_models()
+    return DPOTrainer(
+        policy,
+        ref_model=None if peft_config else reference,
+        train_dataset=pairs(8),
+        args=DPOConfig(**{k: getattr(args, k) for k in fields}),
+        processing_class=byte_tokenizer(),
+        peft_config=peft_config,
+    )
+
+
 def step_logs(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
