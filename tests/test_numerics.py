@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels import layout as L
@@ -219,6 +221,24 @@ def test_split_count_fills_the_gpu_once():
     # Never splits narrower than MIN_BLOCKS_PER_SPLIT blocks.
     assert split_count(rows=1, vocab=32000, block=2048, sm_count=132) == 32000 // (4 * 2048)
     assert split_count(rows=1, vocab=1000, block=2048, sm_count=132) == 1
+    # The case: Gemma's vocabulary in bf16 on one row made 31 splits, 6 of them empty.
+    assert split_count(rows=1, vocab=256000, block=2048, sm_count=132) == 25
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    vocab=st.integers(1, 300_000),
+    block=st.sampled_from([256, 1024, 2048, 4096]),
+    splits=st.integers(1, 600),
+)
+def test_split_plan_leaves_no_split_empty(vocab, block, splits):
+    from epsdpo_kernels.triton_backend.token import split_plan
+
+    count, width = split_plan(vocab, block, splits)
+    assert 1 <= count <= splits
+    assert width % block == 0 and width >= block
+    # Every split starts inside the row, and together they cover it.
+    assert (count - 1) * width < vocab <= count * width
 
 
 def test_torch_backend_sub_chunks_follow_the_device():

@@ -55,9 +55,9 @@ from .vocab_merge import (
 FWD_WARPS, FWD_LANES_PER_THREAD = 8, 1
 BWD_WARPS, BWD_LANES_PER_THREAD = 8, 2
 # Programs an SM holds at once, for the split heuristic: register-limited, 256 threads of up to
-# 85 registers fit three times in 64K (ptxas gives the forward 76 under Triton 3.6 and 64 under
-# 3.9, where four would fit; benchmarks/kernel_report.py).
-PROGRAMS_PER_SM = 3
+# 64 registers fit four times in 64K, and ptxas gives the bf16 forward 57-64 under Triton 3.6 and
+# 3.9 (fp32: 40; benchmarks/kernel_report.py). Counting 4 where 5 fit splits a little less.
+PROGRAMS_PER_SM = 4
 # A V-split spans at least this many blocks, so that its loop, not its merge, dominates.
 MIN_BLOCKS_PER_SPLIT = 4
 
@@ -487,12 +487,23 @@ def _sm_count(device_index: int) -> int:
 def split_count(rows: int, vocab: int, block: int, sm_count: int) -> int:
     """V-splits per row so that the grid fills the GPU once: 1 when the rows alone give every
     SM its ``PROGRAMS_PER_SM`` programs; otherwise enough splits to do so, each at least
-    ``MIN_BLOCKS_PER_SPLIT`` blocks wide."""
+    ``MIN_BLOCKS_PER_SPLIT`` blocks wide, and none empty (``split_plan``)."""
     slots = sm_count * PROGRAMS_PER_SM
     if rows >= slots:
         return 1
     max_splits = max(1, vocab // (MIN_BLOCKS_PER_SPLIT * block))
-    return max(1, min(max_splits, -(-slots // max(rows, 1))))
+    return split_plan(vocab, block, min(max_splits, -(-slots // max(rows, 1))))[0]
+
+
+def split_plan(vocab: int, block: int, splits: int) -> tuple[int, int]:
+    """(splits, columns per split) for at most ``splits`` splits of ``vocab`` columns: each a
+    whole number of blocks (its loop then runs unmasked up to the row's end), and as many
+    splits as that width needs, so that none is empty (rounding the width up to blocks would
+    otherwise leave trailing splits with no columns: V = 256000 in bf16 on one row asks for 31,
+    whose 10240-column width fills 25)."""
+    per_split = -(-vocab // max(splits, 1))
+    per_split = max(block, -(-per_split // block) * block)
+    return -(-vocab // per_split), per_split
 
 
 def _fast_math() -> bool:
@@ -509,8 +520,7 @@ def _split_plan(x: torch.Tensor, block: int, splits: int | None) -> tuple[int, i
     n, t, v = x.shape
     if splits is None:
         splits = split_count(n * t, v, block, _device_sm_count(x))
-    per_split = -(-v // splits)
-    return splits, -(-per_split // block) * block
+    return split_plan(v, block, splits)
 
 
 def align_rows(vec: int, *tensors: torch.Tensor) -> bool:
