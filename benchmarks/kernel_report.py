@@ -44,8 +44,10 @@ from benchmarks.compiled import (
 )
 
 # H100 SXM: copy bandwidth as commonly measured on one (~3.0 TB/s of the 3.35 TB/s datasheet
-# figure), SMs, boost clock (1.98 GHz; 1.755 GHz is the PCIe card's) and per-SM limits from the
-# datasheet and CUDA's occupancy tables for sm_90.
+# figure), SMs, boost clock and per-SM limits from the datasheet and CUDA's occupancy tables for
+# sm_90. Under a long streaming load the clock sits below boost: ``SUSTAINED_CLOCK_HZ`` (the
+# H100 PCIe card's boost, a clock SXM parts are commonly seen holding when power-limited) is the
+# report's second clock. Memory time does not depend on it; SFU and issue time do.
 H100 = dict(
     name="H100 SXM",
     sms=132,
@@ -60,6 +62,27 @@ H100 = dict(
     # Loaded DRAM latency: ~0.6-0.8 µs idle on Hopper, about 1 µs under a streaming load.
     dram_latency_s=1.0e-6,
 )
+# H200: the same GH100 die (132 SMs, 1.98 GHz boost, SFU and issue rates, register file) with
+# HBM3e: 4.8 TB/s datasheet, ~4.3 TB/s device copy as commonly measured (about 90% of the
+# datasheet, the H100's ratio; not measured here). The bandwidth grows 43% and the SFU rate
+# does not, so exponentials that hide behind memory on an H100 may not on an H200.
+H200 = dict(H100, name="H200", copy_bytes_per_s=4.3e12, datasheet_bytes_per_s=4.8e12)
+GPUS = {"h100": H100, "h200": H200}
+SUSTAINED_CLOCK_HZ = 1.755e9
+CLOCKS = {"boost": None, "sustained": SUSTAINED_CLOCK_HZ}
+
+
+def gpu_models(gpus=("h100", "h200"), clocks=("boost", "sustained")) -> list[dict]:
+    """The GPU configurations a report predicts for, each named with its clock."""
+    out = []
+    for key in gpus:
+        for clock in clocks:
+            gpu = dict(GPUS[key])
+            gpu["clock_hz"] = CLOCKS[clock] or gpu["clock_hz"]
+            gpu["name"] = f"{gpu['name']} @ {gpu['clock_hz'] / 1e9:.4g} GHz"
+            out.append(gpu)
+    return out
+
 
 # Published timings the upper end is calibrated on: Liger-Kernel's cross-entropy forward
 # (benchmark/data/all_benchmark_data.csv in github.com/linkedin/Liger-Kernel: kernel
@@ -315,7 +338,10 @@ def report(
     gpu=H100,
     baseline: bool = False,
     softcap: float | None = None,
+    gpus=(),
 ) -> list[dict]:
+    """One row per kernel: its resources and hot loop, the predicted range on ``gpu`` at the top
+    level and, under ``models``, on each of ``gpus`` by name."""
     results = []
     elements = rows * vocab
     kernels = kernel_rows(arch, dtype_name, rows, vocab, softcap)
@@ -338,6 +364,16 @@ def report(
             # Every SFU op (the soft cap adds a reciprocal to each exponential): the SFU time.
             sfu_ops = sum(op.startswith("MUFU.") for _, op, _ in loop) / per_trip
             load_bytes = loop_load_bytes(loop)
+            terms = dict(
+                elements=elements,
+                bytes_per_element=bytes_per_element,
+                mufu=sfu_ops,
+                instr=instr,
+                registers=row["registers"],
+                warps=warps,
+                load_bytes=load_bytes,
+                programs=_programs(_grid),
+            )
             row.update(
                 loop_instructions=len(loop),
                 elements_per_trip=per_trip,
@@ -348,53 +384,51 @@ def report(
                     op.startswith(("SHFL", "BAR")) for _, op, _ in loop
                 ),
                 loop_load_bytes_per_thread=load_bytes,
-                **time_range(
-                    elements=elements,
-                    bytes_per_element=bytes_per_element,
-                    mufu=sfu_ops,
-                    instr=instr,
-                    registers=row["registers"],
-                    warps=warps,
-                    load_bytes=load_bytes,
-                    programs=_programs(_grid),
-                    gpu=gpu,
-                ),
+                **time_range(**terms, gpu=gpu),
+                models={g["name"]: time_range(**terms, gpu=g) for g in gpus},
             )
         results.append(row)
     return results
 
 
-def markdown(results: list[dict], rows: int, vocabs, gpu=H100) -> str:
+def markdown(results: list[dict], rows: int, vocabs, gpus=None) -> str:
+    """One table of predictions per GPU configuration (``gpu_models``), then the resources."""
     fit = calibrate()
     mid = min(fit["residuals"].values())
     lines = [
-        f"Model: {rows} token rows, {gpu['name']} ({gpu['sms']} SMs, "
-        f"{gpu['clock_hz'] / 1e9:.3g} GHz, {gpu['copy_bytes_per_s'] / 1e12:.1f} TB/s copy, "
-        f"{gpu['dram_latency_s'] * 1e6:.1f} µs loaded latency). Per element = per (h, g) pair "
-        "in the forward, per logit in the backward. Low end: the roofline (max of memory at "
-        "copy bandwidth, SFU, issue). High end: calibrated streaming bandwidth "
-        f"({fit['efficiency']:.1%} of datasheet, i.e. "
-        f"{fit['efficiency'] * gpu['datasheet_bytes_per_s'] / 1e12:.2f} TB/s) or what the bytes "
-        f"in flight sustain, whichever is lower, the wave tail, and {fit['fixed_s'] * 1e6:.0f} µs "
-        f"per call. Calibration: {CALIBRATION['source']}; its mid-V points run up to "
-        f"{-mid:.0%} faster than the fitted line (a second pass over rows still in L2).",
-        "",
-        "| V | kernel | dtype | regs | loop instr / elt | MUFU / elt | shfl+bar in loop "
-        "| SFU / memory time | in flight / needed per SM | predicted ms | % of copy BW | bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Model: {rows} token rows. Per element = per (h, g) pair in the forward, per logit in "
+        "the backward. Low end: the roofline (max of memory at copy bandwidth, SFU, issue). "
+        f"High end: calibrated streaming bandwidth ({fit['efficiency']:.1%} of datasheet) or what "
+        "the bytes in flight sustain, whichever is lower, the wave tail, and "
+        f"{fit['fixed_s'] * 1e6:.0f} µs per call. Calibration: {CALIBRATION['source']}; its mid-V "
+        f"points run up to {-mid:.0%} faster than the fitted line (a second pass over rows still "
+        "in L2)."
     ]
-    for r in results:
-        if "loop_instructions" not in r:
-            continue
-        low, high = r["copy_fraction_range"]
-        lines.append(
-            f"| {r['vocab']} | {r['kernel']} | {r['dtype']} | {r['registers']} | "
-            f"{r['instructions_per_element']} | {r['mufu_per_element']} | "
-            f"{r['shuffles_or_barriers_in_loop']} | {r['sfu_share_of_memory']:.0%} | "
-            f"{r['in_flight_kb_per_sm']:g} / {r['needed_kb_per_sm']:g} KB "
-            f"({r['programs_per_sm']} programs) | {r['low_ms']}-{r['high_ms']} | "
-            f"{low:.0%}-{high:.0%} | {r['bound']} |"
-        )
+    for gpu in gpus or [H100]:
+        lines += [
+            "",
+            f"**{gpu['name']}** ({gpu['sms']} SMs, {gpu['copy_bytes_per_s'] / 1e12:.1f} TB/s copy, "
+            f"{fit['efficiency'] * gpu['datasheet_bytes_per_s'] / 1e12:.2f} TB/s calibrated "
+            f"streaming, {gpu['dram_latency_s'] * 1e6:.1f} µs loaded latency)",
+            "",
+            "| V | kernel | dtype | regs | loop instr / elt | MUFU / elt | shfl+bar in loop "
+            "| SFU / memory time | in flight / needed per SM | predicted ms | % of copy BW "
+            "| bound |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            if "loop_instructions" not in r:
+                continue
+            m = r["models"].get(gpu["name"], r) if gpus else r
+            low, high = m["copy_fraction_range"]
+            lines.append(
+                f"| {r['vocab']} | {r['kernel']} | {r['dtype']} | {r['registers']} | "
+                f"{r['instructions_per_element']} | {r['mufu_per_element']} | "
+                f"{r['shuffles_or_barriers_in_loop']} | {m['sfu_share_of_memory']:.0%} | "
+                f"{m['in_flight_kb_per_sm']:g} / {m['needed_kb_per_sm']:g} KB "
+                f"({m['programs_per_sm']} programs) | {m['low_ms']}-{m['high_ms']} | "
+                f"{low:.0%}-{high:.0%} | {m['bound']} |"
+            )
     lines += [
         "",
         "Resources of every kernel (spills must be 0):",
@@ -424,6 +458,14 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, nargs="+", default=list(VOCABS))
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--gpu", nargs="+", default=list(GPUS), choices=list(GPUS))
+    parser.add_argument(
+        "--clock",
+        nargs="+",
+        default=list(CLOCKS),
+        choices=list(CLOCKS),
+        help=f"boost (1.98 GHz) and/or sustained ({SUSTAINED_CLOCK_HZ / 1e9:.4g} GHz)",
+    )
     parser.add_argument(
         "--softcap",
         type=float,
@@ -438,13 +480,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles real kernels")
+    gpus = gpu_models(args.gpu, args.clock)
     results = [
         dict(r, vocab=v)
         for v in args.vocab
         for dt in args.dtype
-        for r in report(args.arch, dt, args.rows, v, baseline=args.baseline, softcap=args.softcap)
+        for r in report(
+            args.arch,
+            dt,
+            args.rows,
+            v,
+            gpu=gpus[0],
+            baseline=args.baseline,
+            softcap=args.softcap,
+            gpus=gpus,
+        )
     ]
-    print(markdown(results, args.rows, args.vocab))
+    print(markdown(results, args.rows, args.vocab, gpus))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

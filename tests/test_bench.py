@@ -227,6 +227,31 @@ def test_kernel_time_model_terms():
     assert tail["wave_tail"] == pytest.approx(4 / 3, abs=1e-3)
 
 
+def test_kernel_time_model_gpus():
+    """The H200 and the sustained clock in the model: the bf16 forward's 4.5 MUFU per pair
+    (2 bytes per logit, both inputs) take 81% of the memory time on an H100 at boost and 116%
+    on an H200, whose bandwidth grows and SFU rate does not; a lower clock only scales SFU."""
+    import pytest
+
+    from benchmarks.kernel_report import gpu_models, time_range
+
+    models = {g["name"]: g for g in gpu_models()}
+    assert sorted(models) == [
+        "H100 SXM @ 1.755 GHz",
+        "H100 SXM @ 1.98 GHz",
+        "H200 @ 1.755 GHz",
+        "H200 @ 1.98 GHz",
+    ]
+    forward = dict(elements=10**9, bytes_per_element=4, mufu=4.5, instr=29.6, warps=8)
+    forward.update(registers=64, load_bytes=32, programs=132 * 4 * 100)
+    share = {n: time_range(**forward, gpu=g)["sfu_share_of_memory"] for n, g in models.items()}
+    assert share["H100 SXM @ 1.98 GHz"] == pytest.approx(0.81, abs=0.005)
+    assert share["H200 @ 1.98 GHz"] == pytest.approx(1.157, abs=0.005)
+    assert share["H200 @ 1.755 GHz"] == pytest.approx(1.157 * 1.98 / 1.755, abs=0.005)
+    h200 = time_range(**forward, gpu=models["H200 @ 1.98 GHz"])
+    assert h200["bound"] == "SFU" and h200["needed_kb_per_sm"] == pytest.approx(31.8, abs=0.1)
+
+
 def test_missing_register_count_is_an_error_not_a_silent_none():
     """A cubin cuobjdump cannot read (another Triton release's tools) must stop the report:
     "0 spills" without a register count would mean nothing."""
