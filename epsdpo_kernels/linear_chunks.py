@@ -30,7 +30,8 @@ FLOPs, in units of 2·S·H·V: forward 2 (policy, reference), backward 3 (recomp
 Bytes beyond the GEMMs' operands, bf16 at the sizes above (S·V·2 = 2.1 GB): the forward writes
 and the kernel reads both chunks' logits (4 × 2.1 GB); the backward writes the recomputed
 logits, the kernel rewrites them in place, and the two gradient GEMMs read them (4 × 2.1 GB),
-plus one read-modify-write of the S × H fp32 accumulator per slice (8 slices × 0.27 GB).
+plus one read-modify-write of the S × H fp32 accumulator per slice (8 slices × 0.27 GB; the
+slice's floor keeps that ≤ 5% of the GEMMs' time, plans.CUDA_MIN_SLICE_ROWS).
 """
 
 from __future__ import annotations
@@ -123,6 +124,13 @@ def linear_forward(inputs: LinearInputs, labels, call):
     return stats, pair_buffer(stats, labels, call), scored
 
 
+def _device_memory(device: torch.device) -> int:
+    """Total memory of a CUDA device (0 elsewhere), which bounds the backward's widest slice."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device.index or 0).total_memory
+
+
 @torch.no_grad()
 def linear_backward(
     policy_hidden, policy_weight, policy_bias, labels, stats, scored, token_coef, call, needs
@@ -143,7 +151,12 @@ def linear_backward(
     token_stats = stats[:, scored].contiguous()  # (TOKEN_FIELDS, S): the lse per token
     token_coef = token_coef[scored].float().contiguous()
     slice_rows, token_rows = slice_plan(
-        n_scored, vocab, hidden.element_size(), hidden.device.type, plan.vocab_chunk_rows
+        n_scored,
+        vocab,
+        hidden.element_size(),
+        hidden.device.type,
+        plan.vocab_chunk_rows,
+        _device_memory(hidden.device),
     )
 
     grad_hidden = torch.zeros((n_scored, h), dtype=torch.float32, device=hidden.device)

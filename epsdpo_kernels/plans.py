@@ -38,6 +38,16 @@ class LinearInputs(NamedTuple):
 DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
 # Chunks and slices are multiples of this many rows (GEMM tiles) when the budget allows.
 ROW_MULTIPLE = 256
+# The linear backward reads and writes its S × H fp32 ∂hidden accumulator once per vocabulary
+# slice of Vb rows, 8·S·H bytes, beside the slice's three GEMMs (recompute, ∂hidden, ∂weight),
+# 6·S·H·Vb FLOPs: accumulator time / GEMM time = (4/3)·(F/B)/Vb, whatever S and H. An H100's
+# bf16 dense F = 989 TFLOP/s at B = 3.0 TB/s copy gives F/B ≈ 330 (an H200's ≈ 230), so ≤ 5%
+# needs Vb ≥ 8800: on CUDA a slice has at least 9216 rows (36 × 256; more than two of the
+# backward kernel's 4096-column bf16 tiles) whatever the budget, over every scored token
+# (stepping through the tokens would add a Vb × H fp32 read-modify-write of ∂weight per step).
+# That slice's logits are S·9216·2 bytes in bf16: 151 MB at S = 8192, 1.2 GB at S = 65536, let
+# past the budget up to a sixteenth of the device's memory (5 GB on an 80 GB H100).
+CUDA_MIN_SLICE_ROWS = 9216
 # fp32 copies per logit where the GEMM cannot accumulate a bf16/fp16 product into fp32 (CPU).
 _UPCAST_BYTES = 4
 
@@ -78,23 +88,34 @@ def default_chunk_rows(vocab: int, element_size: int, device_type: str) -> int:
 
 
 def slice_plan(
-    scored: int, vocab: int, element_size: int, device_type: str, vocab_rows: int = 0
+    scored: int,
+    vocab: int,
+    element_size: int,
+    device_type: str,
+    vocab_rows: int = 0,
+    device_memory: int = 0,
 ) -> tuple[int, int]:
     """(vocabulary rows per backward slice, scored tokens per step within a slice).
 
     A slice covers every scored token when its logits (and an fp32 upcast where the GEMM needs
-    one) fit the budget; when even ROW_MULTIPLE vocabulary rows
-    over all S tokens do not, the slice's tokens are stepped through too. ``vocab_rows`` > 0
-    fixes the slice width (the token steps still follow the budget)."""
+    one) fit the budget; when even the narrowest slice (ROW_MULTIPLE vocabulary rows, on CUDA
+    ``CUDA_MIN_SLICE_ROWS`` with the budget raised to ``device_memory`` / 16) over all S tokens
+    does not, the slice's tokens are stepped through too. ``vocab_rows`` > 0 fixes the slice
+    width (the token steps still follow the budget)."""
     per_logit = element_size
     if device_type != "cuda" and element_size < 4:
         per_logit += _UPCAST_BYTES
     budget = _budget(device_type)
     if vocab_rows <= 0:
-        # Never narrower than ROW_MULTIPLE rows (or V): a thinner slice starves the GEMMs;
-        # stepping through the tokens keeps the budget instead.
+        # Never narrower than the floor (or V): a thinner slice starves the GEMMs and, on
+        # CUDA, makes the accumulator traffic count; stepping through the tokens keeps the
+        # budget instead.
         fit = _round_rows(budget // max(1, scored * per_logit), vocab)
-        vocab_rows = min(vocab, max(ROW_MULTIPLE, fit))
+        floor = ROW_MULTIPLE
+        if device_type == "cuda":
+            floor = CUDA_MIN_SLICE_ROWS
+            budget = max(budget, device_memory // 16)
+        vocab_rows = min(vocab, max(floor, fit))
     if scored * vocab_rows * per_logit <= budget:
         return vocab_rows, max(1, scored)
     return vocab_rows, _round_rows(budget // (vocab_rows * per_logit), max(1, scored))

@@ -110,6 +110,26 @@ def test_slices_too_wide_for_the_budget_step_through_tokens(backend, device, dty
     compare_linear(inputs, backend=backend, chunk_size=7, beta=0.1, epsilon=0.1)
 
 
+@pytest.mark.parametrize("element", [2, 4], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("scored", [1, 300, 8192, 16384, 32768, 65536])
+@pytest.mark.parametrize("vocab", [2048, 50257, 128256, 256000])
+def test_cuda_slices_stay_wide(vocab, scored, element):
+    """The CUDA plan's slices (read without a GPU): at least one backward tile (4096 columns in
+    bf16) or all of V, and, by plans.py's model, accumulator traffic ≤ 5% of the slice's GEMMs
+    on an H100 and an H200, over every scored token at up to 65536 (an 80 GB device)."""
+    from epsdpo_kernels import plans
+
+    memory = 80 * 10**9
+    vocab_rows, token_rows = plans.slice_plan(scored, vocab, element, "cuda", device_memory=memory)
+    assert vocab_rows == vocab or vocab_rows >= 4096
+    assert token_rows == scored
+    for flops, bandwidth in ((989e12, 3.0e12), (989e12, 4.3e12)):
+        share = 4 / 3 * flops / bandwidth / vocab_rows
+        assert vocab_rows == vocab or share <= 0.05, share
+    # Memory: the slice's logits stay within a sixteenth of the device.
+    assert scored * vocab_rows * element <= max(memory // 16, plans.DEFAULT_CHUNK_BYTES["cuda"])
+
+
 def test_head_module_and_tied_weights(device):
     """The head shares its lm_head's parameters; with tied embeddings the gradient reaches the
     one shared weight from both uses."""
