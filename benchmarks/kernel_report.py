@@ -211,9 +211,8 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int, softcap: floa
             policy, policy, labels, stats, partial, 0.01, -100, splits, logit_softcap=softcap
         ):
             kernel = launch[0]
-            name = kernel.__name__ + (
-                "-split" if splits > 1 and kernel is K.token_forward_kernel else ""
-            )
+            # A row narrower than two blocks is never split (split_plan): no split launch.
+            name = kernel.__name__ + ("-split" if launch[3].get("SPLIT") else "")
             name += "-softcap" if softcap is not None else ""
             if any(r[0] == name for r in out):
                 continue

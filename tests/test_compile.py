@@ -86,7 +86,17 @@ def compiled() -> dict:
     return _compile_sweep(ARCHS, DTYPES, VOCABS)
 
 
-CASES = [(k, a, d, v) for a in ARCHS for d in DTYPES for v in VOCABS for k in KERNELS]
+# V = 507 is below two forward blocks in every dtype: no launch splits it, so the split forward
+# and the merge have no specialisation there.
+SPLIT_ONLY = ("token_forward_kernel-split", "token_merge_kernel")
+CASES = [
+    (k, a, d, v)
+    for a in ARCHS
+    for d in DTYPES
+    for v in VOCABS
+    for k in KERNELS
+    if not (v == 507 and k in SPLIT_ONLY)
+]
 
 
 @pytest.mark.parametrize(
