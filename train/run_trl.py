@@ -193,6 +193,12 @@ def main(argv=None) -> int:
         f"{last['kl/beta']:.4g}, rewards/accuracies {last['rewards/accuracies']:.4g}; final β "
         f"{trainer.adaptive_beta.beta:.6g}; outputs in {output_dir}"
     )
+    # Under torchrun nothing else destroys the process group, and gloo's teardown at the
+    # interpreter's exit can abort a rank whose peer still holds its connection (SIGABRT,
+    # "terminate called without an active exception"): meet, then tear down while all are alive.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
