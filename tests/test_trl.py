@@ -286,6 +286,14 @@ if trainer.accelerator.is_main_process:
     logs = [{k: e[k] for k in ("step", "loss", "kl/beta", "kl/avg_steps", "rewards/margins")}
             for e in step_logs(trainer)]
     (out / "logs.json").write_text(json.dumps({"logs": logs, "beta": trainer.adaptive_beta.beta}))
+# Neither the Trainer nor accelerate destroys the process group: left to the interpreter's exit,
+# gloo's teardown can abort a rank whose peer still holds the connection ("terminate called
+# without an active exception", SIGABRT, seen in CI on a busy 2-core machine). Every rank meets
+# at a barrier, then tears the group down while its peers are still alive.
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
