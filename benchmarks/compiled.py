@@ -31,6 +31,10 @@ def _tool(name: str, arch: int = 90) -> str:
         return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+# Keyword arguments of a launch that are compiler options, not kernel parameters.
+LAUNCH_OPTIONS = ("maxnreg", "num_stages")
+
+
 def compile_launch(kernel, args, constexprs: dict, num_warps: int, arch: int):
     """Compile ``kernel`` for ``sm_{arch}`` with the specialisation ``kernel[grid](*args,
     **constexprs)`` gets on a real launch (Triton's own rules: 16-byte-aligned pointers and
@@ -40,6 +44,12 @@ def compile_launch(kernel, args, constexprs: dict, num_warps: int, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
 
+    # Launch options travel in the launch's keyword arguments beside the constexprs.
+    options = {"num_warps": num_warps}
+    constexprs = dict(constexprs)
+    for name in LAUNCH_OPTIONS:
+        if name in constexprs:
+            options[name] = constexprs.pop(name)
     signature, constants, attrs = {}, {}, {}
     runtime = [p for p in kernel.params if not p.is_constexpr]
     assert len(runtime) == len(args), (kernel.__name__, len(runtime), len(args))
@@ -63,9 +73,7 @@ def compile_launch(kernel, args, constexprs: dict, num_warps: int, arch: int):
     source = triton.compiler.ASTSource(
         fn=kernel, signature=signature, constexprs=constants, attrs=attrs
     )
-    return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
-    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _cuobjdump(compiled, flag: str) -> str:

@@ -130,6 +130,8 @@ def test_forward_loop_is_within_its_instruction_budget(compiled, dtype, vocab):
         assert row["in_flight_kb_per_sm"] >= 32, row
     backward = compiled[f"token_backward_kernel-sm90-{dtype}-V{vocab}"]
     assert backward["mufu_per_element"] == pytest.approx(1.0), backward
+    # The backward too (Triton 3.9 once gave it 93 registers, 16 KB, at V = 50257 in bf16).
+    assert backward["in_flight_kb_per_sm"] >= 32, backward
     assert backward["shuffles_or_barriers_in_loop"] == 0, backward
     assert backward["instructions_per_element"] <= BACKWARD_LOOP_BUDGET, backward
 
@@ -148,6 +150,13 @@ def test_token_forward_divides_with_round_to_nearest(compiled, arch, dtype):
 
 
 SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +182,12 @@ def test_the_soft_capped_specialisation_costs_one_exp_and_one_reciprocal_per_str
         plain = compiled[f"{kernel}-sm{arch}-{dtype}-V{vocab}"]
         capped = compiled_softcap[f"{kernel}-softcap-sm{arch}-{dtype}-V{vocab}"]
         assert capped["spill_bytes"] == 0 and capped["stack_bytes"] == 0, capped
+        if kernel == "token_backward_kernel" and arch == 90:
+            # Capped at 64 registers from Triton 3.9 on (triton_backend/token.py,
+            # _backward_register_cap); under 3.6 the cap spills, and the half-precision backward
+            # at rows not 16-byte aligned keeps 80 registers: 24 KB in flight, a known gap.
+            needed = 32 if _triton_version() >= (3, 9) else 24
+            assert capped["in_flight_kb_per_sm"] >= needed, capped
         assert capped["mufu_per_element"] == pytest.approx(plain["mufu_per_element"] + streams)
         assert capped["sfu_ops_per_element"] == pytest.approx(
             plain["sfu_ops_per_element"] + 2 * streams

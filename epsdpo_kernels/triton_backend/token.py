@@ -54,6 +54,12 @@ from .vocab_merge import (
 # counts for sm_90 with zero spills; see kernel_report.py). VEC = 16 bytes / element size.
 FWD_WARPS, FWD_LANES_PER_THREAD = 8, 1
 BWD_WARPS, BWD_LANES_PER_THREAD = 8, 2
+# ptxas's cap on the backward's registers (a launch option, not a constexpr): 64 lets four
+# 256-thread programs share an SM, 4 × 256 × 32 bytes = 32 KB of loads in flight, what an H200's
+# 4.3 TB/s needs at ~1 µs latency. Left alone, its allocation varies with Triton's code (3.6: 40-80
+# with rows not 16-byte aligned in bf16); with the cap no kernel spills (tests/test_compile.py).
+# Plain logits only (``_backward_register_cap``).
+BWD_MAX_REGISTERS = 64
 # Programs an SM holds at once, for the split heuristic: register-limited, 256 threads of up to
 # 64 registers fit four times in 64K, and ptxas gives the bf16 forward 57-64 under Triton 3.6 and
 # 3.9 (fp32: 40; benchmarks/kernel_report.py). Counting 4 where 5 fit splits a little less.
@@ -333,7 +339,7 @@ def token_backward_kernel(
             grad_offset,
             col_start,
             col_end,
-            label - vocab_offset,
+            (label - vocab_offset).to(tl.int32),
             shift,
             coef,
             LANES,
@@ -396,6 +402,10 @@ def _gradient_row(
         policy_block = policy_ptr + policy_offset + first
         grad_block = grad_ptr + grad_offset + first
     full_blocks = (col_end - first) // (LANES * VEC)
+    # The label's column counted from `first`, in 32 bits (|label − offset − first| < V ≤ 2^31),
+    # compared with the blocks' own 32-bit columns: a 64-bit row column per element took Triton
+    # 3.9's bf16 backward to 93 registers at V = 50257 (2 programs per SM).
+    label_from_first = (label_col - first).to(tl.int32)
     for k in range(0, full_blocks):
         cols = k * (LANES * VEC) + tile
         _gradient_block(
@@ -403,8 +413,8 @@ def _gradient_row(
             grad_block,
             cols,
             cols,
-            first + cols,
-            label_col,
+            cols,
+            label_from_first,
             shift,
             coef,
             FAST_MATH,
@@ -421,8 +431,8 @@ def _gradient_row(
             grad_block,
             cols,
             tile < rest,
-            first + cols,
-            label_col,
+            cols,
+            label_from_first,
             shift,
             coef,
             FAST_MATH,
@@ -672,6 +682,24 @@ def token_forward(
     return stats
 
 
+def _backward_register_cap(logit_scale: float, logit_softcap: float | None) -> dict:
+    """The backward's register cap. The soft-capped (or scaled) backward keeps more live values
+    (the slope 1 − tanh²): uncapped it takes 80 registers in half precision at rows that are
+    not 16-byte aligned (3 programs, 24 KB in flight), and under the cap Triton 3.6's code spills
+    (8 bytes on sm_90, 24 on sm_80) where Triton 3.9's does not. So it is capped from 3.9 on,
+    the newest release compiled here (tests/test_compile.py runs 3.6 and 3.9)."""
+    if logit_softcap is None and float(logit_scale) == 1.0:
+        return dict(maxnreg=BWD_MAX_REGISTERS)
+    if _triton_version() >= (3, 9):
+        return dict(maxnreg=BWD_MAX_REGISTERS)
+    return {}
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def backward_launch(
     policy_logits,
     labels,
@@ -718,6 +746,7 @@ def backward_launch(
             FAST_MATH=_fast_math(),
             ALIGN_ROWS=align_rows(vec, policy_logits, grad),
             **_transform_constexprs(logit_scale, logit_softcap),
+            **_backward_register_cap(logit_scale, logit_softcap),
         ),
         BWD_WARPS,
     )
