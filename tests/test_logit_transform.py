@@ -15,6 +15,7 @@ from epsdpo_kernels.params import LossParams
 from tests.helpers.batches import make_linear_batch
 from tests.helpers.checks import compare_linear
 from tests.helpers.compare import VALUE_TOL, assert_close
+from tests.helpers.models import tiny_transformed_lm
 from tests.helpers.packing import pack
 from tests.helpers.parity import fp32_sum_rel_error
 
@@ -175,30 +176,6 @@ def test_bad_transform_is_named(change, match):
         )
 
 
-def _tiny(family: str, **transform):
-    """A tiny random causal LM of ``family`` whose config carries ``transform``."""
-    transformers = pytest.importorskip("transformers")
-    common = dict(
-        vocab_size=301,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        eos_token_id=1,
-        bos_token_id=2,
-        pad_token_id=0,
-    )
-    config_cls, model_cls = {
-        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
-        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
-    }[family]
-    extra = dict(head_dim=16) if family == "gemma2" else {}
-    torch.manual_seed(0)
-    return model_cls(config_cls(**common, **extra, **transform)).eval()
-
-
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize(
     "family, transform, loss_kwargs",
@@ -218,7 +195,7 @@ def test_a_models_own_logits_equal_the_linear_path_with_its_transform(
     field, and the same gradient of every parameter. ``packed``: the linear path's model runs
     the four sequences as one row (position_ids restarting at 0: attention stays inside each)
     and the loss takes the stream with sequence_ids, against the padded rows' logits."""
-    model = _tiny(family, **transform)
+    model = tiny_transformed_lm(family, **transform)
     for p in model.parameters():  # logits of a few units, so that a cap of 0.5 bites
         p.data.mul_(4 if family == "gemma2" else 1)
     gen = torch.Generator().manual_seed(1)
@@ -226,7 +203,7 @@ def test_a_models_own_logits_equal_the_linear_path_with_its_transform(
     labels = input_ids[:, 1:].clone()
     labels[:, :3] = -100
     labels[1, -2:] = -100
-    ref = _tiny(family, **transform)
+    ref = tiny_transformed_lm(family, **transform)
 
     def grads(loss):
         model.zero_grad()
