@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from tests.helpers.scripts import FAST, ROOT, metrics, run, script_env  # noqa: E402
+from train.hh_format import write_hh_jsonl_gz  # noqa: E402
 from train.tokenizer import byte_tokenizer  # noqa: E402
 
 # Every test here runs a script of train/ in a subprocess.
@@ -83,11 +84,15 @@ def test_packed_run_trains_the_padded_run_steps(tmp_path, loss):
 
 
 def test_a_soft_capped_gemma2_trains_the_same_steps_with_either_loss(tmp_path):
-    """train/configs/tiny-gemma2.json (final_logit_softcapping 30): --loss linear caps inside
-    the fused loss, --loss logits reads the model's own capped logits (and caps the
-    reference's, formed from its hidden states): the same steps to fp32 rounding."""
+    """train/configs/tiny-gemma2.json (final_logit_softcapping 30), on rows in Anthropic HH's
+    published format (the paper's setting for this model family; .jsonl.gz as distributed):
+    --loss linear caps inside the fused loss, --loss logits reads the model's own capped logits
+    (and caps the reference's, formed from its hidden states): the same steps to fp32
+    rounding."""
+    hh = tmp_path / "hh-train.jsonl.gz"
+    write_hh_jsonl_gz(hh, n=64)
     args = ["--model", str(ROOT / "train" / "configs" / "tiny-gemma2.json"), "--max-steps", "3"]
-    args += [*FAST, "--padding-free"]
+    args += [*FAST, "--padding-free", "--dataset", str(hh)]
     run([*args, "--output-dir", str(tmp_path / "linear"), "--loss", "linear"])
     run([*args, "--output-dir", str(tmp_path / "logits"), "--loss", "logits"])
     _assert_same_steps(metrics(tmp_path / "linear"), metrics(tmp_path / "logits"))
