@@ -186,38 +186,57 @@ def time_range(
     )
 
 
-def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int, softcap: float | None = None):
+def kernel_rows(
+    arch: int,
+    dtype_name: str,
+    rows: int,
+    vocab: int,
+    softcap: float | None = None,
+    wpo: bool = False,
+):
     """(name, kernel, launch, elements per loop trip per thread, bytes per element) for every
     kernel at this shape, with the launchers' own arguments; with ``softcap``, the token
-    kernels' soft-capped specialisation (Gemma 2's logits) instead, named ``…-softcap``."""
+    kernels' soft-capped specialisation (Gemma 2's logits) instead, named ``…-softcap``; with
+    ``wpo``, the forward and the sequence sums that also compute WPO's terms, named ``…-wpo``."""
     import torch
 
-    from epsdpo_kernels.sequences import Sequences
+    from epsdpo_kernels import layout as L
     from epsdpo_kernels.triton_backend import token as K
     from epsdpo_kernels.triton_backend.pair_head import pair_head_launch
-    from epsdpo_kernels.triton_backend.sequence_sums import sequence_sums_launch
 
     dtype = getattr(torch, DTYPES[dtype_name])
     # The logits path's layout: (2B, T, V) with T = 2048.
     t = 2048 if rows % 2048 == 0 else rows
     policy = torch.empty(rows // t, t, vocab, dtype=dtype, device="meta")
     labels = torch.empty(rows // t, t, dtype=torch.long, device="meta")
-    stats = torch.empty(6, rows, device="meta")
+    stats = torch.empty(L.TOKEN_FIELDS, rows, device="meta")
     partial = torch.empty(2, K.N_PARTIAL, rows, device="meta")
     element = policy.element_size()
     out = []
     for splits in (1, 2):
         for launch in K.forward_launches(
-            policy, policy, labels, stats, partial, 0.01, -100, splits, logit_softcap=softcap
+            policy,
+            policy,
+            labels,
+            stats,
+            partial,
+            0.01,
+            -100,
+            splits,
+            logit_softcap=softcap,
+            wpo_weights=wpo,
         ):
             kernel = launch[0]
             # A row narrower than two blocks is never split (split_plan): no split launch.
             name = kernel.__name__ + ("-split" if launch[3].get("SPLIT") else "")
             name += "-softcap" if softcap is not None else ""
+            name += "-wpo" if wpo else ""
             if any(r[0] == name for r in out):
                 continue
             per_trip = launch[3].get("LANES", 1) * launch[3].get("VEC", 1) // (32 * launch[4])
             out.append((name, launch, per_trip, 2 * element))
+    if wpo:  # the backward does not change; the sums below gain a term
+        return out + _sequence_sums_rows(stats, wpo=True)
     grad_launch = K.backward_launch(
         policy,
         labels,
@@ -233,9 +252,26 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int, softcap: floa
     out.append((name, grad_launch, lanes * vec // (32 * grad_launch[4]), 2 * element))
     if softcap is not None:
         return out  # the sums and the head do not read logits: the same kernels
-    # The head's inputs at B = 16 pairs of 1024 tokens, padded rows and the same packed.
+    out += _sequence_sums_rows(stats)
+    seq_out = torch.empty(L.SEQUENCE_FIELDS, 32, device="meta")
+    pair_launch = pair_head_launch(
+        seq_out, torch.empty(L.PAIR_FIELDS, 16, device="meta"), 0.1, 0.01, 0.0, False
+    )
+    out.append(("pair_head_kernel", pair_launch, None, None))
+    return out
+
+
+def _sequence_sums_rows(stats, wpo: bool = False):
+    """The sequence sums' launches at B = 16 pairs of 1024 tokens, padded rows and the same
+    packed."""
+    import torch
+
+    from epsdpo_kernels import layout as L
+    from epsdpo_kernels.sequences import Sequences
+    from epsdpo_kernels.triton_backend.sequence_sums import sequence_sums_launch
+
     seq_labels = torch.empty(32, 1024, dtype=torch.long, device="meta")
-    seq_out = torch.empty(6, 32, device="meta")
+    seq_out = torch.empty(L.SEQUENCE_FIELDS, 32, device="meta")
     padded = Sequences(count=32, tokens=32 * 1024, longest=1024)
     index = torch.empty(32 * 1024, dtype=torch.long, device="meta")
     packed = Sequences(
@@ -246,16 +282,15 @@ def kernel_rows(arch: int, dtype_name: str, rows: int, vocab: int, softcap: floa
         order=index,
         offsets=torch.empty(33, dtype=torch.long, device="meta"),
     )
+    out = []
     for name, sequences, labels_ in (
         ("sequence_sums_kernel", padded, seq_labels),
         ("sequence_sums_kernel-packed", packed, seq_labels.view(1, -1)),
     ):
-        launch = sequence_sums_launch(stats[:, : 32 * 1024], labels_, sequences, seq_out, -100)
-        out.append((name, launch, None, None))
-    pair_launch = pair_head_launch(
-        seq_out, torch.empty(18, 16, device="meta"), 0.1, 0.01, 0.0, False
-    )
-    out.append(("pair_head_kernel", pair_launch, None, None))
+        launch = sequence_sums_launch(
+            stats[:, : 32 * 1024], labels_, sequences, seq_out, -100, wpo=wpo
+        )
+        out.append((name + ("-wpo" if wpo else ""), launch, None, None))
     return out
 
 
@@ -269,7 +304,7 @@ def baseline_rows(dtype_name: str, rows: int, vocab: int):
     t = 2048 if rows % 2048 == 0 else rows
     policy = torch.empty(rows // t, t, vocab, dtype=dtype, device="meta")
     labels = torch.empty(rows // t, t, dtype=torch.long, device="meta")
-    stats = torch.empty(6, rows, device="meta")
+    stats = torch.empty(B.TOKEN_FIELDS, rows, device="meta")
     coef = torch.empty(rows // t, device="meta")
     element = policy.element_size()
     strides = (policy.stride(0), policy.stride(1))
@@ -338,12 +373,13 @@ def report(
     baseline: bool = False,
     softcap: float | None = None,
     gpus=(),
+    wpo: bool = False,
 ) -> list[dict]:
     """One row per kernel: its resources and hot loop, the predicted range on ``gpu`` at the top
     level and, under ``models``, on each of ``gpus`` by name."""
     results = []
     elements = rows * vocab
-    kernels = kernel_rows(arch, dtype_name, rows, vocab, softcap)
+    kernels = kernel_rows(arch, dtype_name, rows, vocab, softcap, wpo)
     if baseline:
         kernels += baseline_rows(dtype_name, rows, vocab)
     for name, (kernel, _grid, args, constexprs, warps), per_trip, bytes_per_element in kernels:
@@ -472,6 +508,11 @@ def main(argv=None) -> int:
         help="report the token kernels' soft-capped specialisation (e.g. 30: Gemma 2)",
     )
     parser.add_argument(
+        "--wpo",
+        action="store_true",
+        help="report the forward and sequence sums that also compute WPO's weights",
+    )
+    parser.add_argument(
         "--baseline",
         action="store_true",
         help="also report the kernels before the roofline rewrite",
@@ -493,6 +534,7 @@ def main(argv=None) -> int:
             baseline=args.baseline,
             softcap=args.softcap,
             gpus=gpus,
+            wpo=args.wpo,
         )
     ]
     print(markdown(results, args.rows, args.vocab, gpus))

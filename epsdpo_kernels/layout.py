@@ -19,7 +19,11 @@ TOK_P_EPS_DELTA = 2  # u − a, u = log_softmax(h + ε(h − g))[y]
 TOK_N_EPS_DELTA = 3  # d − a, d = log_softmax(h − ε(h − g))[y]
 TOK_LSE = 4  # logsumexp(h), the only thing backward needs besides h
 TOK_LOGIT_SUM = 5  # Σ_v h[v], for the logits/chosen|rejected metrics
-TOKEN_FIELDS = 6
+# a − log Σ_v p[v]², p = softmax(h): the token's log-probability against the policy's expected
+# probability, WPO's per-token term (its sequence weight is exp of their mean). Only when the
+# call asks for ``wpo_weights``; 0 otherwise.
+TOK_WPO_LOGP = 6
+TOKEN_FIELDS = 7
 
 # Per sequence: sums over its tokens (ignored tokens hold zeros) and its scored-token count.
 SEQ_LOGP = 0  # A = Σ a
@@ -27,10 +31,18 @@ SEQ_REF_LOGP = 1  # R = Σ r
 SEQ_P_EPS_DELTA = 2  # Σ (u − a)
 SEQ_N_EPS_DELTA = 3  # Σ (d − a)
 SEQ_LOGIT_SUM = 4  # Σ_t Σ_v h
-SEQ_COUNT = 5
-SEQUENCE_FIELDS = 6
-# The token field each summed sequence field comes from.
-SEQ_FROM_TOKEN = (TOK_LOGP, TOK_REF_LOGP, TOK_P_EPS_DELTA, TOK_N_EPS_DELTA, TOK_LOGIT_SUM)
+SEQ_WPO_LOGP = 5  # Σ_t (a − log Σ_v p²)
+SEQ_COUNT = 6
+SEQUENCE_FIELDS = 7
+# The token field each summed sequence field (those before SEQ_COUNT, in order) comes from.
+SEQ_FROM_TOKEN = (
+    TOK_LOGP,
+    TOK_REF_LOGP,
+    TOK_P_EPS_DELTA,
+    TOK_N_EPS_DELTA,
+    TOK_LOGIT_SUM,
+    TOK_WPO_LOGP,
+)
 
 # Per pair.
 PAIR_LOSS = 0
@@ -51,4 +63,6 @@ PAIR_LOGRATIO = 14  # ℓ
 PAIR_REF_LOGRATIO = 15  # ℓ_ref
 PAIR_P_EPS_LOGRATIO = 16  # ℓ⁺ = ℓ + (ℓ⁺ − ℓ), the difference summed from TOK_P_EPS_DELTA
 PAIR_N_EPS_LOGRATIO = 17  # ℓ⁻
-PAIR_FIELDS = 18
+PAIR_CHOSEN_WPO_LOGP = 18  # the chosen row's Σ_t (a − log Σ_v p²)
+PAIR_REJECTED_WPO_LOGP = 19
+PAIR_FIELDS = 20

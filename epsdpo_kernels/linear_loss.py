@@ -37,6 +37,7 @@ def linear_epsilon_dpo_loss(
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
     token_weights: torch.Tensor | None = None,
+    wpo_weights: bool = False,
 ) -> EpsilonDPOOutput:
     """ε-DPO from the last hidden states and the lm_head weights, never materialising the
     ``(2B, T, V)`` logits. Same result as ``epsilon_dpo_loss(policy_hidden @ policy_weight.T +
@@ -82,9 +83,10 @@ def linear_epsilon_dpo_loss(
             each chunk's logits, and its slope in the backward: no extra pass over V. ε-DPO's
             mixes are of these final logits (docs/SPEC.md).
         beta, epsilon, label_smoothing, ignore_index, average_log_prob, backend,
-            sequence_group, token_weights: as for ``epsilon_dpo_loss``. Under a sequence
-            group, the weight gradients summed over the group equal the single-process
-            gradient.
+            sequence_group, token_weights, wpo_weights: as for ``epsilon_dpo_loss`` (WPO's
+            Σ_v p² of the model's final logits, after ``logit_softcap``/``logit_scale``).
+            Under a sequence group, the weight gradients summed over the group equal the
+            single-process gradient.
 
     Gradients reach ``policy_hidden``, ``policy_weight`` and ``policy_bias``, in their dtypes.
     Under ``torch.autocast`` the matmuls run in the autocast dtype, as ``lm_head(hidden)``
@@ -112,6 +114,7 @@ def linear_epsilon_dpo_loss(
         ignore_index=ignore_index,
         average_log_prob=average_log_prob,
         backend=backend,
+        wpo_weights=wpo_weights,
         logit_softcap=logit_softcap,
         logit_scale=logit_scale,
     )
@@ -133,7 +136,15 @@ def linear_epsilon_dpo_loss(
         else nullcontext()
     ):
         losses, chosen, rejected, pair = run(LinearEpsilonDPOFunction, *inputs, labels, call=call)
-    return build_output(losses, chosen, rejected, pair, beta=call.params.beta, vocab=call.vocab)
+    return build_output(
+        losses,
+        chosen,
+        rejected,
+        pair,
+        beta=call.params.beta,
+        vocab=call.vocab,
+        wpo_weights=call.params.wpo_weights,
+    )
 
 
 class LinearEpsilonDPOHead(nn.Module):

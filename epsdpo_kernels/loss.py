@@ -26,6 +26,7 @@ def epsilon_dpo_loss(
     num_pairs: int | None = None,
     sequence_group=None,
     token_weights: torch.Tensor | None = None,
+    wpo_weights: bool = False,
 ) -> EpsilonDPOOutput:
     """ε-DPO loss (Lee et al., 2025, arXiv 2502.13177) on concatenated chosen/rejected logits.
 
@@ -73,6 +74,11 @@ def epsilon_dpo_loss(
             ``ld_alpha`` (LD-DPO: α on the tokens past the shorter response's length) and
             SparsePO-style token masks are such weights. ``average_log_prob`` still divides by
             the scored-token count.
+        wpo_weights: also return ``.wpo_weights``, WPO's per-pair weights (TRL's
+            ``use_weighting``): the product over the pair's two rows of exp(mean over the
+            row's scored tokens of log p(y_t) − log Σ_v p(v)²) under the policy, detached.
+            One more running sum in the same pass over V (no extra exponential); multiply
+            ``.losses`` by them for WPO's loss.
 
     Returns:
         ``EpsilonDPOOutput``; ``.loss`` is the mean over pairs. ``.metrics()`` gives TRL's names.
@@ -95,6 +101,7 @@ def epsilon_dpo_loss(
         ignore_index=ignore_index,
         average_log_prob=average_log_prob,
         backend=backend,
+        wpo_weights=wpo_weights,
     )
     tensors, call = prepare_logits(
         policy_logits,
@@ -108,4 +115,12 @@ def epsilon_dpo_loss(
         token_weights=token_weights,
     )
     losses, chosen, rejected, pair = run(EpsilonDPOLogitsFunction, *tensors, call=call)
-    return build_output(losses, chosen, rejected, pair, beta=call.params.beta, vocab=call.vocab)
+    return build_output(
+        losses,
+        chosen,
+        rejected,
+        pair,
+        beta=call.params.beta,
+        vocab=call.vocab,
+        wpo_weights=call.params.wpo_weights,
+    )

@@ -39,6 +39,10 @@ class EpsilonDPOOutput:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     beta: float  # the β this call was given
+    # (B,) WPO's weight of each pair (Zhou et al., 2024, eq. 2; TRL's use_weighting): w_c·w_j,
+    # w = exp(mean over the row's scored tokens of log p(y_t) − log Σ_v p(v)²), detached; None
+    # unless the call was given wpo_weights=True.
+    wpo_weights: torch.Tensor | None = None
 
     @property
     def finite_pairs(self) -> torch.Tensor:
@@ -96,16 +100,20 @@ class EpsilonDPOOutput:
 # A pytree node, so that code walking a module's outputs for tensors sees inside it: FSDP2
 # registers its pre-backward unshard on the tensors it finds there (through pytree flattening
 # on torch 2.4, through dataclass fields later), and torch.compile and torch.utils._pytree
-# users treat it like a tuple of its tensors. ``beta`` (a float) is the node's context.
+# users treat it like a tuple of its tensors. The context is ``beta`` (a float) and the names of
+# the fields that hold tensors (``wpo_weights`` is None unless asked for, and None would be a
+# leaf of its own).
 _TENSOR_FIELDS = tuple(f.name for f in fields(EpsilonDPOOutput) if f.name != "beta")
 
 
 def _flatten(out: EpsilonDPOOutput):
-    return [getattr(out, name) for name in _TENSOR_FIELDS], out.beta
+    names = tuple(name for name in _TENSOR_FIELDS if getattr(out, name) is not None)
+    return [getattr(out, name) for name in names], (out.beta, names)
 
 
-def _unflatten(values, beta) -> EpsilonDPOOutput:
-    return EpsilonDPOOutput(**dict(zip(_TENSOR_FIELDS, values)), beta=beta)
+def _unflatten(values, context) -> EpsilonDPOOutput:
+    beta, names = context
+    return EpsilonDPOOutput(**dict(zip(names, values)), beta=beta)
 
 
 pytree.register_pytree_node(
@@ -121,11 +129,18 @@ def build_output(
     *,
     beta: float,
     vocab: int,
+    wpo_weights: bool = False,
 ) -> EpsilonDPOOutput:
     """Assemble the output from the differentiable tensors and the head's pair buffer."""
     pair = pair.detach()
     chosen_tokens = pair[L.PAIR_CHOSEN_COUNT].sum().clamp(min=1)
     rejected_tokens = pair[L.PAIR_REJECTED_COUNT].sum().clamp(min=1)
+    weights = None
+    if wpo_weights:
+        # TRL's order: each row's weight (its mean over max(1, scored tokens)), then the product.
+        chosen = (pair[L.PAIR_CHOSEN_WPO_LOGP] / pair[L.PAIR_CHOSEN_COUNT].clamp(min=1)).exp()
+        rejected = (pair[L.PAIR_REJECTED_WPO_LOGP] / pair[L.PAIR_REJECTED_COUNT].clamp(min=1)).exp()
+        weights = chosen * rejected
     return EpsilonDPOOutput(
         loss=losses.mean(),
         losses=losses,
@@ -146,4 +161,5 @@ def build_output(
         chosen_tokens=pair[L.PAIR_CHOSEN_COUNT],
         rejected_tokens=pair[L.PAIR_REJECTED_COUNT],
         beta=beta,
+        wpo_weights=weights,
     )

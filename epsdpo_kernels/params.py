@@ -33,6 +33,9 @@ class LossParams:
     # or scale·z without a cap (Cohere's logit_scale; Granite's 1 / logits_scaling).
     logit_scale: float = 1.0
     logit_softcap: float | None = None
+    # Also compute each token's a − log Σ_v p² (layout.TOK_WPO_LOGP) for WPO's weights: one more
+    # running sum (of the policy's squared exponentials) in the same pass over V.
+    wpo_weights: bool = False
 
     @property
     def transformed(self) -> bool:
@@ -97,6 +100,7 @@ def check_loss_options(
     backend,
     logit_softcap=None,
     logit_scale=1.0,
+    wpo_weights=False,
 ) -> None:
     """Every scalar option of the entry points, before any tensor is looked at (the logit
     transform is the linear entry point's: logits come from the model already transformed)."""
@@ -106,6 +110,7 @@ def check_loss_options(
     check_label_smoothing(label_smoothing)
     check_ignore_index(ignore_index)
     check_flag("average_log_prob", average_log_prob)
+    check_flag("wpo_weights", wpo_weights)
     check_backend(backend)
 
 
@@ -124,6 +129,7 @@ def loss_params(options: dict, backend: str, scored_count: int) -> LossParams:
         logit_softcap=(
             None if options.get("logit_softcap") is None else float(options["logit_softcap"])
         ),
+        wpo_weights=options.get("wpo_weights", False),
     )
 
 

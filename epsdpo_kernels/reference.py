@@ -54,6 +54,7 @@ def reference_epsilon_dpo(
     logit_softcap: float | None = None,
     logit_scale: float = 1.0,
     token_weights: torch.Tensor | None = None,
+    wpo_weights: bool = False,
 ) -> dict[str, torch.Tensor]:
     """ε-DPO on materialised logits; every field of ``EpsilonDPOOutput`` as a dict.
 
@@ -62,7 +63,10 @@ def reference_epsilon_dpo(
     ``sequence_ids`` ``(N,)``, and ``num_pairs`` = B (sequence j < B is the chosen response of
     pair j, sequence B + j its rejected response). Arithmetic is done in ``dtype`` (float64 in
     tests). ``token_weights`` (the labels' shape) multiply each token's four log-probabilities
-    before the sequence sums.
+    before the sequence sums. ``wpo_weights`` adds WPO's per-pair weights (``"wpo_weights"``) and
+    each row's mean of log p(y_t) − log Σ_v p(v)² over its scored tokens
+    (``"chosen_wpo_means"``, ``"rejected_wpo_means"``; ``"…_wpo_magnitudes"``: the means of
+    the terms' magnitudes), from the unweighted log-probabilities.
     """
     h = model_logits(policy_logits.to(dtype), logit_softcap, logit_scale)
     g = model_logits(ref_logits.to(dtype).detach(), logit_softcap, logit_scale)
@@ -74,6 +78,13 @@ def reference_epsilon_dpo(
     r = _label_logps(g, labels, scored)
     u = _label_logps(_mix(h.detach(), g, epsilon), labels, scored)
     d = _label_logps(_mix(h.detach(), g, -epsilon), labels, scored)
+    if wpo_weights:
+        # WPO (Zhou et al., 2024, eq. 2): log p(y_t) against log Σ_v p(v)², the policy's
+        # expected probability of its own samples; no gradient, as TRL computes it.
+        log_p = F.log_softmax(h.detach(), dim=-1)
+        log_sum_sq = torch.logsumexp(2 * log_p, dim=-1)
+        wpo_terms = torch.where(scored, a.detach() - log_sum_sq, 0.0)
+        wpo_magnitudes = torch.where(scored, a.detach().abs() + log_sum_sq.abs(), 0.0)
     if token_weights is not None:
         w = torch.where(scored, token_weights.to(h.device, dtype), 0.0)
         a, r, u, d = a * w, r * w, u * w, d * w
@@ -115,7 +126,20 @@ def reference_epsilon_dpo(
     chosen_tokens = counts[:b].sum().clamp(min=1)
     rejected_tokens = counts[b:].sum().clamp(min=1)
 
+    extra = {}
+    if wpo_weights:
+        means = per_sequence(wpo_terms) / counts.clamp(min=1)
+        # The scale of a mean's rounding in an fp32 implementation: its terms' magnitudes.
+        magnitudes = per_sequence(wpo_magnitudes) / counts.clamp(min=1)
+        extra = {
+            "wpo_weights": means[:b].exp() * means[b:].exp(),
+            "chosen_wpo_means": means[:b],
+            "rejected_wpo_means": means[b:],
+            "chosen_wpo_magnitudes": magnitudes[:b],
+            "rejected_wpo_magnitudes": magnitudes[b:],
+        }
     return {
+        **extra,
         "loss": losses.mean(),
         "losses": losses,
         "steps": steps,

@@ -48,13 +48,13 @@ pytestmark = pytest.mark.slow
 _COMPILE_ALL = r"""
 import json, sys
 from benchmarks.kernel_report import report
-archs, dtypes, vocabs, softcap = (json.loads(a) for a in sys.argv[1:5])
+archs, dtypes, vocabs, softcap, wpo = (json.loads(a) for a in sys.argv[1:6])
 results = {}
 for arch in archs:
     for dt in dtypes:
         for v in vocabs:
             try:
-                for row in report(arch, dt, 16384, v, softcap=softcap):
+                for row in report(arch, dt, 16384, v, softcap=softcap, wpo=wpo):
                     results[f"{row['kernel']}-sm{arch}-{dt}-V{v}"] = row
             except Exception as e:  # reported per case by the test
                 results[f"error-sm{arch}-{dt}-V{v}"] = f"{type(e).__name__}: {e}"[:3000]
@@ -62,13 +62,14 @@ print(json.dumps(results))
 """
 
 
-def _compile_sweep(archs, dtypes, vocabs, softcap=None) -> dict:
+def _compile_sweep(archs, dtypes, vocabs, softcap=None, wpo=False) -> dict:
     """Every kernel's report row (or the error of a case), compiled in a subprocess off the
-    interpreter; with ``softcap``, the token kernels' soft-capped specialisation."""
+    interpreter; with ``softcap``, the token kernels' soft-capped specialisation; with ``wpo``,
+    the forward and sequence sums that also compute WPO's terms."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    args = [json.dumps(x) for x in (archs, dtypes, vocabs, softcap)]
+    args = [json.dumps(x) for x in (archs, dtypes, vocabs, softcap, wpo)]
     proc = subprocess.run(
         [sys.executable, "-c", _COMPILE_ALL, *args],
         capture_output=True,
@@ -192,3 +193,45 @@ def test_the_soft_capped_specialisation_costs_one_exp_and_one_reciprocal_per_str
         assert capped["sfu_ops_per_element"] == pytest.approx(
             plain["sfu_ops_per_element"] + 2 * streams
         )
+
+
+WPO_ARCHS, WPO_DTYPES, WPO_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
+
+
+@pytest.fixture(scope="module")
+def compiled_wpo() -> dict:
+    return _compile_sweep(WPO_ARCHS, WPO_DTYPES, WPO_VOCABS, wpo=True)
+
+
+WPO_CASES = [(a, d, v) for a in WPO_ARCHS for d in WPO_DTYPES for v in WPO_VOCABS]
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, vocab", WPO_CASES, ids=[f"sm{a}-{d}-V{v}" for a, d, v in WPO_CASES]
+)
+def test_wpo_weights_cost_no_exponential_and_about_one_instruction_per_pair(
+    compiled, compiled_wpo, arch, dtype, vocab
+):
+    """WPO's Σp² squares the policy's exponentials the forward computes anyway: the same MUFU
+    count, ~1 more instruction per (h, g) pair (an FMA), no spills in the forward, the merge or
+    the sequence sums; the plain kernels are another specialisation, untouched."""
+    error = compiled_wpo.get(f"error-sm{arch}-{dtype}-V{vocab}")
+    assert error is None, error
+    for kernel in (
+        "token_forward_kernel",
+        "token_forward_kernel-split",
+        "token_merge_kernel",
+        "sequence_sums_kernel",
+        "sequence_sums_kernel-packed",
+    ):
+        row = compiled_wpo[f"{kernel}-wpo-sm{arch}-{dtype}-V{vocab}"]
+        assert row["spill_bytes"] == 0 and row["stack_bytes"] == 0, row
+    if arch != 90:
+        return
+    for kernel in ("token_forward_kernel", "token_forward_kernel-split"):
+        plain = compiled[f"{kernel}-sm90-{dtype}-V{vocab}"]
+        wpo = compiled_wpo[f"{kernel}-wpo-sm90-{dtype}-V{vocab}"]
+        assert wpo["mufu_per_element"] == pytest.approx(plain["mufu_per_element"]), wpo
+        assert wpo["instructions_per_element"] <= plain["instructions_per_element"] + 2, wpo
+        assert wpo["shuffles_or_barriers_in_loop"] == 0, wpo
+        assert wpo["in_flight_kb_per_sm"] >= 32, wpo

@@ -12,10 +12,10 @@ from epsdpo_kernels import AdaptiveBeta, epsilon_dpo_loss, linear_epsilon_dpo_lo
 from tests.helpers.batches import make_batch, make_linear_batch
 from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
 from tests.helpers.distributed import (
-    FIELDS,
     gloo_group,
     guarded,
     interpreted,
+    output_fields,
     result_of,
     spawn_ranks,
 )
@@ -46,6 +46,9 @@ CASES = [
         "strided",
         dict(logit_softcap=2.0, logit_scale=0.5),
     ),
+    # WPO's weights: per-token terms summed per sequence, completed over the group like the rest.
+    ("logits", "triton", torch.float32, "packed", "balanced", dict(wpo_weights=True)),
+    ("linear", "torch", torch.float32, "padded", "strided", dict(wpo_weights=True)),
 ]
 B, T, V, H = 3, 7, 507, 16
 
@@ -123,7 +126,7 @@ def _call(case, positions=None, group=None, grad=True):
     beta = AdaptiveBeta(BETA, EPSILON)
     beta.observe(out.steps)
     beta.update()  # all-reduces over the default group: here, the sequence group's ranks
-    fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
+    fields = output_fields(out)
     grads = {k: v.grad.clone() for k, v in policy_inputs.items() if grad}
     return fields, grads, beta.beta
 
@@ -206,7 +209,8 @@ def test_sequence_parallel_ranks_equal_one_process(ranks, case):
         where = f"{case} rank {rank}/{world}"
         got_fields, got_grads, got_beta = result_of(results, (i, rank), where)
         assert torch.equal(got_fields["steps"], fields["steps"]), where
-        for name in FIELDS:
+        assert got_fields.keys() == fields.keys(), where
+        for name in fields:
             assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
         assert got_beta == pytest.approx(beta, rel=1e-12), where
         positions = _positions(split, n, rank, world)
@@ -225,7 +229,8 @@ def test_evaluation_without_gradients_takes_the_same_path(ranks):
     fields = _call(CASES[1], grad=False)[0]
     for rank in range(world):
         got = result_of(results, ("eval", rank), f"eval rank {rank}")
-        for name in FIELDS:
+        assert got.keys() == fields.keys(), rank
+        for name in fields:
             assert_close(got[name], fields[name], **VALUE_TOL, name=name)
 
 

@@ -14,10 +14,10 @@ from epsdpo_kernels import epsilon_dpo_loss, linear_epsilon_dpo_loss
 from tests.helpers.batches import make_batch, make_linear_batch
 from tests.helpers.compare import VALUE_TOL, assert_close, grad_rtol
 from tests.helpers.distributed import (
-    FIELDS,
     gloo_group,
     guarded,
     interpreted,
+    output_fields,
     result_of,
     spawn_ranks,
 )
@@ -45,6 +45,9 @@ CASES = [
         "2d",
         dict(logit_softcap=2.0, logit_scale=0.5),
     ),
+    # WPO's weights: the policy's Σ exp(2h) merges over the shards like its Σ exp(h).
+    ("torch", torch.float32, "padded", 301, "sharded", "1d", dict(wpo_weights=True)),
+    ("triton", torch.float32, "packed", 301, "plain", "2d", dict(wpo_weights=True)),
 ]
 B, T, H = 2, 5, 16
 
@@ -101,7 +104,7 @@ def _call(case, mesh=None, labels_shift=0):
         **data, **packing, beta=0.1, epsilon=0.2, backend=backend, chunk_size=4, **_transform(case)
     )
     out.loss.backward()
-    fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
+    fields = output_fields(out)
     grads = {}
     for name in ("policy_hidden", "policy_weight", "policy_bias"):
         grad = data[name].grad
@@ -140,7 +143,7 @@ def _call_logits(case, mesh=None):
     policy.requires_grad_()
     out = epsilon_dpo_loss(policy, ref, labels, **packing, beta=0.1, epsilon=0.2, backend=backend)
     out.loss.backward()
-    fields = {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in FIELDS}
+    fields = output_fields(out)
     grad = policy.grad
     if mesh is not None:
         assert grad.placements == policy.placements
@@ -201,7 +204,8 @@ def test_vocabulary_parallel_linear_ranks_equal_one_process(ranks, case):
         where = f"{case} rank {rank}/{world}"
         got_fields, got_grads = result_of(results, (i, rank), where)
         assert torch.equal(got_fields["steps"], fields["steps"]), where
-        for name in FIELDS:
+        assert got_fields.keys() == fields.keys(), where
+        for name in fields:
             assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
         assert_close(
             got_grads["policy_hidden"],
@@ -231,7 +235,8 @@ def test_vocabulary_sharded_logits_ranks_equal_one_process(ranks, case):
         where = f"logits {case} rank {rank}/{world}"
         got_fields, got_grad = result_of(results, ("logits", i, rank), where)
         assert torch.equal(got_fields["steps"], fields["steps"]), where
-        for name in FIELDS:
+        assert got_fields.keys() == fields.keys(), where
+        for name in fields:
             assert_close(got_fields[name], fields[name], **VALUE_TOL, name=f"{where} {name}")
         columns = slice(min(vocab, rank * per_rank), min(vocab, (rank + 1) * per_rank))
         assert_close(

@@ -43,4 +43,5 @@ def option_values(options: dict) -> dict:
     }
     values["logit_scale"] = options.get("logit_scale", 1.0)
     values["logit_softcap"] = options.get("logit_softcap") or 0.0  # None: no cap
+    values["wpo_weights"] = float(options.get("wpo_weights", False))
     return values

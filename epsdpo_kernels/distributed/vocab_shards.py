@@ -6,9 +6,10 @@ Forward, per scored token: each rank computes its shard's logits and, for each o
 distributions of docs/SPEC.md (policy h, reference g, the two mixes h ± ε(h − g)), the partial
 log-sum-exp as (max, Σ exp(z − max)), the label's logit when the label falls in its shard, and
 Σ_v h. The partials merge exactly: one MAX all-reduce of the 4 maxes, then one SUM all-reduce of
-the 4 rescaled sums, the 4 label logits (0 where not owned) and Σ h: 13 floats per token, never a
-logit. The merged values give the token fields of layout.py, after which everything (sequence
-sums, pair head) is the single-process path.
+the 4 rescaled sums, the 4 label logits (0 where not owned), Σ h and (for WPO's weights) the
+policy's rescaled Σ exp(2h): 14 floats per token, never a logit. The merged values give the
+token fields of layout.py, after which everything (sequence sums, pair head) is the
+single-process path.
 
 Backward: the per-token gradient ``c·(onehot − softmax)`` of a shard needs only the shard's
 logits and the merged lse, so each rank runs the usual vocabulary-slice backward on its own rows
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..torch_backend.vocab_partials import SQUARES
 from .agreement import check_ranks_agree, option_values
 
 
@@ -196,7 +198,9 @@ def merge_partials(maxes: torch.Tensor, sums: torch.Tensor, shard: VocabShard) -
     local = maxes.clone()
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=shard.group)
     safe = torch.where(torch.isfinite(maxes), maxes, 0.0)
-    sums[:4] *= torch.where(torch.isfinite(local), (local - safe).exp(), 0.0)
+    rescale = torch.where(torch.isfinite(local), (local - safe).exp(), 0.0)
+    sums[:4] *= rescale
+    sums[SQUARES] *= rescale[0] * rescale[0]  # the policy's Σ exp(2(h − m)), 0 when not asked
     dist.all_reduce(sums, group=shard.group)
 
 

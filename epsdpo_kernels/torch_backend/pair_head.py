@@ -59,4 +59,6 @@ def pair_head(sequence_sums: torch.Tensor, params) -> torch.Tensor:
     out[L.PAIR_REF_LOGRATIO] = ref_logratio
     out[L.PAIR_P_EPS_LOGRATIO] = logratio + p_gap
     out[L.PAIR_N_EPS_LOGRATIO] = logratio + n_gap
+    out[L.PAIR_CHOSEN_WPO_LOGP] = sequence_sums[L.SEQ_WPO_LOGP, :b]
+    out[L.PAIR_REJECTED_WPO_LOGP] = sequence_sums[L.SEQ_WPO_LOGP, b:]
     return out

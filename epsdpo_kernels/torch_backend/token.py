@@ -110,6 +110,9 @@ def token_forward(
         # lse = max(h) − max(log_softmax(h)): max + log Σexp(h − max) with one rounding. (Taken
         # at the label instead, h_y − a, it would round at |a|, 1e-3 for logits of 1e4.)
         out[L.TOK_LSE] = h.amax(-1) - log_p.amax(-1)
+        if params.wpo_weights:
+            # log Σ p² = logsumexp(2·log p): ≤ 0, the max term exactly 2·max(log p).
+            out[L.TOK_WPO_LOGP] = a - torch.logsumexp(2 * log_p, -1)
         del log_p
         out[L.TOK_LOGP] = a
         out[L.TOK_REF_LOGP] = _nonpositive(torch.log_softmax(g, -1).gather(1, y).squeeze(1))

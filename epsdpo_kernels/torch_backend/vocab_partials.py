@@ -16,7 +16,10 @@ from .. import layout as L
 from .token import _chunk_rows, _nonpositive, logit_transform
 
 MAX_FIELDS = 4  # the four streams' maxes
-SUM_FIELDS = 9  # their four Σexp, their four label logits, Σh
+# Their four Σexp, their four label logits, Σh, and the policy's Σ exp(2(h − max h)) (WPO's
+# Σp², scaled; 0 unless the call asks for it).
+SUM_FIELDS = 10
+SQUARES = 9
 
 
 def _partials(z: torch.Tensor, column: torch.Tensor, owned: torch.Tensor):
@@ -56,7 +59,16 @@ def token_partials(policy_logits, ref_logits, labels, params, offset: int, rows:
         for k, z in enumerate(streams):
             maxes[k, sl], sums[k, sl], sums[4 + k, sl] = _partials(z, column[sl], owned[sl])
         sums[8, sl] = h.sum(1)
+        sums[SQUARES, sl] = _squares(h, maxes[0, sl]) if params.wpo_weights else 0.0
     return maxes, sums
+
+
+def _squares(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Σ exp(2(h − m)) per row: Σp² of the shard up to the factor exp(2(m − lse))."""
+    if h.shape[1] == 0:
+        return torch.zeros_like(m)
+    safe = torch.where(torch.isfinite(m), m, 0.0)
+    return (h - safe.unsqueeze(1)).mul_(2).exp_().sum(1)
 
 
 @torch.no_grad()
@@ -73,4 +85,9 @@ def stats_from_partials(maxes: torch.Tensor, sums: torch.Tensor, params) -> torc
         stats[field] = torch.where(delta > -a, -a, delta)
     stats[L.TOK_LSE] = lse[0]
     stats[L.TOK_LOGIT_SUM] = sums[8]
+    if params.wpo_weights:
+        # log Σp² = log Σ exp(2(h − m)) − 2·log Σ exp(h − m), both at the merged max m.
+        stats[L.TOK_WPO_LOGP] = a - (sums[SQUARES].log() - 2 * sums[0].log())
+    else:
+        stats[L.TOK_WPO_LOGP] = 0.0
     return stats

@@ -13,6 +13,7 @@ from .fields import (
     PAIR_CHOSEN_LOGIT_SUM,
     PAIR_CHOSEN_LOGPS,
     PAIR_CHOSEN_REWARD,
+    PAIR_CHOSEN_WPO_LOGP,
     PAIR_DLOSS_DLOGRATIO,
     PAIR_LOGRATIO,
     PAIR_LOSS,
@@ -25,6 +26,7 @@ from .fields import (
     PAIR_REJECTED_LOGIT_SUM,
     PAIR_REJECTED_LOGPS,
     PAIR_REJECTED_REWARD,
+    PAIR_REJECTED_WPO_LOGP,
     PAIR_STEP,
     SEQ_COUNT,
     SEQ_LOGIT_SUM,
@@ -32,6 +34,7 @@ from .fields import (
     SEQ_N_EPS_DELTA,
     SEQ_P_EPS_DELTA,
     SEQ_REF_LOGP,
+    SEQ_WPO_LOGP,
 )
 from .launch import launch
 
@@ -56,13 +59,14 @@ def _sigmoid(x):
 
 @triton.jit
 def _sequence(seq_ptr, n, S):
-    """The five sums and the count of sequence n from the ``(SEQUENCE_FIELDS, S)`` buffer."""
+    """The six sums and the count of sequence n from the ``(SEQUENCE_FIELDS, S)`` buffer."""
     return (
         tl.load(seq_ptr + SEQ_LOGP * S + n),
         tl.load(seq_ptr + SEQ_REF_LOGP * S + n),
         tl.load(seq_ptr + SEQ_P_EPS_DELTA * S + n),
         tl.load(seq_ptr + SEQ_N_EPS_DELTA * S + n),
         tl.load(seq_ptr + SEQ_LOGIT_SUM * S + n),
+        tl.load(seq_ptr + SEQ_WPO_LOGP * S + n),
         tl.load(seq_ptr + SEQ_COUNT * S + n),
     )
 
@@ -81,8 +85,8 @@ def pair_head_kernel(
     decides the step from the three log-ratios and writes the loss, β̃, rewards, logps and
     ∂L_i/∂ℓ_i."""
     i = tl.program_id(0)
-    a_c, r_c, u_c, d_c, lsum_c, n_c = _sequence(seq_ptr, i, 2 * B)
-    a_j, r_j, u_j, d_j, lsum_j, n_j = _sequence(seq_ptr, i + B, 2 * B)
+    a_c, r_c, u_c, d_c, lsum_c, wpo_c, n_c = _sequence(seq_ptr, i, 2 * B)
+    a_j, r_j, u_j, d_j, lsum_j, wpo_j, n_j = _sequence(seq_ptr, i + B, 2 * B)
     if AVERAGE_LOG_PROB:
         inv_c = 1.0 / tl.maximum(n_c, 1.0)
         inv_j = 1.0 / tl.maximum(n_j, 1.0)
@@ -124,6 +128,8 @@ def pair_head_kernel(
     tl.store(out_ptr + PAIR_REF_LOGRATIO * B + i, ref_logratio)
     tl.store(out_ptr + PAIR_P_EPS_LOGRATIO * B + i, logratio + p_gap)
     tl.store(out_ptr + PAIR_N_EPS_LOGRATIO * B + i, logratio + n_gap)
+    tl.store(out_ptr + PAIR_CHOSEN_WPO_LOGP * B + i, wpo_c)
+    tl.store(out_ptr + PAIR_REJECTED_WPO_LOGP * B + i, wpo_j)
 
 
 def pair_head_launch(sequence_sums, out, beta, epsilon, label_smoothing, average_log_prob):

@@ -20,11 +20,13 @@ from .fields import (
     SEQ_N_EPS_DELTA,
     SEQ_P_EPS_DELTA,
     SEQ_REF_LOGP,
+    SEQ_WPO_LOGP,
     TOK_LOGIT_SUM,
     TOK_LOGP,
     TOK_N_EPS_DELTA,
     TOK_P_EPS_DELTA,
     TOK_REF_LOGP,
+    TOK_WPO_LOGP,
 )
 from .launch import launch
 
@@ -48,9 +50,11 @@ def sequence_sums_kernel(
     ignore_index,
     PACKED: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    WPO: tl.constexpr = False,  # also Σ (a − log Σp²); its field is 0 otherwise
 ):
-    """Σ over one sequence's token rows of a, r, u − a, d − a and the logit sum, and its
-    scored-token count. Ignored rows hold zeros in stats, so only the count looks at labels."""
+    """Σ over one sequence's token rows of a, r, u − a, d − a and the logit sum (and WPO's
+    term), and its scored-token count. Ignored rows hold zeros in stats, so only the count
+    looks at labels."""
     seq = tl.program_id(0)
     if PACKED:
         start = tl.load(offsets_ptr + seq)
@@ -64,6 +68,7 @@ def sequence_sums_kernel(
     d = tl.zeros([BLOCK_T], dtype=tl.float32)
     logit_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
     count = tl.zeros([BLOCK_T], dtype=tl.float32)
+    wpo = tl.zeros([BLOCK_T], dtype=tl.float32)
     for first in range(start, end, BLOCK_T):
         k = first + tl.arange(0, BLOCK_T)
         valid = k < end
@@ -82,15 +87,18 @@ def sequence_sums_kernel(
         u += tl.load(stats_ptr + TOK_P_EPS_DELTA * n_rows + row, mask=valid, other=0.0)
         d += tl.load(stats_ptr + TOK_N_EPS_DELTA * n_rows + row, mask=valid, other=0.0)
         logit_sum += tl.load(stats_ptr + TOK_LOGIT_SUM * n_rows + row, mask=valid, other=0.0)
+        if WPO:
+            wpo += tl.load(stats_ptr + TOK_WPO_LOGP * n_rows + row, mask=valid, other=0.0)
     tl.store(out_ptr + SEQ_LOGP * n_seq + seq, tl.sum(a, 0))
     tl.store(out_ptr + SEQ_REF_LOGP * n_seq + seq, tl.sum(r, 0))
     tl.store(out_ptr + SEQ_P_EPS_DELTA * n_seq + seq, tl.sum(u, 0))
     tl.store(out_ptr + SEQ_N_EPS_DELTA * n_seq + seq, tl.sum(d, 0))
     tl.store(out_ptr + SEQ_LOGIT_SUM * n_seq + seq, tl.sum(logit_sum, 0))
+    tl.store(out_ptr + SEQ_WPO_LOGP * n_seq + seq, tl.sum(wpo, 0))
     tl.store(out_ptr + SEQ_COUNT * n_seq + seq, tl.sum(count, 0))
 
 
-def sequence_sums_launch(stats, labels, sequences: Sequences, out, ignore_index):
+def sequence_sums_launch(stats, labels, sequences: Sequences, out, ignore_index, wpo=False):
     """(kernel, grid, args, constexprs, num_warps), shared by the launch and the compile check."""
     _, t = labels.shape
     packed = not sequences.padded
@@ -113,7 +121,11 @@ def sequence_sums_launch(stats, labels, sequences: Sequences, out, ignore_index)
             labels.stride(1),
             ignore_index,
         ),
-        dict(PACKED=packed, BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(sequences.longest))),
+        dict(
+            PACKED=packed,
+            BLOCK_T=min(MAX_BLOCK_T, triton.next_power_of_2(sequences.longest)),
+            WPO=wpo,
+        ),
         4,
     )
 
@@ -124,5 +136,8 @@ def sequence_sums(
     out = torch.empty(
         (L.SEQUENCE_FIELDS, sequences.count), dtype=torch.float32, device=stats.device
     )
-    launch(sequence_sums_launch(stats, labels, sequences, out, params.ignore_index), stats.device)
+    spec = sequence_sums_launch(
+        stats, labels, sequences, out, params.ignore_index, wpo=params.wpo_weights
+    )
+    launch(spec, stats.device)
     return out

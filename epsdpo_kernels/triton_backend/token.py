@@ -43,6 +43,7 @@ from .vocab_merge import (
     _exp2,
     _finish,
     _merge_lanes,
+    _merge_squares,
     _model_logits,
     _model_logits_slope,
     _stack,
@@ -70,7 +71,9 @@ MIN_BLOCKS_PER_SPLIT = 4
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _fold_block(h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr):
+def _fold_block(
+    h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr, SUM_SQUARES: tl.constexpr = False
+):
     """Fold one [LANES, VEC] block of h and g into the per-lane states.
 
     The four streams (policy, reference and the two mixes) are stacked on two trailing axes of
@@ -78,8 +81,10 @@ def _fold_block(h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr):
     Stacking is free (each thread's values stay in its registers) and the VEC reduction stays
     in-thread. The shift is 0 where a running max is still −inf (every entry so far absent), so
     no exp argument is NaN; a NaN in h or g makes its lanes' sums NaN on every target.
-    ``h_to_sum`` is h with the tail's masked columns zeroed, added into the logit-sum tile."""
-    run_max, run_sum, logit_sum = state
+    ``h_to_sum`` is h with the tail's masked columns zeroed, added into the logit-sum tile.
+    With ``SUM_SQUARES`` the policy's Σ exp(2(h − m)) (WPO's Σp², scaled) rides along: the
+    square of the exponential already computed and of the rescale, no further exp."""
+    run_max, run_sum, logit_sum, run_squares = state
     diff = h - g
     mix_p = h + epsilon * diff
     mix_n = h - epsilon * diff
@@ -97,8 +102,21 @@ def _fold_block(h, g, h_to_sum, state, epsilon, FAST_MATH: tl.constexpr):
     new_max = tl.maximum(run_max, tl.max(x, axis=1))
     shift = tl.where(new_max == -float("inf"), 0.0, new_max) * LOG2E
     rescale = _exp2(run_max * LOG2E - shift, FAST_MATH)
-    run_sum = run_sum * rescale + tl.sum(_exp2(x * LOG2E - shift[:, None, :, :], FAST_MATH), axis=1)
-    return new_max, run_sum, logit_sum + h_to_sum
+    e = _exp2(x * LOG2E - shift[:, None, :, :], FAST_MATH)
+    run_sum = run_sum * rescale + tl.sum(e, axis=1)
+    if SUM_SQUARES:
+        e_h = _unstack_policy(e)  # [LANES, VEC]
+        rescale_h = _unstack_policy(rescale)  # [LANES]
+        run_squares = run_squares * (rescale_h * rescale_h) + tl.sum(e_h * e_h, axis=1)
+    return new_max, run_sum, logit_sum + h_to_sum, run_squares
+
+
+@triton.jit
+def _unstack_policy(x):
+    """The policy stream of a stacked [..., 2, 2] tensor (see _stack)."""
+    hg, _ = tl.split(x)
+    h, _ = tl.split(hg)
+    return h
 
 
 @triton.jit
@@ -156,6 +174,7 @@ def token_forward_kernel(
     ALIGN_ROWS: tl.constexpr,  # rows may start mid-vector: align each before its main loop
     LOGIT_SCALE: tl.constexpr = 1.0,  # the model's logits from z (vocab_merge._model_logits)
     SOFTCAP: tl.constexpr = 0.0,  # 0: no cap
+    SUM_SQUARES: tl.constexpr = False,  # also the policy's Σp² (WPO's TOK_WPO_LOGP)
 ):
     """Program (row, split) owns columns [split·cols_per_split, …) of one token row: it streams h
     and g once and folds the policy, the reference and the two ε-mixes into running
@@ -186,7 +205,12 @@ def token_forward_kernel(
     # the load dtype: the sums run over 1e5+ terms. Loop-carried values must enter the loop as
     # fp32 tensors of their final shape.
     zeros = tl.zeros([LANES, 2, 2], dtype=tl.float32)
-    state = (zeros - float("inf"), zeros, tl.zeros([LANES, VEC], dtype=tl.float32))
+    state = (
+        zeros - float("inf"),
+        zeros,
+        tl.zeros([LANES, VEC], dtype=tl.float32),
+        tl.zeros([LANES], dtype=tl.float32),  # Σ exp(2(h − m)) per lane, with SUM_SQUARES
+    )
     first = col_start
     if ALIGN_ROWS:
         # h and g rows start equally far from a 16-byte boundary (the launcher checked): a
@@ -199,7 +223,9 @@ def token_forward_kernel(
             h = tl.load(policy_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
             g = tl.load(ref_row + cols, mask=valid, other=-float("inf")).to(tl.float32)
             h, g = _masked_model_logits(h, g, valid, LOGIT_SCALE, SOFTCAP, FAST_MATH)
-            state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH)
+            state = _fold_block(
+                h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH, SUM_SQUARES
+            )
         policy_block = policy_ptr + tl.multiple_of(policy_offset + first, VEC)
         ref_block = ref_ptr + tl.multiple_of(ref_offset + first, VEC)
     else:
@@ -213,7 +239,7 @@ def token_forward_kernel(
         g = tl.load(ref_block + k * (LANES * VEC) + tile).to(tl.float32)
         h = _model_logits(h, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         g = _model_logits(g, LOGIT_SCALE, SOFTCAP, FAST_MATH)
-        state = _fold_block(h, g, h, state, epsilon, FAST_MATH)
+        state = _fold_block(h, g, h, state, epsilon, FAST_MATH, SUM_SQUARES)
     rest = col_end - first - full_blocks * (LANES * VEC)
     if rest > 0:
         cols = full_blocks * (LANES * VEC) + tile
@@ -221,13 +247,16 @@ def token_forward_kernel(
         h = tl.load(policy_block + cols, mask=valid, other=-float("inf")).to(tl.float32)
         g = tl.load(ref_block + cols, mask=valid, other=-float("inf")).to(tl.float32)
         h, g = _masked_model_logits(h, g, valid, LOGIT_SCALE, SOFTCAP, FAST_MATH)
-        state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH)
+        state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH, SUM_SQUARES)
 
-    run_max, run_sum, logit_sum = state
+    run_max, run_sum, logit_sum, run_squares = state
     row_max, row_sum = _merge_lanes(run_max, run_sum, FAST_MATH)  # [2, 2] each
     m_h, m_g, m_p, m_n = _unstack(row_max)
     s_h, s_g, s_p, s_n = _unstack(row_sum)
     logit_sum = tl.sum(tl.sum(logit_sum, axis=1), axis=0)
+    squares = 0.0
+    if SUM_SQUARES:
+        squares = _merge_squares(_unstack_policy(run_max), run_squares, m_h, FAST_MATH)
     if SPLIT:
         part = out_ptr + split.to(tl.int64) * PARTIAL_FIELDS * n_rows + row
         tl.store(part + 0 * n_rows, m_h)
@@ -239,6 +268,8 @@ def token_forward_kernel(
         tl.store(part + 6 * n_rows, m_n)
         tl.store(part + 7 * n_rows, s_n)
         tl.store(part + 8 * n_rows, logit_sum)
+        if SUM_SQUARES:
+            tl.store(part + 9 * n_rows, squares)
     else:
         h_y = tl.load(policy_row + label).to(tl.float32)
         g_y = tl.load(ref_row + label).to(tl.float32)
@@ -260,6 +291,8 @@ def token_forward_kernel(
             m_n,
             s_n,
             logit_sum,
+            squares,
+            SUM_SQUARES,
         )
 
 
@@ -572,6 +605,7 @@ def forward_launches(
     splits: int,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
+    wpo_weights: bool = False,
 ):
     """[(kernel, grid, args, constexprs, num_warps)] of the forward: one launch, or the split
     forward into ``partial`` and the merge. The real launch and the compile check
@@ -583,6 +617,8 @@ def forward_launches(
     splits, cols_per_split = _split_plan(policy_logits, lanes * vec, splits)
     fast = _fast_math()
     transform = _transform_constexprs(logit_scale, logit_softcap)
+    if wpo_weights:  # a specialisation of its own: the plain kernels stay as they are
+        transform["SUM_SQUARES"] = True
     strides = (
         policy_logits.stride(0),
         policy_logits.stride(1),
@@ -677,6 +713,7 @@ def token_forward(
         splits,
         params.logit_scale,
         params.logit_softcap,
+        params.wpo_weights,
     ):
         launch(spec, device)
     return stats

@@ -25,11 +25,13 @@ from .fields import (
     TOK_N_EPS_DELTA,
     TOK_P_EPS_DELTA,
     TOK_REF_LOGP,
+    TOK_WPO_LOGP,
     TOKEN_FIELDS,
 )
 
-# A partial state of one V-split of one row: (max, sum) of the four streams and the logit sum.
-N_PARTIAL = 9
+# A partial state of one V-split of one row: (max, sum) of the four streams, the logit sum and
+# (when the call asks for WPO's weights) the policy's Σ exp(2(h − max)).
+N_PARTIAL = 10
 PARTIAL_FIELDS = tl.constexpr(N_PARTIAL)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -94,6 +96,14 @@ def _merge_lanes(run_max, run_sum, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _merge_squares(part_max_h, part_squares, row_max_h, FAST_MATH: tl.constexpr):
+    """Σ exp(2(h − m)) of parts (lanes or splits, axis 0) each at its own policy max, brought to
+    the row's max m: the square of the rescale the sums get."""
+    shift = tl.where(row_max_h == -float("inf"), 0.0, row_max_h) * (2.0 * LOG2E)
+    return tl.sum(part_squares * _exp2(part_max_h * (2.0 * LOG2E) - shift, FAST_MATH), axis=0)
+
+
+@triton.jit
 def _log_ratio(s, s_ref):
     """ln(s / s_ref), correctly rounded division, exactly 0 where s == s_ref (see _finish)."""
     ratio = tl.math.div_rn(s, s_ref)
@@ -102,7 +112,23 @@ def _log_ratio(s, s_ref):
 
 @triton.jit
 def _finish(
-    stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
+    stats_ptr,
+    row,
+    n_rows,
+    h_y,
+    g_y,
+    epsilon,
+    m_h,
+    s_h,
+    m_g,
+    s_g,
+    m_p,
+    s_p,
+    m_n,
+    s_n,
+    logit_sum,
+    squares,
+    SUM_SQUARES: tl.constexpr,
 ):
     """Write one token row's stats from its four (max, sum) states and the label's logits.
 
@@ -114,7 +140,10 @@ def _finish(
     At policy == reference every mix is bitwise h, so s_p == s_h and u − a must be exactly 0:
     the ratio is divided with round-to-nearest (``/`` compiles to ``div.full.f32``, an
     approximate reciprocal times s_p, for which x / x need not be 1), and a ratio of exactly 1
-    gives exactly 0 without relying on the approximate ``lg2`` at 1."""
+    gives exactly 0 without relying on the approximate ``lg2`` at 1.
+
+    With ``SUM_SQUARES``, ``squares`` = Σ exp(2(h − m_h)), so log Σp² = ln(squares) − 2·ln(s_h)
+    (both ≥ 1: the max entry adds 1 to each), and WPO's a − log Σp² is stored (0 otherwise)."""
     lse_h = m_h + tl.log2(s_h) * LN2
     lse_g = m_g + tl.log2(s_g) * LN2
     a = h_y - lse_h
@@ -132,6 +161,10 @@ def _finish(
     tl.store(stats_ptr + TOK_N_EPS_DELTA * n_rows + row, dd)
     tl.store(stats_ptr + TOK_LSE * n_rows + row, lse_h)
     tl.store(stats_ptr + TOK_LOGIT_SUM * n_rows + row, logit_sum)
+    wpo = 0.0
+    if SUM_SQUARES:
+        wpo = a - (tl.log2(squares) - 2.0 * tl.log2(s_h)) * LN2
+    tl.store(stats_ptr + TOK_WPO_LOGP * n_rows + row, wpo)
 
 
 @triton.jit
@@ -156,6 +189,7 @@ def token_merge_kernel(
     FAST_MATH: tl.constexpr,
     LOGIT_SCALE: tl.constexpr = 1.0,
     SOFTCAP: tl.constexpr = 0.0,
+    SUM_SQUARES: tl.constexpr = False,
 ):
     """One program owns one token row: it combines the row's per-split states exactly as the
     unsplit kernel combines its lanes, then writes the row's stats."""
@@ -187,10 +221,31 @@ def token_merge_kernel(
     m_h, m_g, m_p, m_n = _unstack(row_max)
     s_h, s_g, s_p, s_n = _unstack(row_sum)
     logit_sum = tl.sum(tl.load(base + 8 * n_rows, mask=valid, other=0.0), axis=0)
+    squares = 0.0
+    if SUM_SQUARES:
+        split_max_h = tl.load(base + 0 * n_rows, mask=valid, other=neg_inf)
+        split_squares = tl.load(base + 9 * n_rows, mask=valid, other=0.0)
+        squares = _merge_squares(split_max_h, split_squares, m_h, FAST_MATH)
     h_y = tl.load(policy_ptr + n * stride_pn + t * stride_pt + label).to(tl.float32)
     g_y = tl.load(ref_ptr + n * stride_rn + t * stride_rt + label).to(tl.float32)
     h_y = _model_logits(h_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
     g_y = _model_logits(g_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
     _finish(
-        stats_ptr, row, n_rows, h_y, g_y, epsilon, m_h, s_h, m_g, s_g, m_p, s_p, m_n, s_n, logit_sum
+        stats_ptr,
+        row,
+        n_rows,
+        h_y,
+        g_y,
+        epsilon,
+        m_h,
+        s_h,
+        m_g,
+        s_g,
+        m_p,
+        s_p,
+        m_n,
+        s_n,
+        logit_sum,
+        squares,
+        SUM_SQUARES,
     )

@@ -7,6 +7,8 @@ import os
 import tempfile
 import traceback
 
+import torch
+
 # The output fields the multi-rank tests compare with one process.
 FIELDS = (
     "loss",
@@ -24,6 +26,13 @@ FIELDS = (
     "chosen_tokens",
     "rejected_tokens",
 )
+
+
+def output_fields(out) -> dict:
+    """The ``FIELDS`` of an output (and ``wpo_weights`` when the call asked for them), detached
+    copies, for a rank to send back."""
+    names = FIELDS + (("wpo_weights",) if out.wpo_weights is not None else ())
+    return {name: torch.as_tensor(getattr(out, name)).detach().clone() for name in names}
 
 
 def interpreted() -> bool:

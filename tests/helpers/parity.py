@@ -190,5 +190,28 @@ def check_outputs(out, expected, row_logp_atol=None) -> torch.Tensor:
         assert_close(out.loss, e["loss"], name="loss", rtol=rtol, atol=atol)
     for name in ["loss", "losses", "chosen_logps", "rejected_logps"]:
         assert torch.isfinite(getattr(out, name)).all(), name
+    if "wpo_weights" in e:
+        check_wpo_weights(out, e, extra_c, extra_j)
+    else:
+        assert out.wpo_weights is None
 
     return agree
+
+
+def check_wpo_weights(out, e, extra_c=0.0, extra_j=0.0) -> None:
+    """WPO's weights w = exp(M_c + M_j), M a row's mean of a − log Σp²: each mean is within
+    rtol × its terms' mean magnitude of the exact one (plus, for the linear path, the rounding
+    of its inputs per token), so w within the sum of the two, relatively."""
+    assert out.wpo_weights is not None and out.wpo_weights.dtype == torch.float32
+    n_c = e["chosen_tokens"].double().clamp(min=1)
+    n_j = e["rejected_tokens"].double().clamp(min=1)
+    rtol = VALUE_TOL["rtol"]
+    mean_error = (
+        rtol * (e["chosen_wpo_magnitudes"] + e["rejected_wpo_magnitudes"])
+        + 2 * extra_c / n_c
+        + 2 * extra_j / n_j
+    )
+    w = e["wpo_weights"]
+    assert_close(
+        out.wpo_weights, w, name="wpo_weights", rtol=0, atol=w * mean_error.expm1() + 1e-30
+    )
