@@ -55,7 +55,8 @@ class EpsilonDPOConfig(DPOConfig):
     conservative DPO (cDPO) on the sigmoid losses, as in the ε-DPO authors' trainer (TRL 1.x's
     own ``sigmoid`` ignores it), and TRL's meaning for ``robust``, ``exo_pair`` and ``aot*``.
     ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1.0, α]`` adds α times the chosen
-    responses' NLL (RPO), as in TRL.
+    responses' NLL (RPO), as in TRL. ``use_weighting=True`` weights every term by WPO's
+    per-pair weights, computed in the loss's one vocabulary pass (``wpo_weights=True``).
     ``padding_free=True`` trains packed rows (``DataCollatorForPackedPreference``), which TRL
     1.16's own ``DPOTrainer`` switches off.
     """
@@ -106,12 +107,6 @@ def refused_options(args: DPOConfig) -> list[str]:
             f"ld_alpha={args.ld_alpha} with loss_type 'sft': the fused loss returns the "
             "length-desensitised (weighted) sums only, and TRL's SFT term is the unweighted "
             "NLL; use one of them"
-        )
-    if args.use_weighting:
-        problems.append(
-            "use_weighting=True: WPO weights need each token's log Σ_v p_v² of the policy, one "
-            "more statistic of the vocabulary pass that the fused kernels do not compute yet; "
-            "use use_weighting=False"
         )
     parallelism = getattr(args, "parallelism_config", None)
     split = {
@@ -527,6 +522,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 label_smoothing=self.args.label_smoothing,
                 policy_bias=policy_bias,
                 ref_bias=ref_bias,
+                wpo_weights=self.args.use_weighting,
                 **self._logit_transform,
                 **{
                     k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
@@ -555,9 +551,12 @@ class EpsilonDPOTrainer(DPOTrainer):
     def _weighted_loss(self, out, inputs, labels, packing):
         """Σ weight × batch mean of each ``loss_type``, as TRL sums them: the pair losses of
         ``preference_losses`` (β̃ per pair), and "sft", the mean NLL over the batch's chosen
-        completion tokens."""
+        completion tokens. With ``use_weighting`` every term's per-pair values are WPO-weighted
+        first (the sft term, one number per batch, by the mean weight), as TRL weights them."""
         args = self.args
         loss = 0.0
+        # (B,) WPO's weights, detached, or 1.
+        pair_weights = out.wpo_weights if args.use_weighting else 1.0
         for loss_type, weight in self.weighted_loss_types:
             if loss_type == "sft":
                 if packing:
@@ -565,6 +564,8 @@ class EpsilonDPOTrainer(DPOTrainer):
                 else:
                     chosen = labels[: labels.shape[0] // 2] != -100
                 term = -out.chosen_logps.sum() / chosen.sum().clamp(min=1)
+                if args.use_weighting:
+                    term = term * pair_weights.mean()
             else:
                 lengths = {}
                 if loss_type in LENGTH_NORMALISED:
@@ -579,7 +580,8 @@ class EpsilonDPOTrainer(DPOTrainer):
                     f_alpha_divergence_coef=args.f_alpha_divergence_coef,
                     discopop_tau=args.discopop_tau,
                     **lengths,
-                ).mean()
+                )
+                term = (term * pair_weights).mean()
             loss = loss + weight * term
         return loss
 

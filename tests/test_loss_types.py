@@ -33,6 +33,7 @@ CASES = {
     "aot-ls": (["aot"], None, 0.1, "reverse_kl", 1.0),
     "sft": (["sft"], None, 0.0, "reverse_kl", 1.0),
     "sigmoid+sppo+sft": (["sigmoid", "sppo_hard", "sft"], [1.0, 0.3, 0.5], 0.0, "reverse_kl", 1.0),
+    "sigmoid+sppo": (["sigmoid", "sppo_hard"], [1.0, 0.3], 0.0, "reverse_kl", 1.0),
     "sigmoid-forward_kl": (["sigmoid"], None, 0.0, "forward_kl", 1.0),
     "sigmoid-js": (["sigmoid"], None, 0.0, "js_divergence", 1.0),
     "sigmoid-alpha0.5": (["sigmoid"], None, 0.0, "alpha_divergence", 0.5),
@@ -68,13 +69,16 @@ def _set_loss(ours, theirs, case):
 
 @pytest.fixture(scope="module")
 def pair_of_trainers(tmp_path_factory):
+    return _pair_of_trainers(tmp_path_factory.mktemp("loss_types"))
+
+
+def _pair_of_trainers(tmp, **overrides):
     """EpsilonDPOTrainer at ε = 0 and TRL's DPOTrainer on equal, equally perturbed policies,
     and one batch of ragged token pairs (one with an empty prompt), padded and packed."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    tmp = tmp_path_factory.mktemp("loss_types")
-    ours = make_trainer(tmp / "eps", train=_token_pairs(n=6), epsilon=0.0)
-    theirs = dpo_trainer(tmp / "dpo")
+    ours = make_trainer(tmp / "eps", train=_token_pairs(n=6), epsilon=0.0, **overrides)
+    theirs = dpo_trainer(tmp / "dpo", **overrides)
     for trainer in (ours, theirs):
         gen = torch.Generator().manual_seed(7)
         with torch.no_grad():
@@ -96,17 +100,21 @@ def _loss_and_grads(trainer, batch):
     return loss.detach(), grads
 
 
-def _loss_bound(ours, batch, out, counts, vocab):
+def _loss_bound(ours, batch, out, counts, vocab, wpo_rel=None):
     """First-order bound on |ΔL| between two fp32 implementations: Σ_k |∂L/∂x_k|·Δx_k over the
     4B sequence log-probs x (the loss depends on the logits only through them), Δx_k their
     disagreement (``sequence_logp_disagreement``), ∂L/∂x_k from our formula in float64; plus the
-    fp32 rounding of evaluating the formula itself, a few ulps of its terms (|L| + 1)."""
+    fp32 rounding of evaluating the formula itself, a few ulps of its terms (|L| + 1). With
+    WPO's weights w (``wpo_rel``: their relative disagreement per pair) they are B more x_k."""
     b = len(out.losses)
     leaves = [
         getattr(out, k).detach().double().requires_grad_()
         for k in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
     ]
     chosen, rejected, ref_chosen, ref_rejected = leaves
+    weights = {}
+    if wpo_rel is not None:
+        weights["wpo_weights"] = out.wpo_weights.detach().double().requires_grad_()
     beta = out.beta_used.double()
     ls = ours.args.label_smoothing
     z = beta * ((chosen - rejected) - (ref_chosen - ref_rejected))
@@ -120,19 +128,17 @@ def _loss_bound(ours, batch, out, counts, vocab):
         beta_used=beta,
         chosen_tokens=out.chosen_tokens.double(),
         rejected_tokens=out.rejected_tokens.double(),
+        **weights,
     )
-    packing = {}
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
-    if "sequence_ids" in batch:
-        scored = (batch["completion_mask"] != 0) & (batch["position_ids"] != 0)
-        labels = batch["input_ids"].masked_fill(~scored, -100)[:, 1:]
-        packing = dict(sequence_ids=batch["sequence_ids"][:, 1:], num_pairs=batch["num_pairs"])
-    loss = ours._weighted_loss(out64, batch, labels, packing)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    loss = ours._weighted_loss(out64, batch, *_labels_and_packing(batch))
+    grads = torch.autograd.grad(loss, leaves + list(weights.values()), allow_unused=True)
     bound = 0.0
     for x, g, n in zip(leaves, grads, (counts[:b], counts[b:], counts[:b], counts[b:])):
         if g is not None:
             bound += float((g.abs() * sequence_logp_disagreement(x, n, vocab)).sum())
+    if weights:
+        w, g = weights["wpo_weights"], grads[-1]
+        bound += float((g.abs() * w.detach() * wpo_rel).sum())
     return bound + 16 * 2.0**-24 * (abs(float(loss.detach())) + 1)
 
 
@@ -383,3 +389,104 @@ def test_ld_token_weights_down_weight_the_longer_tail():
     flat = torch.tensor([5, 5, 5, 5, 5, 5, 5, 5, -100])
     packed = ld_token_weights(flat.view(1, -1), ids.view(1, -1), 2, 0.5)
     assert packed.flatten().tolist() == [1, 1, 1, 0.5, 1, 1, 0.5, 1, 0]
+
+
+# Loss types under WPO's weighting (use_weighting): the plain one, a length-normalised one,
+# another pair loss, and a weighted list. Not hinge or sft, where TRL 1.16 itself fails: it
+# multiplies the per-sequence losses by the weights in place, which autograd refuses after
+# hinge's relu ("modified by an inplace operation") and torch refuses on sft's expanded batch
+# loss ("more than one element ... refers to a single memory location").
+WPO_CASES = ["sigmoid", "ipo", "apo_zero", "sigmoid+sppo"]
+
+
+@pytest.fixture(scope="module")
+def pair_of_wpo_trainers(tmp_path_factory):
+    return _pair_of_trainers(tmp_path_factory.mktemp("wpo"), use_weighting=True)
+
+
+def _wpo_weight_disagreement(logits, labels, vocab):
+    """(B,) relative disagreement of two fp32 implementations' WPO weights w = exp(M_c + M_j):
+    each row's mean M of a − log Σp² is within 2·(γ(V) + γ(n)) of its terms' mean magnitude
+    (each term reduces V entries, the mean n of them, in any order), in float64 from the
+    logits."""
+    log_p = torch.log_softmax(logits.double(), -1)
+    scored = labels != -100
+    a = log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    magnitude = torch.where(scored, a.abs() + torch.logsumexp(2 * log_p, -1).abs(), 0.0)
+    n = scored.sum(-1)
+    rows = torch.tensor(
+        [2 * (fp32_sum_rel_error(vocab) + fp32_sum_rel_error(int(k))) for k in n],
+        dtype=torch.float64,
+    )
+    per_row = rows * magnitude.sum(-1) / n.clamp(min=1)
+    b = len(n) // 2
+    return per_row[:b] + per_row[b:]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("case", WPO_CASES)
+def test_wpo_weighting_equals_trl_dpo_trainer(pair_of_wpo_trainers, case, layout):
+    """use_weighting=True (WPO) at ε = 0: the loss and every parameter gradient equal TRL's
+    DPOTrainer's, whose fused head computes the same log Σp² per token; the weights make a
+    difference far above the comparison's bound."""
+    ours, theirs, padded, packed = pair_of_wpo_trainers
+    _set_loss(ours, theirs, CASES[case])
+    batch = padded if layout == "padded" else packed
+    loss_a, grads_a = _loss_and_grads(ours, batch)
+    loss_b, grads_b = _loss_and_grads(theirs, padded)
+    with torch.no_grad():
+        _, out = ours.compute_loss(ours.model, batch, return_outputs=True)
+        logits = ours.model(**{k: padded[k] for k in ("input_ids", "attention_mask")}).logits
+        ours.args.use_weighting = False
+        unweighted = ours._weighted_loss(out, batch, *_labels_and_packing(batch))
+        ours.args.use_weighting = True
+    ours._metric_sums["train"] = None
+    theirs._metrics["train"].clear()
+    vocab = ours.model.config.vocab_size
+    labels = padded["input_ids"].masked_fill(padded["completion_mask"] == 0, -100)[:, 1:]
+    rel = _wpo_weight_disagreement(logits[:, :-1], labels, vocab)
+    counts = torch.cat([out.chosen_tokens, out.rejected_tokens])
+    atol = _loss_bound(ours, batch, out, counts, vocab, wpo_rel=rel)
+    assert abs(loss_a.item() - loss_b.item()) <= atol, (loss_a.item(), loss_b.item(), atol)
+    assert abs(float(unweighted) - loss_b.item()) > 100 * atol, "the weights must matter"
+    for name, grad in grads_a.items():
+        scale = float(grads_b[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(
+            grad, grads_b[name], rtol=1e-4, atol=1e-7 + 4e-6 * scale, msg=name
+        )
+
+
+def _labels_and_packing(batch):
+    """The labels and packing arguments ``_weighted_loss`` takes, as ``_compute_loss`` forms
+    them."""
+    if "sequence_ids" not in batch:
+        return batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:], {}
+    scored = (batch["completion_mask"] != 0) & (batch["position_ids"] != 0)
+    labels = batch["input_ids"].masked_fill(~scored, -100)[:, 1:]
+    return labels, dict(sequence_ids=batch["sequence_ids"][:, 1:], num_pairs=batch["num_pairs"])
+
+
+@pytest.mark.parametrize("case", ["hinge", "sigmoid+sppo+sft"])
+def test_wpo_weighting_where_trl_fails_weights_each_term_as_trl_means(pair_of_wpo_trainers, case):
+    """TRL 1.16 cannot backpropagate these under use_weighting (see WPO_CASES); ours weights
+    each pair's term by w_i and the sft term, one number per batch, by the mean weight, as
+    TRL's per-sequence expansion of it means."""
+    ours, theirs, padded, _ = pair_of_wpo_trainers
+    _set_loss(ours, theirs, CASES[case])
+    loss, grads = _loss_and_grads(ours, padded)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    with torch.no_grad():
+        _, out = ours.compute_loss(ours.model, padded, return_outputs=True)
+    ours._metric_sums["train"] = None
+    labels, _ = _labels_and_packing(padded)
+    w = out.wpo_weights
+    expected = 0.0
+    for loss_type, weight in ours.weighted_loss_types:
+        if loss_type == "sft":
+            nll = -out.chosen_logps.sum() / (labels[: len(w)] != -100).sum()
+            expected = expected + weight * nll * w.mean()
+        else:
+            expected = expected + weight * (preference_losses(out, loss_type) * w).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    assert (w < 1).all() and (w > 0).all()

@@ -355,7 +355,6 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         (dict(loss_type="kto"), "not among TRL 1.16's loss types"),
         (dict(loss_type="exo_pair"), "label_smoothing must be > 0"),
         (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "is defined for"),
-        (dict(use_weighting=True), "WPO"),
         (dict(epsilon=-0.1), "epsilon"),
         (dict(epsilon=1.5), "epsilon"),
         (dict(label_smoothing=0.5), "label_smoothing"),
@@ -364,6 +363,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
 def test_refused_options_fail_at_construction(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **overrides)
+
+
+def test_wpo_with_a_sorting_loss_is_refused_as_trl_refuses_it(tmp_path):
+    """use_weighting works with every loss type TRL weights; TRL's own refusal of the sorting
+    losses (their pairs are reordered, the weights would not follow) reaches the user."""
+    with pytest.raises(NotImplementedError, match="not implemented for 'aot' or 'aot_unpaired'"):
+        make_trainer(tmp_path, use_weighting=True, loss_type="aot")
 
 
 @pytest.mark.parametrize("sizes", [dict(tp_size=2), dict(cp_size=2), dict(tp_size=2, cp_size=4)])
