@@ -67,6 +67,11 @@ def compile_launch(kernel, args, constexprs: dict, num_warps: int, arch: int):
             constants[index] = attr
         elif isinstance(attr, str):
             attrs[index] = CUDABackend.parse_attr(attr)
+    # Constexprs the launch leaves to their defaults (a real launch fills them in; Triton 3.9's
+    # ASTSource does not, and fails on the missing value).
+    for param in kernel.params:
+        if param.is_constexpr and param.name not in constexprs and param.has_default:
+            constexprs[param.name] = param.default
     for name, value in constexprs.items():
         signature[name] = "constexpr"
         constants[(kernel.arg_names.index(name),)] = value
