@@ -253,6 +253,16 @@ def kernel_rows(
     if softcap is not None:
         return out  # the sums and the head do not read logits: the same kernels
     out += _sequence_sums_rows(stats)
+    # A vocabulary shard's finish, from partials merged over its ranks (vocab_shard.py).
+    from epsdpo_kernels.params import LossParams
+    from epsdpo_kernels.triton_backend.vocab_shard import finish_launch
+
+    params = LossParams(0.1, 0.01, 0.0, -100, False, "triton", rows)
+    maxes = torch.empty(L.SHARD_MAXES, rows, device="meta")
+    sums = torch.empty(L.SHARD_SUMS, rows, device="meta")
+    out.append(
+        ("token_finish_kernel", finish_launch(maxes, sums, labels, stats, params), None, None)
+    )
     seq_out = torch.empty(L.SEQUENCE_FIELDS, 32, device="meta")
     pair_launch = pair_head_launch(
         seq_out, torch.empty(L.PAIR_FIELDS, 16, device="meta"), 0.1, 0.01, 0.0, False

@@ -26,18 +26,22 @@ def token_forward(policy_logits, ref_logits, labels, params: LossParams) -> torc
 
 
 def token_partials(policy_logits, ref_logits, labels, params: LossParams, offset: int, rows: int):
-    """(maxes, sums) of ``(C, 1, rows)`` logits of the vocabulary shard starting at ``offset``,
-    for ``distributed.vocab_shards.merge_partials``; torch on both backends."""
-    from .torch_backend.vocab_partials import token_partials as impl
-
+    """(maxes, sums) (layout.py, ``SHARD_*``) of ``(N, T, rows)`` logits of the vocabulary
+    shard starting at ``offset``, for ``distributed.vocab_shards.merge_partials``."""
+    if params.backend == "triton":
+        from .triton_backend.vocab_shard import token_partials as impl
+    else:
+        from .torch_backend.vocab_partials import token_partials as impl
     return impl(policy_logits, ref_logits, labels, params, offset, rows)
 
 
-def stats_from_partials(maxes, sums, params: LossParams) -> torch.Tensor:
-    """The token stats from partials merged over every shard."""
-    from .torch_backend.vocab_partials import stats_from_partials as impl
-
-    return impl(maxes, sums, params)
+def stats_from_partials(maxes, sums, labels, params: LossParams) -> torch.Tensor:
+    """The ``(TOKEN_FIELDS, N·T)`` token stats from partials merged over every shard."""
+    if params.backend == "triton":
+        from .triton_backend.vocab_shard import stats_from_partials as impl
+    else:
+        from .torch_backend.vocab_partials import stats_from_partials as impl
+    return impl(maxes, sums, labels, params)
 
 
 def token_backward(

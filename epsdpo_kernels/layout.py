@@ -44,6 +44,18 @@ SEQ_FROM_TOKEN = (
     TOK_WPO_LOGP,
 )
 
+# Per token, a vocabulary shard's partials (distributed/vocab_shards.py merges them over the
+# shard's ranks: a MAX of the maxes, then a SUM of the rescaled sums): ``(SHARD_MAXES, N)``
+# maxes m of the four streams (h, g, mix⁺, mix⁻; −inf where a row reads nothing) and
+# ``(SHARD_SUMS, N)`` sums.
+SHARD_MAXES = 4
+SHARD_EXP_SUMS = 0  # [0, 4): Σ exp(x − m) of the four streams
+SHARD_LABEL_H = 4  # the policy's lm_head output z at the label (before the model's logit
+SHARD_LABEL_G = 5  # transform), on the rank whose shard holds it, 0 elsewhere; the reference's
+SHARD_LOGIT_SUM = 6  # Σ_v h
+SHARD_SQUARES = 7  # Σ exp(2(h − m_h)), for TOK_WPO_LOGP; 0 unless asked for
+SHARD_SUMS = 8
+
 # Per pair.
 PAIR_LOSS = 0
 PAIR_STEP = 1

@@ -41,7 +41,7 @@ import torch
 from . import layout as L
 from .dispatch import token_backward
 from .distributed.vocab_shards import complete_hidden_gradient
-from .drivers import chunk_stats, pair_buffer
+from .drivers import pair_buffer, token_stats
 from .plans import LinearInputs, slice_plan
 from .sequences import scored_rows, spread_scored
 
@@ -116,7 +116,7 @@ def linear_forward(inputs: LinearInputs, labels, call):
         policy_logits = _logits(flat_policy[idx].to(policy_w.dtype), policy_w, policy_b)
         ref_logits = _logits(flat_ref[idx].to(ref_w.dtype), ref_w, ref_b)
         # A chunk is a (C, 1, V) batch of C sequences of one token: the kernels need no change.
-        scored_stats[:, sl] = chunk_stats(
+        scored_stats[:, sl] = token_stats(
             policy_logits.unsqueeze(1), ref_logits.unsqueeze(1), flat_labels[idx].unsqueeze(1), call
         )
         del policy_logits, ref_logits

@@ -75,6 +75,7 @@ LAYERS = {
         "triton_backend.launch",
         "triton_backend.vocab_merge",
         "triton_backend.token",
+        "triton_backend.vocab_shard",
         "triton_backend.sequence_sums",
         "triton_backend.pair_head",
         "torch_backend",

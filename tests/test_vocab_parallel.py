@@ -166,6 +166,8 @@ def _worker(rank, world, store, results):
         for i, case in enumerate(LOGITS_CASES):
             if _runnable(case):
                 guarded(results, ("logits", i, rank), _call_logits, case, meshes[case[5]])
+        for backend in ("torch", "triton") if interpreted() else ("torch",):
+            guarded(results, ("equal", backend, rank), _policy_as_reference, backend, meshes["1d"])
         if interpreted():  # the host syncs of one call (Triton backend: only the documented)
             with library_syncs() as calls:
                 _call(CASES[3], meshes[CASES[3][5]])
@@ -182,6 +184,43 @@ def _worker(rank, world, store, results):
         except TypeError as e:
             errors.append(str(e))
         results[("errors", rank)] = errors
+
+
+def _policy_as_reference(backend, mesh):
+    """The policy passed as its own reference, its lm_head sharded: (steps, ℓ⁺ − ℓ, ℓ⁻ − ℓ)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    data = make_linear_batch(B, T, H, 301, dtype=torch.bfloat16, device="cpu", bias=False, seed=5)
+    weight = distribute_tensor(data["policy_weight"], mesh, [Shard(0)])
+    out = linear_epsilon_dpo_loss(
+        data["policy_hidden"],
+        weight,
+        data["policy_hidden"],
+        weight,
+        data["labels"],
+        beta=0.1,
+        epsilon=0.3,
+        backend=backend,
+        chunk_size=3,
+        logit_softcap=2.0,
+    )
+    return (
+        out.steps.clone(),
+        (out.p_epsilon_logratios - out.logratios).clone(),
+        (out.n_epsilon_logratios - out.logratios).clone(),
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_sharded_policy_as_its_own_reference_takes_exactly_no_step(ranks, backend):
+    """The merged states of equal streams are equal bit for bit, and u − a in SPEC's form
+    (ε·(h_y − g_y) − ((m⁺ − m) + ln(s⁺/s))) is then exactly 0: no step, on every rank."""
+    if backend == "triton" and not interpreted():
+        pytest.skip("the Triton backend runs on CPU tensors only under the interpreter")
+    world, results = ranks
+    for rank in range(world):
+        steps, p_gap, n_gap = result_of(results, ("equal", backend, rank), f"rank {rank}")
+        assert (steps == 0).all() and (p_gap == 0).all() and (n_gap == 0).all(), rank
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"{world}ranks")

@@ -2,23 +2,24 @@
 lm_head (a DTensor ``Shard(0)``, what ``ColwiseParallel`` on the lm_head gives) and the same,
 replicated hidden states.
 
-Forward, per scored token: each rank computes its shard's logits and, for each of the four
+Forward, per token: each rank computes its shard's logits and, for each of the four
 distributions of docs/SPEC.md (policy h, reference g, the two mixes h ± ε(h − g)), the partial
-log-sum-exp as (max, Σ exp(z − max)), the label's logit when the label falls in its shard, and
-Σ_v h. The partials merge exactly: one MAX all-reduce of the 4 maxes, then one SUM all-reduce of
-the 4 rescaled sums, the 4 label logits (0 where not owned), Σ h and (for WPO's weights) the
-policy's rescaled Σ exp(2h): 14 floats per token, never a logit. The merged values give the
-token fields of layout.py, after which everything (sequence sums, pair head) is the
-single-process path.
+log-sum-exp as (max, Σ exp(x − max)), the lm_head outputs at the label when the label falls in
+its shard, Σ_v h and (for WPO's weights) the policy's Σ exp(2(h − max)) (layout.py,
+``SHARD_*``). The partials merge exactly: one MAX all-reduce of the 4 maxes, then one SUM
+all-reduce of the 8 sums, the Σexp rescaled to the merged maxes first: 12 floats per token,
+never a logit. The merged values give the token fields of layout.py, after which everything
+(sequence sums, pair head) is the single-process path.
 
 Backward: the per-token gradient ``c·(onehot − softmax)`` of a shard needs only the shard's
 logits and the merged lse, so each rank runs the usual vocabulary-slice backward on its own rows
 (labels offset by its shard) and gets its weight (and bias) gradient shard; the hidden-state
 gradient Σ_v G[:, v]·W[v] is a sum over shards, completed by one SUM all-reduce of S × H floats.
 
-The partials are torch operations on the shard's logits (torch_backend/vocab_partials.py), on
-both backends (a Triton partial kernel would save the fp32 temporaries; the backward uses the
-backend's own kernel); this module holds the shards and their collectives.
+The partials come from the backend's token pass over the shard (the Triton token kernel's
+split mode, one launch for the whole shard; torch_backend/vocab_partials.py, the reference) and
+the merged stats from its finish (dispatch.py); this module holds the shards and their
+collectives.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..torch_backend.vocab_partials import SQUARES
+from .. import layout as L
 from .agreement import check_ranks_agree, option_values
 
 
@@ -190,17 +191,18 @@ def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) ->
 
 
 def merge_partials(maxes: torch.Tensor, sums: torch.Tensor, shard: VocabShard) -> None:
-    """This rank's per-token partials (torch_backend/vocab_partials.py) → every shard's, in
-    place: a MAX all-reduce of the 4 maxes, then each rank rescales its 4 Σexp to the merged
-    max and a SUM all-reduce adds them with the label logits (0 where not owned) and Σh."""
+    """This rank's per-token partials (layout.py, ``SHARD_*``) → every shard's, in place: a
+    MAX all-reduce of the 4 maxes, then each rank rescales its 4 Σexp (and Σ exp(2h), by the
+    square) to the merged max and a SUM all-reduce adds them with the label outputs (0 where
+    not owned) and Σh."""
     import torch.distributed as dist
 
     local = maxes.clone()
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=shard.group)
     safe = torch.where(torch.isfinite(maxes), maxes, 0.0)
     rescale = torch.where(torch.isfinite(local), (local - safe).exp(), 0.0)
-    sums[:4] *= rescale
-    sums[SQUARES] *= rescale[0] * rescale[0]  # the policy's Σ exp(2(h − m)), 0 when not asked
+    sums[L.SHARD_EXP_SUMS : L.SHARD_EXP_SUMS + 4] *= rescale
+    sums[L.SHARD_SQUARES] *= rescale[0] * rescale[0]  # the policy's Σ exp(2(h − m)), or 0
     dist.all_reduce(sums, group=shard.group)
 
 

@@ -28,6 +28,12 @@ SEQ_LOGIT_SUM = tl.constexpr(L.SEQ_LOGIT_SUM)
 SEQ_WPO_LOGP = tl.constexpr(L.SEQ_WPO_LOGP)
 SEQ_COUNT = tl.constexpr(L.SEQ_COUNT)
 
+SHARD_EXP_SUMS = tl.constexpr(L.SHARD_EXP_SUMS)
+SHARD_LABEL_H = tl.constexpr(L.SHARD_LABEL_H)
+SHARD_LABEL_G = tl.constexpr(L.SHARD_LABEL_G)
+SHARD_LOGIT_SUM = tl.constexpr(L.SHARD_LOGIT_SUM)
+SHARD_SQUARES = tl.constexpr(L.SHARD_SQUARES)
+
 PAIR_LOSS = tl.constexpr(L.PAIR_LOSS)
 PAIR_STEP = tl.constexpr(L.PAIR_STEP)
 PAIR_BETA_USED = tl.constexpr(L.PAIR_BETA_USED)

@@ -55,12 +55,13 @@ from .vocab_merge import (
 # counts for sm_90 with zero spills; see kernel_report.py). VEC = 16 bytes / element size.
 FWD_WARPS, FWD_LANES_PER_THREAD = 8, 1
 BWD_WARPS, BWD_LANES_PER_THREAD = 8, 2
-# ptxas's cap on the backward's registers (a launch option, not a constexpr): 64 lets four
-# 256-thread programs share an SM, 4 × 256 × 32 bytes = 32 KB of loads in flight, what an H200's
-# 4.3 TB/s needs at ~1 µs latency. Left alone, its allocation varies with Triton's code (3.6: 40-80
-# with rows not 16-byte aligned in bf16); with the cap no kernel spills (tests/test_compile.py).
-# Plain logits only (``_backward_register_cap``).
-BWD_MAX_REGISTERS = 64
+# ptxas's cap on registers (a launch option, not a constexpr): 64 lets four 256-thread programs
+# share an SM, 4 × 256 × 32 bytes = 32 KB of loads in flight, what an H200's 4.3 TB/s needs at
+# ~1 µs latency. Left alone, the backward's allocation varies with Triton's code (3.6: 40-80 with
+# rows not 16-byte aligned in bf16), and so does the half-precision forward's with WPO's sums
+# (Triton 3.9: 80 at V = 50257); with the cap neither spills (tests/test_compile.py). See
+# ``_backward_register_cap`` and ``forward_launches``.
+MAX_REGISTERS = 64
 # Programs an SM holds at once, for the split heuristic: register-limited, 256 threads of up to
 # 64 registers fit four times in 64K, and ptxas gives the bf16 forward 57-64 under Triton 3.6 and
 # 3.9 (fp32: 40; benchmarks/kernel_report.py). Counting 4 where 5 fit splits a little less.
@@ -84,7 +85,7 @@ def _fold_block(
     ``h_to_sum`` is h with the tail's masked columns zeroed, added into the logit-sum tile.
     With ``SUM_SQUARES`` the policy's Σ exp(2(h − m)) (WPO's Σp², scaled) rides along: the
     square of the exponential already computed and of the rescale, no further exp."""
-    run_max, run_sum, logit_sum, run_squares = state
+    run_max, run_sum, logit_sum = state[0], state[1], state[2]
     diff = h - g
     mix_p = h + epsilon * diff
     mix_n = h - epsilon * diff
@@ -104,11 +105,16 @@ def _fold_block(
     rescale = _exp2(run_max * LOG2E - shift, FAST_MATH)
     e = _exp2(x * LOG2E - shift[:, None, :, :], FAST_MATH)
     run_sum = run_sum * rescale + tl.sum(e, axis=1)
+    # The state is a 3-tuple, or a 4-tuple with the squares: a plain launch carries nothing
+    # for them through its loop, so its code is the one it was without WPO.
     if SUM_SQUARES:
         e_h = _unstack_policy(e)  # [LANES, VEC]
         rescale_h = _unstack_policy(rescale)  # [LANES]
-        run_squares = run_squares * (rescale_h * rescale_h) + tl.sum(e_h * e_h, axis=1)
-    return new_max, run_sum, logit_sum + h_to_sum, run_squares
+        run_squares = state[3] * (rescale_h * rescale_h) + tl.sum(e_h * e_h, axis=1)
+        state = (new_max, run_sum, logit_sum + h_to_sum, run_squares)
+    else:
+        state = (new_max, run_sum, logit_sum + h_to_sum)
+    return state
 
 
 @triton.jit
@@ -205,12 +211,15 @@ def token_forward_kernel(
     # the load dtype: the sums run over 1e5+ terms. Loop-carried values must enter the loop as
     # fp32 tensors of their final shape.
     zeros = tl.zeros([LANES, 2, 2], dtype=tl.float32)
-    state = (
-        zeros - float("inf"),
-        zeros,
-        tl.zeros([LANES, VEC], dtype=tl.float32),
-        tl.zeros([LANES], dtype=tl.float32),  # Σ exp(2(h − m)) per lane, with SUM_SQUARES
-    )
+    if SUM_SQUARES:  # and Σ exp(2(h − m)) per lane
+        state = (
+            zeros - float("inf"),
+            zeros,
+            tl.zeros([LANES, VEC], dtype=tl.float32),
+            tl.zeros([LANES], dtype=tl.float32),
+        )
+    else:
+        state = (zeros - float("inf"), zeros, tl.zeros([LANES, VEC], dtype=tl.float32))
     first = col_start
     if ALIGN_ROWS:
         # h and g rows start equally far from a 16-byte boundary (the launcher checked): a
@@ -249,14 +258,14 @@ def token_forward_kernel(
         h, g = _masked_model_logits(h, g, valid, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH, SUM_SQUARES)
 
-    run_max, run_sum, logit_sum, run_squares = state
+    run_max, run_sum, logit_sum = state[0], state[1], state[2]
     row_max, row_sum = _merge_lanes(run_max, run_sum, FAST_MATH)  # [2, 2] each
     m_h, m_g, m_p, m_n = _unstack(row_max)
     s_h, s_g, s_p, s_n = _unstack(row_sum)
     logit_sum = tl.sum(tl.sum(logit_sum, axis=1), axis=0)
     squares = 0.0
     if SUM_SQUARES:
-        squares = _merge_squares(_unstack_policy(run_max), run_squares, m_h, FAST_MATH)
+        squares = _merge_squares(_unstack_policy(run_max), state[3], m_h, FAST_MATH)
     if SPLIT:
         part = out_ptr + split.to(tl.int64) * PARTIAL_FIELDS * n_rows + row
         tl.store(part + 0 * n_rows, m_h)
@@ -606,9 +615,12 @@ def forward_launches(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     wpo_weights: bool = False,
+    partial_only: bool = False,
 ):
     """[(kernel, grid, args, constexprs, num_warps)] of the forward: one launch, or the split
-    forward into ``partial`` and the merge. The real launch and the compile check
+    forward into ``partial`` and the merge. ``partial_only``: the forward writes each row's
+    partial states into ``partial`` even unsplit, and no merge follows (a vocabulary shard's
+    partials, merged over ranks first: vocab_shard.py). The real launch and the compile check
     (benchmarks/kernel_report.py) both build their arguments here."""
     n, t, v = policy_logits.shape
     rows = n * t
@@ -617,8 +629,12 @@ def forward_launches(
     splits, cols_per_split = _split_plan(policy_logits, lanes * vec, splits)
     fast = _fast_math()
     transform = _transform_constexprs(logit_scale, logit_softcap)
+    register_cap = {}
     if wpo_weights:  # a specialisation of its own: the plain kernels stay as they are
         transform["SUM_SQUARES"] = True
+        if policy_logits.element_size() == 2:
+            # fp32 keeps 40 registers uncapped (6 programs); capped, ptxas takes 53-56.
+            register_cap = dict(maxnreg=MAX_REGISTERS)
     strides = (
         policy_logits.stride(0),
         policy_logits.stride(1),
@@ -634,7 +650,7 @@ def forward_launches(
             policy_logits,
             ref_logits,
             labels,
-            stats if splits == 1 else partial,
+            stats if splits == 1 and not partial_only else partial,
             t,
             v,
             rows,
@@ -646,14 +662,15 @@ def forward_launches(
         dict(
             LANES=lanes,
             VEC=vec,
-            SPLIT=splits > 1,
+            SPLIT=splits > 1 or partial_only,
             FAST_MATH=fast,
             ALIGN_ROWS=align_rows(vec, policy_logits, ref_logits),
             **transform,
+            **register_cap,
         ),
         FWD_WARPS,
     )
-    if splits == 1:
+    if splits == 1 or partial_only:
         return [forward]
     merge = (
         token_merge_kernel,
@@ -726,9 +743,9 @@ def _backward_register_cap(logit_scale: float, logit_softcap: float | None) -> d
     (8 bytes on sm_90, 24 on sm_80) where Triton 3.9's does not. So it is capped from 3.9 on,
     the newest release compiled here (tests/test_compile.py runs 3.6 and 3.9)."""
     if logit_softcap is None and float(logit_scale) == 1.0:
-        return dict(maxnreg=BWD_MAX_REGISTERS)
+        return dict(maxnreg=MAX_REGISTERS)
     if _triton_version() >= (3, 9):
-        return dict(maxnreg=BWD_MAX_REGISTERS)
+        return dict(maxnreg=MAX_REGISTERS)
     return {}
 
 

@@ -8,7 +8,8 @@ the parts combine as m = max_k m_k, s = Σ_k s_k·exp(m_k − m). Three places u
 - the lanes of one forward program, once per row after the loop (``_merge_lanes``);
 - the V-splits of a row when the forward splits the vocabulary across programs
   (``token_merge_kernel``, reading the ``(splits, PARTIAL_FIELDS, N)`` partial buffer);
-- vocabulary shards on other ranks (tensor parallelism) combine the same states.
+- vocabulary shards on other ranks (tensor parallelism) combine the same states, merged by
+  all-reduces (distributed/vocab_shards.py) and finished by ``token_finish_kernel``.
 
 ``_finish`` turns a row's merged states into the ``(TOKEN_FIELDS, N)`` token stats (layout.py).
 """
@@ -19,6 +20,11 @@ import triton
 import triton.language as tl
 
 from .fields import (
+    SHARD_EXP_SUMS,
+    SHARD_LABEL_G,
+    SHARD_LABEL_H,
+    SHARD_LOGIT_SUM,
+    SHARD_SQUARES,
     TOK_LOGIT_SUM,
     TOK_LOGP,
     TOK_LSE,
@@ -230,6 +236,73 @@ def token_merge_kernel(
     g_y = tl.load(ref_ptr + n * stride_rn + t * stride_rt + label).to(tl.float32)
     h_y = _model_logits(h_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
     g_y = _model_logits(g_y, LOGIT_SCALE, SOFTCAP, FAST_MATH)
+    _finish(
+        stats_ptr,
+        row,
+        n_rows,
+        h_y,
+        g_y,
+        epsilon,
+        m_h,
+        s_h,
+        m_g,
+        s_g,
+        m_p,
+        s_p,
+        m_n,
+        s_n,
+        logit_sum,
+        squares,
+        SUM_SQUARES,
+    )
+
+
+@triton.jit
+def token_finish_kernel(
+    labels_ptr,  # (N, T) integer labels
+    maxes_ptr,  # (SHARD_MAXES, N·T) fp32 partials merged over a vocabulary shard's ranks
+    sums_ptr,  # (SHARD_SUMS, N·T) fp32, the same (layout.py, SHARD_*)
+    stats_ptr,  # (TOKEN_FIELDS, N·T) fp32 out
+    T,
+    n_rows,
+    stride_ln,
+    stride_lt,
+    epsilon,
+    ignore_index,
+    FAST_MATH: tl.constexpr,
+    LOGIT_SCALE: tl.constexpr = 1.0,
+    SOFTCAP: tl.constexpr = 0.0,
+    SUM_SQUARES: tl.constexpr = False,
+):
+    """One program per token row: its stats from the whole vocabulary's merged states and the
+    label's lm_head outputs, transformed here as the forward transforms every logit, so a
+    shard's h_y is bitwise the unsharded kernels'. Zeros at an ignored row."""
+    row = tl.program_id(0).to(tl.int64)
+    n = row // T
+    t = row % T
+    label = tl.load(labels_ptr + n * stride_ln + t * stride_lt).to(tl.int64)
+    if label == ignore_index:
+        for field in tl.static_range(TOKEN_FIELDS):
+            tl.store(stats_ptr + field * n_rows + row, 0.0)
+        return
+    m_h = tl.load(maxes_ptr + 0 * n_rows + row)
+    m_g = tl.load(maxes_ptr + 1 * n_rows + row)
+    m_p = tl.load(maxes_ptr + 2 * n_rows + row)
+    m_n = tl.load(maxes_ptr + 3 * n_rows + row)
+    s_h = tl.load(sums_ptr + (SHARD_EXP_SUMS + 0) * n_rows + row)
+    s_g = tl.load(sums_ptr + (SHARD_EXP_SUMS + 1) * n_rows + row)
+    s_p = tl.load(sums_ptr + (SHARD_EXP_SUMS + 2) * n_rows + row)
+    s_n = tl.load(sums_ptr + (SHARD_EXP_SUMS + 3) * n_rows + row)
+    h_y = _model_logits(
+        tl.load(sums_ptr + SHARD_LABEL_H * n_rows + row), LOGIT_SCALE, SOFTCAP, FAST_MATH
+    )
+    g_y = _model_logits(
+        tl.load(sums_ptr + SHARD_LABEL_G * n_rows + row), LOGIT_SCALE, SOFTCAP, FAST_MATH
+    )
+    logit_sum = tl.load(sums_ptr + SHARD_LOGIT_SUM * n_rows + row)
+    squares = 0.0
+    if SUM_SQUARES:
+        squares = tl.load(sums_ptr + SHARD_SQUARES * n_rows + row)
     _finish(
         stats_ptr,
         row,

@@ -1,0 +1,116 @@
+"""A vocabulary shard's partials on the Triton token kernel, and the stats from merged ones
+(torch_backend/vocab_partials.py: the contract and the reference).
+
+The partials are the token forward's split mode run over the shard's columns: one launch for
+the whole ``(N, T, V_r)`` shard (or linear-path chunk), each row's (max, Σexp) of the four
+streams, Σh and the policy's Σ exp(2(h − max)) written as a V-split's partial state would be;
+unscored rows read nothing. The label's lm_head outputs are gathered where the label falls in the
+shard (N·T elements, no copy of the logits). After the ranks' all-reduces
+(distributed/vocab_shards.py), ``token_finish_kernel`` writes the token stats with u − a in
+SPEC's small-number form, as the unsharded kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import layout as L
+from .launch import launch
+from .token import _fast_math, _transform_constexprs, _unit_stride_v, forward_launches
+from .vocab_merge import N_PARTIAL, token_finish_kernel
+
+# Fields of a row's partial state (token_forward_kernel, SPLIT): (max, Σexp) of h, g, mix⁺, mix⁻
+# interleaved, then Σh and Σ exp(2(h − max h)).
+_PARTIAL_MAXES = [0, 2, 4, 6]
+_PARTIAL_EXP_SUMS = [1, 3, 5, 7]
+_PARTIAL_LOGIT_SUM, _PARTIAL_SQUARES = 8, 9
+
+
+def _label_outputs(logits: torch.Tensor, labels: torch.Tensor, offset: int, scored: torch.Tensor):
+    """(N·T,) fp32: ``logits[n, t, labels[n, t] − offset]`` where that column is in the shard and
+    the row is scored, 0 elsewhere (a gather of N·T elements)."""
+    n, t, v = logits.shape
+    column = labels.reshape(-1).long() - offset
+    owned = scored & (column >= 0) & (column < v)
+    rows = torch.arange(n * t, device=logits.device)
+    at = logits[rows // t, rows % t, column.clamp(0, max(0, v - 1))].float()
+    return torch.where(owned, at, 0.0)
+
+
+@torch.no_grad()
+def token_partials(policy_logits, ref_logits, labels, params, offset: int, rows: int):
+    """``(SHARD_MAXES, N·T)`` maxes and ``(SHARD_SUMS, N·T)`` sums of ``(N, T, rows)`` shard
+    lm_head outputs with full-vocabulary ``labels`` ``(N, T)`` (layout.py, ``SHARD_*``)."""
+    n, t, v = policy_logits.shape
+    device = policy_logits.device
+    maxes = torch.full((L.SHARD_MAXES, n * t), -torch.inf, device=device)
+    sums = torch.zeros((L.SHARD_SUMS, n * t), device=device)
+    if v == 0:  # a rank whose shard holds no vocabulary entries
+        return maxes, sums
+    policy_logits = _unit_stride_v(policy_logits)
+    ref_logits = _unit_stride_v(ref_logits)
+    # Unscored rows return before writing: their partial state stays −inf / 0.
+    partial = torch.zeros((1, N_PARTIAL, n * t), device=device)
+    partial[0, _PARTIAL_MAXES] = -torch.inf
+    (spec,) = forward_launches(
+        policy_logits,
+        ref_logits,
+        labels,
+        None,
+        partial,
+        params.epsilon,
+        params.ignore_index,
+        1,
+        params.logit_scale,
+        params.logit_softcap,
+        params.wpo_weights,
+        partial_only=True,
+    )
+    launch(spec, device)
+    maxes.copy_(partial[0, _PARTIAL_MAXES])
+    sums[L.SHARD_EXP_SUMS : L.SHARD_EXP_SUMS + 4] = partial[0, _PARTIAL_EXP_SUMS]
+    sums[L.SHARD_LOGIT_SUM] = partial[0, _PARTIAL_LOGIT_SUM]
+    if params.wpo_weights:
+        sums[L.SHARD_SQUARES] = partial[0, _PARTIAL_SQUARES]
+    scored = labels.reshape(-1) != params.ignore_index
+    sums[L.SHARD_LABEL_H] = _label_outputs(policy_logits, labels, offset, scored)
+    sums[L.SHARD_LABEL_G] = _label_outputs(ref_logits, labels, offset, scored)
+    return maxes, sums
+
+
+def finish_launch(maxes, sums, labels, stats, params):
+    """(kernel, grid, args, constexprs, num_warps) of the finish, shared by the launch and the
+    compile check."""
+    n, t = labels.shape
+    constexprs = dict(
+        FAST_MATH=_fast_math(), **_transform_constexprs(params.logit_scale, params.logit_softcap)
+    )
+    if params.wpo_weights:
+        constexprs["SUM_SQUARES"] = True
+    return (
+        token_finish_kernel,
+        (n * t,),
+        (
+            labels,
+            maxes,
+            sums,
+            stats,
+            t,
+            n * t,
+            labels.stride(0),
+            labels.stride(1),
+            params.epsilon,
+            params.ignore_index,
+        ),
+        constexprs,
+        1,
+    )
+
+
+@torch.no_grad()
+def stats_from_partials(maxes: torch.Tensor, sums: torch.Tensor, labels, params) -> torch.Tensor:
+    """The ``(TOKEN_FIELDS, N·T)`` token stats from partials merged over every shard (zeros at
+    unscored rows)."""
+    stats = torch.empty((L.TOKEN_FIELDS, maxes.shape[1]), dtype=torch.float32, device=maxes.device)
+    launch(finish_launch(maxes, sums, labels, stats, params), maxes.device)
+    return stats
