@@ -14,6 +14,7 @@ from epsdpo_kernels import layout as L
 from epsdpo_kernels.dispatch import token_forward
 from epsdpo_kernels.params import LossParams
 from tests.helpers.batches import make_batch
+from tests.helpers.checks import compare_to_reference
 from tests.helpers.compare import VALUE_TOL, assert_close
 
 BACKENDS = ["torch", "triton"]
@@ -282,3 +283,48 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
         ]
     )
     assert torch.isfinite(logps).all() and (logps <= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rise", [0.37, 45.0, 150.0, -150.0], ids=lambda r: f"rise{r:g}")
+def test_a_max_that_moves_block_by_block_rescales_the_sums_exactly(backend, device, dtype, rise):
+    """The forward's lanes keep their sums relative to 2^k, k an integer near max·log2e, and
+    rescale them by exact powers of two when a block raises the max (triton_backend/token.py):
+    logits that rise by ``rise`` per 1024 columns (more than one block of every dtype's tile)
+    move k by fractions of a unit (0.37), by ~65 (45: a rescale of 2^-65) and past 2^-126 (150:
+    the old sums vanish, as in float64); falling logits (−150) keep the first block's k. Every
+    output and the gradient equal the float64 reference, the loss whatever the backend."""
+    v = 4100
+    policy, ref, labels = make_batch(2, 3, v, device=device, seed=11)
+    ramp = rise * (torch.arange(v, device=device) // 1024).float()
+    ramp -= ramp.max()  # the largest logits near 0: fp32 resolves their gradient to 1e-5
+    compare_to_reference(
+        (policy + ramp).to(dtype),
+        (ref + ramp).to(dtype),
+        labels,
+        backend=backend,
+        beta=0.1,
+        epsilon=0.1,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e6, -1e6], ids=["plus-1e6", "minus-1e6"])
+def test_logits_near_the_documented_range_stay_accurate(backend, device, offset):
+    """Rows whose logits sit near ±1e6 (the Triton forward's range is ±2^21, docs/SPEC.md):
+    finite, and each log-probability within the rounding of its log-sum-exp at that size (two
+    ulps of 1e6, 0.125), as the float64 log-softmax of the same fp32 inputs has them."""
+    gen = torch.Generator().manual_seed(12)
+    policy = torch.randn(4, 5, 3000, generator=gen) * 3 + offset
+    ref = policy + torch.randn(4, 5, 3000, generator=gen)
+    labels = torch.randint(0, 3000, (4, 5), generator=gen)
+    stats = token_forward(
+        policy.to(device), ref.to(device), labels.to(device), _params(backend, 0.1)
+    )
+    y = labels.unsqueeze(-1)
+    for field, logits in ((L.TOK_LOGP, policy), (L.TOK_REF_LOGP, ref)):
+        expected = torch.log_softmax(logits.double(), -1).gather(-1, y).flatten()
+        got = stats[field].cpu().double()
+        assert torch.isfinite(got).all()
+        assert (got - expected).abs().max() <= 0.125, (got - expected).abs().max()

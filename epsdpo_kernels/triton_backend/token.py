@@ -9,11 +9,16 @@ Design (the forward must be bound by memory, not by instruction issue; ``python
 benchmarks/kernel_report.py`` shows the SASS count per element):
 
 - A block is a ``[LANES, VEC]`` tile: each thread owns ``VEC`` consecutive columns (one 16-byte
-  load per tensor) of each of its lanes. The four streams keep a running (max, sum) *per lane*;
-  reducing over ``VEC`` stays inside a thread, so the steady-state loop has no shuffles, barriers
-  or shared memory, and one rescale exp per lane per block (1/VEC of an exp per element). Lanes
-  are combined once per row, after the loop.
+  load per tensor) of each of its lanes. The four streams keep a running (max, k, sum) *per
+  lane*; reducing over ``VEC`` stays inside a thread, so the steady-state loop has no shuffles, barriers
+  or shared memory. Lanes are combined once per row, after the loop.
 - Full blocks run unmasked; one masked tail block follows.
+- A lane's sums are relative to 2^k, k = round(max·log2e) an integer (vocab_merge.SHIFT_MAGIC),
+  not to its running max: a block that raises the max rescales them by 2^(k_old − k_new), an
+  exact power of two from integer ops, so the loop's only SFU work is one exp per element and
+  stream (4 per (h, g) pair; an exp-based rescale per lane and block cost 4/VEC more, and the
+  H200's exps are what bounds this kernel, docs/PERFORMANCE.md). After the loop each lane's sums
+  are brought to its max (one exp per lane), so the merges see (max, sum) states.
 - exp2 on inputs pre-scaled by log2(e) in one FMA; on the GPU the flush-to-zero ``ex2.approx``
   (inline PTX: ``tl.exp2`` lowers to the non-ftz form with denormal fix-ups). Under the CPU
   interpreter the portable ``tl.exp2`` runs instead (``FAST_MATH`` is a constexpr).
@@ -38,14 +43,20 @@ from .fields import TOK_LSE, TOKEN_FIELDS
 from .launch import launch
 from .vocab_merge import (
     LOG2E,
+    MAX_FLOOR,
     N_PARTIAL,
     PARTIAL_FIELDS,
+    SHIFT_CEILING,
+    SHIFT_FLOOR,
+    SHIFT_MAGIC,
     _exp2,
     _finish,
     _merge_lanes,
     _merge_squares,
     _model_logits,
     _model_logits_slope,
+    _pow2,
+    _shift_bits,
     _stack,
     _unstack,
     token_merge_kernel,
@@ -78,14 +89,16 @@ def _fold_block(
     """Fold one [LANES, VEC] block of h and g into the per-lane states.
 
     The four streams (policy, reference and the two mixes) are stacked on two trailing axes of
-    size 2, so one (max, Σexp) update serves all four: [LANES, VEC, 2, 2] → [LANES, 2, 2].
+    size 2, so one (max, shift, Σexp) update serves all four: [LANES, VEC, 2, 2] → [LANES, 2, 2].
     Stacking is free (each thread's values stay in its registers) and the VEC reduction stays
-    in-thread. The shift is 0 where a running max is still −inf (every entry so far absent), so
-    no exp argument is NaN; a NaN in h or g makes its lanes' sums NaN on every target.
+    in-thread. The sums are Σ 2^(x·log2e − k) with k = round(max·log2e), kept as the shift
+    k + SHIFT_MAGIC (vocab_merge.SHIFT_MAGIC): one FFMA rounds, and the rescale 2^(k_old − k_new)
+    is exact and costs no exp; ``_lane_states`` brings the sums to the max after the loop. A NaN
+    in h or g makes its lanes' sums NaN on every target.
     ``h_to_sum`` is h with the tail's masked columns zeroed, added into the logit-sum tile.
-    With ``SUM_SQUARES`` the policy's Σ exp(2(h − m)) (WPO's Σp², scaled) rides along: the
+    With ``SUM_SQUARES`` the policy's Σ 2^(2(h·log2e − k)) (WPO's Σp², scaled) rides along: the
     square of the exponential already computed and of the rescale, no further exp."""
-    run_max, run_sum, logit_sum = state[0], state[1], state[2]
+    run_max, run_shift, run_sum, logit_sum = state[0], state[1], state[2], state[3]
     diff = h - g
     mix_p = h + epsilon * diff
     mix_n = h - epsilon * diff
@@ -101,19 +114,22 @@ def _fold_block(
         mix_n = tl.where(mix_n == mix_n, mix_n, -float("inf"))
     x = _stack(h, g, mix_p, mix_n)
     new_max = tl.maximum(run_max, tl.max(x, axis=1))
-    shift = tl.where(new_max == -float("inf"), 0.0, new_max) * LOG2E
-    rescale = _exp2(run_max * LOG2E - shift, FAST_MATH)
-    e = _exp2(x * LOG2E - shift[:, None, :, :], FAST_MATH)
+    # k = round(max·log2e) in one FFMA (SHIFT_MAGIC), monotone in the max; the running max
+    # starts at MAX_FLOOR, so k ≥ −2^21·log2e, and the ceiling keeps k < 2^22.
+    new_shift = tl.minimum(new_max * LOG2E + SHIFT_MAGIC, SHIFT_CEILING)
+    rescale = _pow2(_shift_bits(run_shift) - _shift_bits(new_shift))
+    minus_k = SHIFT_MAGIC - new_shift  # exact: both integers in [2^23, 2^24)
+    e = _exp2(x * LOG2E + minus_k[:, None, :, :], FAST_MATH)
     run_sum = run_sum * rescale + tl.sum(e, axis=1)
-    # The state is a 3-tuple, or a 4-tuple with the squares: a plain launch carries nothing
+    # The state is a 4-tuple, or a 5-tuple with the squares: a plain launch carries nothing
     # for them through its loop, so its code is the one it was without WPO.
     if SUM_SQUARES:
         e_h = _unstack_policy(e)  # [LANES, VEC]
         rescale_h = _unstack_policy(rescale)  # [LANES]
-        run_squares = state[3] * (rescale_h * rescale_h) + tl.sum(e_h * e_h, axis=1)
-        state = (new_max, run_sum, logit_sum + h_to_sum, run_squares)
+        run_squares = state[4] * (rescale_h * rescale_h) + tl.sum(e_h * e_h, axis=1)
+        state = (new_max, new_shift, run_sum, logit_sum + h_to_sum, run_squares)
     else:
-        state = (new_max, run_sum, logit_sum + h_to_sum)
+        state = (new_max, new_shift, run_sum, logit_sum + h_to_sum)
     return state
 
 
@@ -123,6 +139,22 @@ def _unstack_policy(x):
     hg, _ = tl.split(x)
     h, _ = tl.split(hg)
     return h
+
+
+@triton.jit
+def _lane_states(state, FAST_MATH: tl.constexpr, SUM_SQUARES: tl.constexpr):
+    """Each lane's (max, Σexp(x − max)) from its loop state, whose sums are relative to 2^k
+    (see _fold_block): one exp per lane and stream, once per row. With ``SUM_SQUARES``, also
+    the policy's Σ exp(2(h − max)); 0.0 otherwise."""
+    lane_max, lane_shift, lane_sum = state[0], state[1], state[2]
+    # 2^(k − max·log2e), |exponent| ≤ 1/2 up to rounding: the sums stay as accurate as the
+    # loop's, and downstream (the lane, split and shard merges, lse) sees max-relative sums.
+    to_max = _exp2((lane_shift - SHIFT_MAGIC) - lane_max * LOG2E, FAST_MATH)
+    squares = 0.0
+    if SUM_SQUARES:
+        to_max_h = _unstack_policy(to_max)
+        squares = state[4] * (to_max_h * to_max_h)
+    return lane_max, lane_sum * to_max, squares
 
 
 @triton.jit
@@ -207,19 +239,25 @@ def token_forward_kernel(
     # (one vector load) and lanes are adjacent across threads (coalesced).
     tile = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
 
-    # Per-lane (max, sum) of the four streams, [LANES, 2, 2] (see _fold_block), fp32 whatever
-    # the load dtype: the sums run over 1e5+ terms. Loop-carried values must enter the loop as
-    # fp32 tensors of their final shape.
+    # Per-lane (max, shift, sum) of the four streams, [LANES, 2, 2] (see _fold_block), fp32
+    # whatever the load dtype: the sums run over 1e5+ terms. Loop-carried values must enter the
+    # loop as fp32 tensors of their final shape.
     zeros = tl.zeros([LANES, 2, 2], dtype=tl.float32)
-    if SUM_SQUARES:  # and Σ exp(2(h − m)) per lane
+    if SUM_SQUARES:  # and Σ 2^(2(h·log2e − k)) per lane
         state = (
-            zeros - float("inf"),
+            zeros + MAX_FLOOR,
+            zeros + SHIFT_FLOOR,
             zeros,
             tl.zeros([LANES, VEC], dtype=tl.float32),
             tl.zeros([LANES], dtype=tl.float32),
         )
     else:
-        state = (zeros - float("inf"), zeros, tl.zeros([LANES, VEC], dtype=tl.float32))
+        state = (
+            zeros + MAX_FLOOR,
+            zeros + SHIFT_FLOOR,
+            zeros,
+            tl.zeros([LANES, VEC], dtype=tl.float32),
+        )
     first = col_start
     if ALIGN_ROWS:
         # h and g rows start equally far from a 16-byte boundary (the launcher checked): a
@@ -258,14 +296,13 @@ def token_forward_kernel(
         h, g = _masked_model_logits(h, g, valid, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         state = _fold_block(h, g, tl.where(valid, h, 0.0), state, epsilon, FAST_MATH, SUM_SQUARES)
 
-    run_max, run_sum, logit_sum = state[0], state[1], state[2]
-    row_max, row_sum = _merge_lanes(run_max, run_sum, FAST_MATH)  # [2, 2] each
+    lane_max, lane_sum, squares = _lane_states(state, FAST_MATH, SUM_SQUARES)
+    row_max, row_sum = _merge_lanes(lane_max, lane_sum, FAST_MATH)  # [2, 2] each
     m_h, m_g, m_p, m_n = _unstack(row_max)
     s_h, s_g, s_p, s_n = _unstack(row_sum)
-    logit_sum = tl.sum(tl.sum(logit_sum, axis=1), axis=0)
-    squares = 0.0
+    logit_sum = tl.sum(tl.sum(state[3], axis=1), axis=0)
     if SUM_SQUARES:
-        squares = _merge_squares(_unstack_policy(run_max), state[3], m_h, FAST_MATH)
+        squares = _merge_squares(_unstack_policy(lane_max), squares, m_h, FAST_MATH)
     if SPLIT:
         part = out_ptr + split.to(tl.int64) * PARTIAL_FIELDS * n_rows + row
         tl.store(part + 0 * n_rows, m_h)
@@ -629,12 +666,16 @@ def forward_launches(
     splits, cols_per_split = _split_plan(policy_logits, lanes * vec, splits)
     fast = _fast_math()
     transform = _transform_constexprs(logit_scale, logit_softcap)
-    register_cap = {}
     if wpo_weights:  # a specialisation of its own: the plain kernels stay as they are
         transform["SUM_SQUARES"] = True
-        if policy_logits.element_size() == 2:
-            # fp32 keeps 40 registers uncapped (6 programs); capped, ptxas takes 53-56.
-            register_cap = dict(maxnreg=MAX_REGISTERS)
+    register_cap = {}
+    transformed = logit_softcap is not None or float(logit_scale) != 1.0
+    if policy_logits.element_size() == 2 and (wpo_weights or not transformed):
+        # Half precision: rows not 16-byte aligned took the plain forward to 73 registers
+        # (3 programs, 24 KB in flight), WPO's to 80 under Triton 3.9. The soft-capped forward
+        # spills under the cap (8-16 bytes at V = 50257 under Triton 3.6 and 3.9) and keeps its
+        # own allocation. fp32 keeps 40-48 uncapped (5-6 programs); capped, ptxas takes 53-56.
+        register_cap = dict(maxnreg=MAX_REGISTERS)
     strides = (
         policy_logits.stride(0),
         policy_logits.stride(1),

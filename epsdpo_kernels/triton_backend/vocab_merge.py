@@ -43,6 +43,19 @@ PARTIAL_FIELDS = tl.constexpr(N_PARTIAL)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
+# Inside the forward's loop a lane's sums are relative to 2^k, k = round(max·log2e) an integer,
+# not to its max: kept as the float k + 1.5·2^23, which one FFMA of max·log2e + 1.5·2^23 rounds
+# (the binade [2^23, 2^24) has unit spacing), the difference of two such floats' bit patterns is
+# the integer difference of their k, and a rescale by 2^(k_old − k_new) is an exact power of two
+# built with integer ops (``_pow2``), not an exp on the SFU: 0.5 of the forward's 4.5 MUFU per
+# (h, g) pair in bf16 (docs/PERFORMANCE.md). The loop's exps are 2^(x·log2e − k) ≤ √2. The
+# running max starts at MAX_FLOOR instead of −inf (so k is always in range) and k is capped at
+# 2^22 − 1: a row's logits are to stay within ±2^21 ≈ ±2.1e6 (docs/SPEC.md, Range).
+SHIFT_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: k = 0
+SHIFT_FLOOR = tl.constexpr(9557361.0)  # round(MAX_FLOOR·log2e) + SHIFT_MAGIC
+SHIFT_CEILING = tl.constexpr(16777215.0)  # 2^24 − 1: k = 2^22 − 1
+MAX_FLOOR = tl.constexpr(-2097152.0)  # −2^21
+
 
 @triton.jit
 def _exp2(x, FAST_MATH: tl.constexpr):
@@ -52,6 +65,20 @@ def _exp2(x, FAST_MATH: tl.constexpr):
         )
     else:
         return tl.exp2(x)
+
+
+@triton.jit
+def _pow2(d):
+    """2^d for an int32 tensor d ≤ 0, exactly, from the exponent bits; 0 below 2^-126 (the
+    flush-to-zero ``ex2`` gives 0 there too)."""
+    return ((tl.maximum(d, -127) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _shift_bits(shift):
+    """The bits of a magic-offset shift (see SHIFT_MAGIC): differences of these are the
+    differences of the integers k."""
+    return shift.to(tl.int32, bitcast=True)
 
 
 @triton.jit
