@@ -46,20 +46,28 @@ BACKWARD_LOOP_BUDGET = 12
 # Every test here reads one compile sweep, run in a subprocess off the interpreter (minutes).
 pytestmark = pytest.mark.slow
 
+# One case per (arch, dtype, V), compiled in a pool of processes: ptxas is single-threaded, and
+# the sweep is most of this module's time (CI has 2 cores).
 _COMPILE_ALL = r"""
-import json, sys
+import json, os, sys
+from concurrent.futures import ProcessPoolExecutor
 from benchmarks.kernel_report import report
 archs, dtypes, vocabs, softcap, wpo = (json.loads(a) for a in sys.argv[1:6])
-results = {}
-for arch in archs:
-    for dt in dtypes:
-        for v in vocabs:
-            try:
-                for row in report(arch, dt, 16384, v, softcap=softcap, wpo=wpo):
-                    results[f"{row['kernel']}-sm{arch}-{dt}-V{v}"] = row
-            except Exception as e:  # reported per case by the test
-                results[f"error-sm{arch}-{dt}-V{v}"] = f"{type(e).__name__}: {e}"[:3000]
-print(json.dumps(results))
+
+def case(arch, dt, v):
+    try:
+        rows = report(arch, dt, 16384, v, softcap=softcap, wpo=wpo)
+        return {f"{row['kernel']}-sm{arch}-{dt}-V{v}": row for row in rows}
+    except Exception as e:  # reported per case by the test
+        return {f"error-sm{arch}-{dt}-V{v}": f"{type(e).__name__}: {e}"[:3000]}
+
+if __name__ == "__main__":
+    cases = [(a, d, v) for a in archs for d in dtypes for v in vocabs]
+    results = {}
+    with ProcessPoolExecutor(max_workers=min(len(cases), os.cpu_count() or 1)) as pool:
+        for found in pool.map(case, *zip(*cases)):
+            results.update(found)
+    print(json.dumps(results))
 """
 
 
