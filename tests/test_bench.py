@@ -228,9 +228,10 @@ def test_kernel_time_model_terms():
 
 
 def test_kernel_time_model_gpus():
-    """The H200 and the sustained clock in the model: the bf16 forward's 4.5 MUFU per pair
-    (2 bytes per logit, both inputs) take 81% of the memory time on an H100 at boost and 116%
-    on an H200, whose bandwidth grows and SFU rate does not; a lower clock only scales SFU."""
+    """The H200 and the sustained clock in the model: a bf16 forward of 4.5 MUFU per pair (2 bytes
+    per logit, both inputs; the kernel before its exact rescale) takes 81% of the memory time on
+    an H100 at boost and 116% on an H200, whose bandwidth grows and SFU rate does not; a lower
+    clock only scales SFU."""
     import pytest
 
     from benchmarks.kernel_report import gpu_models, time_range
