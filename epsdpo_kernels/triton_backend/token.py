@@ -10,8 +10,8 @@ benchmarks/kernel_report.py`` shows the SASS count per element):
 
 - A block is a ``[LANES, VEC]`` tile: each thread owns ``VEC`` consecutive columns (one 16-byte
   load per tensor) of each of its lanes. The four streams keep a running (max, k, sum) *per
-  lane*; reducing over ``VEC`` stays inside a thread, so the steady-state loop has no shuffles, barriers
-  or shared memory. Lanes are combined once per row, after the loop.
+  lane*; reducing over ``VEC`` stays inside a thread, so the steady-state loop has no shuffles,
+  barriers or shared memory. Lanes are combined once per row, after the loop.
 - Full blocks run unmasked; one masked tail block follows.
 - A lane's sums are relative to 2^k, k = round(max·log2e) an integer (vocab_merge.SHIFT_MAGIC),
   not to its running max: a block that raises the max rescales them by 2^(k_old − k_new), an
