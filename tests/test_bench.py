@@ -29,6 +29,11 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
             "--quick",
             "--device",
             "cpu",
+            # The plumbing at two small shapes: the quick preset's own take a minute here.
+            "--shape",
+            "2,64,32,2000",
+            "--shape",
+            "2,128,32,4000",
             "--impl",
             "eager",
             "epsdpo-logits",
