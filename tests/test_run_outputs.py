@@ -261,3 +261,32 @@ def test_absurd_beta_writes_strict_json_and_stops(tmp_path):
     assert 3 <= len(rows) < 8  # stopped after three non-finite steps in a row
     assert all(r["grad_norm"] is None or r["loss"] is None for r in rows[-3:])
     assert "written as null in metrics.jsonl" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "launched, status, teardown",
+    [(True, 0, False), (True, 130, False), (True, 2, True), (False, 0, True)],
+)
+def test_a_launched_rank_that_ran_ends_without_the_interpreters_teardown(
+    launched, status, teardown
+):
+    """exit_process: a launched rank's status passes through, its printed lines are flushed,
+    and the interpreter's teardown (atexit, finalizers: where gloo's threads can abort) is
+    skipped, except after a usage error, whose ordinary exit lets rank 0 print first."""
+    code = (
+        "import atexit, sys\n"
+        "from train.launch import exit_process\n"
+        "atexit.register(lambda: print('teardown', file=sys.stderr))\n"
+        "print('done', end='')\n"
+        f"exit_process({status})\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    if launched:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == status
+    assert proc.stdout == "done"
+    assert ("teardown" in proc.stderr) == teardown

@@ -301,14 +301,15 @@ if trainer.accelerator.is_main_process:
     logs = [{k: e[k] for k in ("step", "loss", "kl/beta", "kl/avg_steps", "rewards/margins")}
             for e in step_logs(trainer)]
     (out / "logs.json").write_text(json.dumps({"logs": logs, "beta": trainer.adaptive_beta.beta}))
-# Neither the Trainer nor accelerate destroys the process group: left to the interpreter's exit,
-# gloo's teardown can abort a rank whose peer still holds the connection ("terminate called
-# without an active exception", SIGABRT, seen in CI on a busy 2-core machine). Every rank meets
-# at a barrier, then tears the group down while its peers are still alive.
+# Neither the Trainer nor accelerate destroys the process group: every rank meets at a barrier,
+# then tears it down while its peers are still alive, and ends as train/run_trl.py does, without
+# the interpreter's teardown (where gloo's threads aborted a rank once in CI: exit_process).
 import torch.distributed as dist
+from train.launch import exit_process
 if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
+exit_process(0)
 """
 
 

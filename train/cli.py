@@ -27,6 +27,10 @@ class Interrupted(Exception):
 _signal_received: int | None = None
 
 
+# The exit status of a user error (argparse's): one line on stderr, no traceback.
+USAGE_ERROR_STATUS = 2
+
+
 def _on_signal(signum, frame):
     global _signal_received
     _signal_received = signum
@@ -142,7 +146,7 @@ def run_main(main, argv=None) -> int:
         if is_rank_zero():
             message = " ".join(str(e).split())
             print(f"error: {message}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR_STATUS
     except (Interrupted, KeyboardInterrupt) as e:
         if is_rank_zero():
             message = str(e) if isinstance(e, Interrupted) else "interrupted before training began"

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
+
+from train.cli import USAGE_ERROR_STATUS
 
 # Set in every worker by the elastic agent: the script is one of the launched ranks.
 LAUNCHED = "TORCHELASTIC_RUN_ID"
@@ -18,6 +21,24 @@ LAUNCHED = "TORCHELASTIC_RUN_ID"
 
 def launched_worker() -> bool:
     return LAUNCHED in os.environ
+
+
+def exit_process(status: int) -> NoReturn:
+    """End a script with ``status``; a launched rank that ran ends without the interpreter's
+    teardown.
+
+    A rank's process groups live on in the objects that hold them (DDP's reducer, an FSDP
+    mesh) after ``destroy_process_group``, and are freed during the interpreter's finalization,
+    where gloo's worker threads can abort the process (SIGABRT, "terminate called without an
+    active exception") after a run that finished, as CI saw once in a two-rank TRL test.
+    By the time a script returns a status it has closed everything it writes. A usage error
+    ends before any group exists, with the ordinary exit: rank 0 prints its one line while
+    the other ranks tear down, before the agent stops it."""
+    if launched_worker() and status != USAGE_ERROR_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def launch_workers(nproc: int, script: str, args: list[str]) -> int:

@@ -56,7 +56,7 @@ from train.fsdp import (
     save_checkpoint,
     shard,
 )
-from train.launch import launch_workers, launched_worker
+from train.launch import exit_process, launch_workers, launched_worker
 from train.metrics import MetricSums, machine_note, peak_memory_note, plot_metrics, truncate_metrics
 from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
 from train.outputs import (
@@ -544,12 +544,4 @@ def _progress(rank, total, initial):
 
 
 if __name__ == "__main__":
-    status = run_main(main)
-    if interrupt_requested() and launched_worker():
-        # A rank stopped while a peer may be inside a collective: gloo's teardown at exit then
-        # aborts ("terminate called without an active exception"). Everything the run writes
-        # is closed by now, so the process ends without the interpreter's teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    exit_process(run_main(main))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +36,7 @@ from train.cli import (
 )
 from train.data import check_dataset_arg, read_pairs
 from train.flags import TrainFlags
+from train.launch import exit_process
 from train.metrics import machine_note, plot_metrics
 from train.models import check_model_arg, load_policy_and_reference, load_tokenizer
 from train.outputs import (
@@ -251,4 +251,4 @@ class MetricsRows(TrainerCallback):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))
