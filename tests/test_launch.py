@@ -64,6 +64,26 @@ def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
     assert not align_rows(vec, logits(4, 10, 50257)[:, 1:], logits(4, 9, 50257))  # base moved
 
 
+def test_bf16_blocks_are_read_as_words_only_from_16_byte_boundaries():
+    """The forward's 32-bit word loads of bf16 logits (token._load_block) go only where every
+    whole block starts on a 16-byte boundary: a 4-byte load from a 2-byte-aligned address
+    faults on a GPU, and the interpreter, which reads it, cannot show that."""
+    from epsdpo_kernels.triton_backend.token import word_loads
+
+    def logits(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    vec = 8
+    assert word_loads(vec, logits(4, 9, 128256), logits(4, 9, 128256))
+    assert word_loads(vec, logits(4, 9, 50257), logits(4, 9, 50257))  # ALIGN_ROWS aligns them
+    sliced = logits(4, 10, 50257)[:, :-1]
+    assert not word_loads(vec, sliced, logits(4, 9, 50257))  # rows differently misaligned
+    assert not word_loads(vec, logits(4, 9, 128257)[..., 1:], logits(4, 9, 128256))  # base + 2 B
+    assert word_loads(vec, logits(4, 9, 128264)[..., 8:], logits(4, 9, 128256))  # base + 16 B
+    assert not word_loads(4, logits(4, 9, 128256, dtype=torch.float32), logits(4, 9, 128256))
+    assert not word_loads(vec, *[logits(4, 9, 128256, dtype=torch.float16)] * 2)
+
+
 def test_only_the_interpreters_numpy_incompatibility_is_turned_into_a_skip():
     """conftest reports a test as skipped only for Triton's interpreter failing on NumPy ≥ 2.3
     (directly, as a cause, or in every member of an exception group), never for other errors."""
