@@ -188,8 +188,7 @@ def _load_block(block, LANES: tl.constexpr, VEC: tl.constexpr, WORDS: tl.constex
     ``WORDS`` (bf16 whose blocks start on 16-byte boundaries: word_loads) each 32-bit word of
     two logits gives both by integer ops, a shift for the lower and a mask for the upper
     (`.to(float32)` compiles the upper to two instructions: ~1 more per (h, g) pair, 29.75
-    against 28.5). Exact either way. The soft-capped forward, SFU-bound, keeps `.to`: ptxas
-    spills its word form."""
+    against 28.5). Exact either way."""
     if WORDS and block.dtype.element_ty == tl.bfloat16:
         words = tl.load(
             block.to(tl.pointer_type(tl.uint32))
@@ -305,8 +304,8 @@ def token_forward_kernel(
     # block (so the loads are 16-byte vectors); then one masked tail block.
     full_blocks = (col_end - first) // (LANES * VEC)
     for k in range(0, full_blocks):
-        h = _load_block(policy_block + k * (LANES * VEC), LANES, VEC, WORDS and SOFTCAP == 0.0)
-        g = _load_block(ref_block + k * (LANES * VEC), LANES, VEC, WORDS and SOFTCAP == 0.0)
+        h = _load_block(policy_block + k * (LANES * VEC), LANES, VEC, WORDS)
+        g = _load_block(ref_block + k * (LANES * VEC), LANES, VEC, WORDS)
         h = _model_logits(h, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         g = _model_logits(g, LOGIT_SCALE, SOFTCAP, FAST_MATH)
         state = _fold_block(h, g, h, state, epsilon, FAST_MATH, SUM_SQUARES)
@@ -646,23 +645,27 @@ def align_rows(vec: int, *tensors: torch.Tensor) -> bool:
     equally far from a boundary in each (16-byte-aligned bases, equal strides modulo VEC;
     size-1 dimensions do not count); tensors misaligned differently take the plain loop,
     correct without vector loads."""
-    if any(x.data_ptr() % 16 for x in tensors):
-        return False
-    if all(x.stride(d) % 16 == 0 for x in tensors for d in (0, 1)):
+    if any(x.data_ptr() % 16 for x in tensors) or _rows_on_boundaries(*tensors):
         return False
     residues = {tuple(x.stride(d) % vec if x.shape[d] > 1 else 0 for d in (0, 1)) for x in tensors}
     return len(residues) == 1
 
 
+def _rows_on_boundaries(*tensors: torch.Tensor) -> bool:
+    """Every row of these ``(N, T, V)`` tensors starts on a 16-byte boundary as laid out."""
+    return all(
+        x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and x.stride(1) % 16 == 0 for x in tensors
+    )
+
+
 def word_loads(vec: int, *tensors: torch.Tensor) -> bool:
     """Whether the forward reads the whole blocks of these bf16 tensors as 32-bit words
-    (``WORDS``, _load_block): only where every block starts on a 16-byte boundary, i.e. aligned
-    bases whose rows are multiples of 16 elements apart or aligned by ``ALIGN_ROWS``. A 4-byte
-    load from a 2-byte-aligned address faults on a GPU (the interpreter would read it)."""
-    if any(x.dtype != torch.bfloat16 or x.data_ptr() % 16 for x in tensors):
+    (``WORDS``, _load_block): only where every block starts on a 16-byte boundary, rows that
+    start on one or are aligned by ``ALIGN_ROWS``. A 4-byte load from a 2-byte-aligned address
+    faults on a GPU (the interpreter would read it)."""
+    if any(x.dtype != torch.bfloat16 for x in tensors):
         return False
-    aligned = all(x.stride(d) % 16 == 0 for x in tensors for d in (0, 1))
-    return aligned or align_rows(vec, *tensors)
+    return _rows_on_boundaries(*tensors) or align_rows(vec, *tensors)
 
 
 def _transform_constexprs(logit_scale: float, logit_softcap: float | None) -> dict:
@@ -740,7 +743,8 @@ def forward_launches(
             SPLIT=splits > 1 or partial_only,
             FAST_MATH=fast,
             ALIGN_ROWS=align_rows(vec, policy_logits, ref_logits),
-            WORDS=word_loads(vec, policy_logits, ref_logits),
+            # The soft-capped forward, SFU-bound, keeps `.to`: ptxas spills its word form.
+            WORDS=logit_softcap is None and word_loads(vec, policy_logits, ref_logits),
             **transform,
             **register_cap,
         ),
