@@ -13,6 +13,7 @@ with the reason and what to use instead; see ``refused_options``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -25,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import DPOConfig, DPOTrainer
 
 from .adaptive_beta import AdaptiveBeta
+from .engines import run_as_forward, whole_head, whole_parameters
 from .hugging_face import check_same_transform, logit_transform
 from .linear_loss import linear_epsilon_dpo_loss
 from .loss_types import (
@@ -40,6 +42,8 @@ BETA_STATE_FILE = "epsilon_dpo_beta.json"
 
 # A dataset with these columns is already tokenized pairs and is used as it is.
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# The output's fields with a gradient: the ones the loss returns through the engines' hooks.
+_DIFFERENTIABLE = ("loss", "losses", "chosen_logps", "rejected_logps")
 # Logged metrics that are one value per micro-batch (averaged over batches, not pairs).
 _PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta", "aux_loss")
 
@@ -215,47 +219,32 @@ class DataCollatorForPackedPreference:
         return batch
 
 
-@dataclass(frozen=True)
-class HeadInputs:
-    """What ``model(..., epsdpo_hidden=True)`` returns: the last hidden states and the lm_head's
-    own weight and bias.
-
-    A dataclass, not a tuple, because of what wraps a prepared model's forward under mixed
-    precision: accelerate casts every half-precision tensor in a returned tuple, list or dict to
-    fp32, which would hand the loss a V × H fp32 copy of a bf16 lm_head (and its gradient
-    through the cast). It leaves other objects alone, while DDP still finds the tensors (it
-    looks into dataclasses for the parameters a forward used)."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    aux_loss: torch.Tensor | None = None  # an MoE's load-balancing loss, when asked for
-
-
 def _hidden_state_forward(model: torch.nn.Module) -> None:
-    """Patch ``model.forward`` so that ``model(..., epsdpo_hidden=True)`` returns
-    ``HeadInputs`` (last hidden states, lm_head weight and bias) without forming the logits.
+    """Patch ``model.forward`` for the fused loss, which never forms the logits:
+    ``model(..., epsdpo_head=f)`` runs the backbone and returns ``f(hidden, lm_head)`` (a tuple
+    of tensors) with the MoE load-balancing loss (or None) after it.
+
+    ``f`` runs inside the model's forward, where every engine expects the model's parameters to
+    be used: FSDP's root unit is unsharded there, and FSDP and ZeRO-3 attach their
+    before-backward gathering to the forward's outputs. The policy's ``f`` runs the loss as the
+    lm_head's forward (``engines.run_as_forward``), so the head's own hooks gather it too; the
+    reference's keeps its hidden states and head aside and returns nothing, so no engine or
+    mixed-precision wrapper touches them on the way out.
 
     Going through ``model.forward`` (rather than calling the backbone directly) keeps DDP,
-    FSDP and PEFT wrappers in the path: they see a forward and prepare the backward as usual.
-    The backbone and the head are looked up on every call because FSDP and PEFT replace them
-    after patching. Any other call is the forward as it was (TRL's fused head, generation).
-    With ``output_router_logits=True`` (an MoE policy) the load-balancing loss of the same
-    forward comes back as ``aux_loss``, computed as the model's own forward computes it.
+    FSDP, DeepSpeed and PEFT wrappers in the path. The backbone and the head are looked up on
+    every call because FSDP and PEFT replace them after patching. Any other call is the forward
+    as it was (TRL's fused head, generation). With ``output_router_logits=True`` (an MoE
+    policy) the load-balancing loss is computed as the model's own forward computes it.
     """
     wrapped = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, epsdpo_hidden=False, **kwargs):
-        if not epsdpo_hidden:
+    def forward(self, *args, epsdpo_head=None, **kwargs):
+        if epsdpo_head is None:
             return wrapped(*args, **kwargs)
         kwargs["use_cache"] = False
         outputs = self.base_model(*args, **kwargs)
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head: gather it
-            weight = _gather_data_parallel(weight)
-            bias = _gather_data_parallel(bias) if bias is not None else None
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = router_aux_loss(self)(
@@ -264,9 +253,13 @@ def _hidden_state_forward(model: torch.nn.Module) -> None:
                 self.num_experts_per_tok,
                 kwargs.get("attention_mask"),
             )
-        return HeadInputs(outputs.last_hidden_state, weight, bias, aux_loss)
+        return (*epsdpo_head(outputs.last_hidden_state, self.get_output_embeddings()), aux_loss)
 
     model.forward = forward.__get__(model)
+
+
+def _bias(head: torch.nn.Module) -> torch.Tensor | None:
+    return getattr(head, "bias", None)
 
 
 def router_aux_loss(model):
@@ -314,33 +307,6 @@ def ld_token_weights(labels, sequence_ids, num_pairs, alpha: float) -> torch.Ten
     shared = torch.cat([shared, shared.new_zeros(1)])[keys]
     weights = torch.where(position <= shared, 1.0, float(alpha))
     return torch.where(scored, weights, 0.0).reshape(labels.shape)
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """The identity forward; the gradient times ``scale`` backward."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-def _gather_data_parallel(param):
-    """The whole of an FSDP2-sharded parameter (a DTensor sharded over data-parallel ranks),
-    differentiably. Each rank's gradient of it comes from that rank's own batch, so the
-    gradient is a partial one: ``grad_placements=Partial`` makes the backward reduce-scatter it
-    (without it, full_tensor() assumes a replicated gradient and only slices, so each shard
-    would miss the other ranks' contributions), and 1/ranks makes the sum a mean, as FSDP2's own
-    reduce-scatter of the parameters it gathers is (gloo has no averaging collective)."""
-    from torch.distributed.tensor import Partial
-
-    mesh = param.device_mesh
-    scaled = _ScaleGradient.apply(param, 1.0 / mesh.size())
-    return scaled.full_tensor(grad_placements=[Partial()] * mesh.ndim)
 
 
 class EpsilonDPOTrainer(DPOTrainer):
@@ -442,40 +408,54 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     # -- the loss ------------------------------------------------------------------------------
 
-    def _hidden(self, model, inputs, **extra):
-        """(hidden states scoring labels[:, 1:], lm_head weight, bias, the MoE load-balancing
-        loss when ``extra`` asks for router logits, else None) of ``model``, its
-        backbone run under the Trainer's autocast, as accelerate runs a prepared model's forward
-        (the reference's forward was wrapped before ``_hidden_state_forward`` replaced it: TRL
-        prepares it in ``__init__``, the policy only in ``train()``). The hidden states stay in
-        the dtype the backbone gave them and the weight in its own: the loss, called under the
-        same autocast, runs its matmuls in the autocast dtype as ``lm_head(hidden)`` would."""
-        kwargs = {
-            k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
-        }
-        with self.accelerator.autocast():
-            head = model(**kwargs, epsdpo_hidden=True, **extra)
-        # Prompt-learning PEFT prepends virtual tokens; hidden[:, t] scores labels[:, t + 1].
-        hidden = head.hidden[:, -inputs["input_ids"].shape[1] :][:, :-1]
-        return hidden, head.weight, head.bias, head.aux_loss
+    @staticmethod
+    def _model_inputs(inputs) -> dict:
+        names = ("input_ids", "attention_mask", "position_ids")
+        return {k: inputs[k] for k in names if k in inputs}
 
-    def _reference_hidden(self, inputs):
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self._hidden(self.ref_model, inputs)[:3]
+    @staticmethod
+    def _scoring(hidden, inputs):
+        """The hidden states that score ``labels[:, 1:]``: prompt-learning PEFT prepends virtual
+        tokens, and ``hidden[:, t]`` scores token ``t + 1``."""
+        return hidden[:, -inputs["input_ids"].shape[1] :][:, :-1]
+
+    def _reference(self, inputs):
+        """The reference's pass without gradient: its hidden states (scoring ``labels[:, 1:]``)
+        and a context that holds its lm_head's ``(weight, bias)`` whole, for the loss's forward
+        (under ZeRO-3 and FSDP the head stands in shards after the forward). ``ref_model``'s,
+        else the PEFT policy's with its adapter disabled, whose head parameters are the ones
+        that pass reads (a ``modules_to_save`` head has a trained copy beside them). The forward
+        runs under the Trainer's autocast, as accelerate runs a prepared model's (the
+        reference's forward was wrapped before ``_hidden_state_forward`` replaced it: TRL
+        prepares it in ``__init__``, the policy only in ``train()``)."""
+        model, adapter = self.ref_model, contextlib.ExitStack()
+        if model is None:
+            model = self.model
             unwrapped = self.accelerator.unwrap_model(self.model)
             if not is_peft_model(unwrapped):
                 raise ValueError("no reference: pass ref_model or train a PEFT adapter")
             from trl.trainer.utils import use_adapter
 
-            adapter = "ref" if "ref" in unwrapped.peft_config else None
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            adapter.enter_context(use_adapter(unwrapped, adapter_name=name))
             # The reference pass runs through the policy: checkpointing a forward without
             # gradients only costs (and warns under reentrant checkpointing); switch it off.
-            with (
-                use_adapter(unwrapped, adapter_name=adapter),
-                _no_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs),
-            ):
-                return self._hidden(self.model, inputs)[:3]
+            adapter.enter_context(
+                _no_checkpointing(unwrapped, self.args.gradient_checkpointing_kwargs)
+            )
+        kept = []
+
+        def keep(hidden, head):
+            if self.ref_model is not None:
+                params = functools.partial(whole_head, self.ref_model, head)
+            else:
+                params = functools.partial(whole_parameters, head.weight, _bias(head))
+            kept.append((self._scoring(hidden, inputs), params))
+            return ()
+
+        with torch.no_grad(), adapter, self.accelerator.autocast():
+            model(**self._model_inputs(inputs), epsdpo_head=keep)
+        return kept.pop()
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -494,41 +474,59 @@ class EpsilonDPOTrainer(DPOTrainer):
             weighting["token_weights"] = ld_token_weights(
                 labels, packing.get("sequence_ids"), packing.get("num_pairs"), self.args.ld_alpha
             )
+        precomputed = self.args.precompute_ref_log_probs
+        # ε = 0 when precomputed (checked with the config): the reference enters through its
+        # precomputed sums alone. The policy stands in for it in the fused call, which then
+        # costs one more lm_head pass without gradient, not a reference model's forward.
+        reference = None if precomputed else self._reference(inputs)
+        beta = self.adaptive_beta.beta
+        results = []
+
+        def head_loss(hidden, head):
+            """The loss, run as the policy's lm_head forward inside the policy's forward; its
+            differentiable outputs go back through the engines' hooks, the rest aside."""
+            policy_hidden = self._scoring(hidden, inputs)
+            ref_hidden, ref_params = reference or (
+                policy_hidden.detach(),
+                functools.partial(whole_parameters, head.weight, _bias(head)),
+            )
+            device = policy_hidden.device
+            # Under mixed precision (bf16=True/fp16=True) the loss casts its inputs to the
+            # autocast dtype once, as autocast casts an lm_head's: a half lm_head is used as it
+            # is (no copy), and the matmuls run in the autocast dtype whatever the models'
+            # storage dtypes.
+            with ref_params() as (ref_weight, ref_bias), self.accelerator.autocast():
+                out = linear_epsilon_dpo_loss(
+                    policy_hidden,
+                    head.weight,
+                    ref_hidden.to(device),
+                    ref_weight.to(device),
+                    labels.to(device),
+                    beta=beta,
+                    epsilon=self.args.epsilon,
+                    label_smoothing=self.args.label_smoothing,
+                    policy_bias=_bias(head),
+                    ref_bias=ref_bias,
+                    wpo_weights=self.args.use_weighting,
+                    **self._logit_transform,
+                    **{
+                        k: v.to(device) if torch.is_tensor(v) else v
+                        for k, v in {**packing, **weighting}.items()
+                    },
+                )
+            results.append(out)
+            return tuple(getattr(out, name) for name in _DIFFERENTIABLE)
+
+        def policy_loss(hidden, head):
+            return run_as_forward(head, lambda hidden: head_loss(hidden, head), hidden)
+
         # MoE: the router logits of the policy's forward only, as TRL (the reference is frozen).
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy_hidden, policy_weight, policy_bias, aux_loss = self._hidden(model, inputs, **router)
-        precomputed = self.args.precompute_ref_log_probs
-        if precomputed:
-            # ε = 0 (checked with the config): the reference enters through its precomputed
-            # sums alone. The policy stands in for it in the fused call, which then costs one
-            # more lm_head pass without gradient, not a reference model's forward.
-            ref_hidden, ref_weight = policy_hidden.detach(), policy_weight.detach()
-            ref_bias = policy_bias.detach() if policy_bias is not None else None
-        else:
-            ref_hidden, ref_weight, ref_bias = self._reference_hidden(inputs)
-        beta = self.adaptive_beta.beta
-        # Under mixed precision (bf16=True/fp16=True) the loss casts its inputs to the autocast
-        # dtype once, as autocast casts an lm_head's: a half lm_head is used as it is (no copy),
-        # and the matmuls run in the autocast dtype whatever the models' storage dtypes.
         with self.accelerator.autocast():
-            out = linear_epsilon_dpo_loss(
-                policy_hidden,
-                policy_weight,
-                ref_hidden.to(policy_hidden.device),
-                ref_weight.to(policy_hidden.device),
-                labels.to(policy_hidden.device),
-                beta=beta,
-                epsilon=self.args.epsilon,
-                label_smoothing=self.args.label_smoothing,
-                policy_bias=policy_bias,
-                ref_bias=ref_bias,
-                wpo_weights=self.args.use_weighting,
-                **self._logit_transform,
-                **{
-                    k: v.to(policy_hidden.device) if torch.is_tensor(v) else v
-                    for k, v in {**packing, **weighting}.items()
-                },
+            *differentiable, aux_loss = model(
+                **self._model_inputs(inputs), epsdpo_head=policy_loss, **router
             )
+        out = dataclasses.replace(results.pop(), **dict(zip(_DIFFERENTIABLE, differentiable)))
         if precomputed:
             out = with_reference_logps(
                 out,
@@ -660,11 +658,8 @@ class EpsilonDPOTrainer(DPOTrainer):
             loss = self.compute_loss(model, inputs)
             if prediction_loss_only:
                 return loss.detach(), None, None
-            kwargs = {
-                k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
-            }
             with self.accelerator.autocast():
-                logits = model(**kwargs, use_cache=False).logits
+                logits = model(**self._model_inputs(inputs), use_cache=False).logits
         return loss.detach(), logits, inputs["input_ids"]
 
     # -- β across optimizer steps and checkpoints ----------------------------------------------

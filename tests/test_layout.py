@@ -103,7 +103,7 @@ LAYERS = {
         "diagnostics",
         "reference",
     ],
-    "integrations": ["hugging_face", "trl"],
+    "integrations": ["hugging_face", "engines", "trl"],
     "package": [""],
 }
 

@@ -553,13 +553,16 @@ def test_default_config_when_args_is_omitted(tmp_path, monkeypatch):
 
 
 _FSDP_SCRIPT = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
+if os.environ.get("EPSDPO_TEST_FSDP_ON_CPU") == "1":
+    import tests.helpers.fsdp_on_cpu
 from tests.helpers.trl import make_trainer, step_logs
 out, fsdp = Path(sys.argv[1]), sys.argv[2] == "fsdp"
 options = {"fsdp_version": 2, "reshard_after_forward": True}
 extra = dict(fsdp=True, fsdp_config=options) if fsdp else {}
-trainer = make_trainer(out, max_steps=3, use_cpu=False, **extra)
+cpu = os.environ.get("EPSDPO_TEST_FSDP_ON_CPU") == "1"
+trainer = make_trainer(out, max_steps=3, use_cpu=cpu, **extra)
 assert trainer.is_fsdp_enabled == fsdp, trainer.accelerator.distributed_type
 trainer.train()
 (out / "logs.json").write_text(json.dumps([[e["loss"], e["kl/beta"]] for e in step_logs(trainer)]))
@@ -567,13 +570,16 @@ trainer.train()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on GPUs only")
-def test_cuda_fsdp2_matches_a_plain_run(tmp_path):
-    """Under FSDP2 (accelerate, one process) the lm_head reaches the loss as a DTensor and is
-    gathered with full_tensor(): the same losses and β as without FSDP."""
+def test_fsdp2_matches_a_plain_run(tmp_path):
+    """Under FSDP2 (accelerate, one process; on CPU through tests/helpers/fsdp_on_cpu.py) the
+    trainer gives the same losses and β as without FSDP. (Two ranks and every other engine:
+    tests/test_engines.py.)"""
     script = tmp_path / "fsdp_run.py"
     script.write_text(_FSDP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if not torch.cuda.is_available():
+        env.update(EPSDPO_TEST_FSDP_ON_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        env.pop("TRITON_INTERPRET", None)
     results = {}
     for mode in ("plain", "fsdp"):
         out = tmp_path / mode
@@ -789,13 +795,34 @@ def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     assert trainer.adaptive_beta.beta != pytest.approx(0.1, abs=1e-9)
 
 
+def _head_loss(policy, input_ids, labels):
+    """The trainer's path: the fused loss run as the lm_head's forward (``run_as_forward``)
+    inside the policy's forward (``epsdpo_head``); the reference is a stand-in."""
+    from epsdpo_kernels import linear_epsilon_dpo_loss
+    from epsdpo_kernels.engines import run_as_forward
+
+    def loss(hidden, head):
+        def forward(hidden):
+            weight = head.weight
+            assert not hasattr(weight, "full_tensor")  # unsharded by the head's own unit
+            out = linear_epsilon_dpo_loss(
+                hidden, weight, 0.9 * hidden.detach(), weight.detach(), labels, beta=0.5
+            )
+            return (out.loss,)
+
+        return run_as_forward(head, forward, hidden)
+
+    loss, aux_loss = policy(input_ids=input_ids, epsdpo_head=loss)
+    assert aux_loss is None
+    return loss
+
+
 def _sharded_head_worker(rank, world, store, results):
-    """The trainer's hidden-state forward on a model whose lm_head is its own FSDP2 unit, so the
-    forward reads it as a sharded DTensor; each rank trains on its own half of the pairs."""
+    """The trainer's hidden-state forward on a model whose lm_head is its own FSDP2 unit, read
+    as a sharded DTensor outside its forward; each rank trains on its own half of the pairs."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from epsdpo_kernels import linear_epsilon_dpo_loss
     from epsdpo_kernels.trl import _hidden_state_forward
 
     with gloo_group(rank, world, store):
@@ -807,12 +834,8 @@ def _sharded_head_worker(rank, world, store, results):
         fully_shard(policy, mesh=mesh)
         _hidden_state_forward(policy)
         rows = _rank_rows(rank, world, batch["labels"].shape[0] // 2)
-        head = policy(input_ids=batch["input_ids"][rows], epsdpo_hidden=True)
-        hidden, weight = head.hidden, head.weight
-        assert not hasattr(weight, "full_tensor")  # gathered to a plain tensor
-        linear_epsilon_dpo_loss(
-            hidden, weight, 0.9 * hidden.detach(), weight.detach(), batch["labels"][rows], beta=0.5
-        ).loss.backward()
+        _head_loss(policy, batch["input_ids"][rows], batch["labels"][rows]).backward()
+        assert hasattr(policy.lm_head.weight, "full_tensor")
         results[rank] = policy.lm_head.weight.grad.full_tensor().clone()
 
 
@@ -832,23 +855,18 @@ def _rank_rows(rank, world, pairs):
 
 
 def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
-    """Two gloo ranks, each on half the pairs, with the lm_head gathered from its FSDP2 shards
-    in the hidden-state forward: the lm_head gradient equals one process's on all the pairs (the
-    mean loss), on both ranks."""
+    """Two gloo ranks, each on half the pairs, with the lm_head an FSDP2 unit of its own that
+    the loss reaches through its forward: the lm_head gradient equals one process's on all the
+    pairs (the mean loss), on both ranks."""
     import torch.multiprocessing as mp
 
-    from epsdpo_kernels import linear_epsilon_dpo_loss
     from epsdpo_kernels.trl import _hidden_state_forward
 
     results = mp.Manager().dict()
     mp.spawn(_sharded_head_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
     policy, batch = _sharded_head_case()
     _hidden_state_forward(policy)
-    head = policy(input_ids=batch["input_ids"], epsdpo_hidden=True)
-    hidden, weight = head.hidden, head.weight
-    linear_epsilon_dpo_loss(
-        hidden, weight, 0.9 * hidden.detach(), weight.detach(), batch["labels"], beta=0.5
-    ).loss.backward()
+    _head_loss(policy, batch["input_ids"], batch["labels"]).backward()
     expected = policy.lm_head.weight.grad
     assert expected.abs().max() > 1e-4
     for rank in (0, 1):
