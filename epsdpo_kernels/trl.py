@@ -45,7 +45,7 @@ TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # The output's fields with a gradient: the ones the loss returns through the engines' hooks.
 _DIFFERENTIABLE = ("loss", "losses", "chosen_logps", "rejected_logps")
 # Logged metrics that are one value per micro-batch (averaged over batches, not pairs).
-_PER_BATCH = ("logits/chosen", "logits/rejected", "kl/beta", "aux_loss")
+_PER_BATCH = ("kl/beta", "aux_loss")
 
 
 @dataclass
@@ -371,7 +371,8 @@ class EpsilonDPOTrainer(DPOTrainer):
         self.adaptive_beta = AdaptiveBeta(args.beta, args.epsilon)
         # (loss type, weight) in TRL's order, as TRL sums them (a list: a type may repeat).
         self.weighted_loss_types = list(zip(args.loss_type, self.loss_weights, strict=True))
-        self._metric_sums = {"train": None, "eval": None}  # (names, summed values) per mode
+        # Per mode: (names, summed values, a row of logit sums and counts per micro-batch).
+        self._metric_sums = {"train": None, "eval": None}
         self._train_tokens = 0  # attention-mask tokens of the training batches, all processes
         self.add_callback(_BetaUpdate(self))
 
@@ -600,10 +601,13 @@ class EpsilonDPOTrainer(DPOTrainer):
     # -- metrics: per-pair sums kept on the device, reduced over processes when logged ---------
 
     def _accumulate(self, mode, out, tokens, aux_loss=None):
-        """Add one micro-batch to ``mode``'s sums, one float64 tensor on the device: per-pair
+        """Add one micro-batch to ``mode``'s sums, float64 tensors on the device: per-pair
         metrics summed over pairs, the per-batch values once (the MoE ``aux_loss`` too, as TRL
         logs it), the pair and batch counts, and the batch's tokens (attention mask), for TRL's
-        running ``num_tokens``."""
+        running ``num_tokens``; and, a row per micro-batch, the sums of the mean logit (over V)
+        of the chosen and the rejected scored tokens with their counts: TRL's ``logits/*`` is
+        each micro-batch's sum over every process divided by its count over every process,
+        averaged over micro-batches, which no running sum gives."""
         device = out.losses.device
 
         def fill(value):
@@ -612,8 +616,6 @@ class EpsilonDPOTrainer(DPOTrainer):
             return torch.full((), value, dtype=torch.float64, device=device)
 
         values = {k: v.detach().double().sum() for k, v in out.pair_metrics().items()}
-        values["logits/chosen"] = out.mean_chosen_logits.detach().double()
-        values["logits/rejected"] = out.mean_rejected_logits.detach().double()
         values["kl/beta"] = fill(out.beta)
         if aux_loss is not None:
             values["aux_loss"] = aux_loss.detach().double().to(device)
@@ -621,18 +623,32 @@ class EpsilonDPOTrainer(DPOTrainer):
         values["_batches"] = fill(1.0)
         values["_tokens"] = tokens.detach().double().reshape(()).to(device)
         row = torch.stack(list(values.values()))
+        counts = [out.chosen_tokens.detach().sum(), out.rejected_tokens.detach().sum()]
+        means = [out.mean_chosen_logits.detach(), out.mean_rejected_logits.detach()]
+        logits = torch.stack([means[0] * counts[0], counts[0], means[1] * counts[1], counts[1]])
         previous = self._metric_sums[mode]
-        self._metric_sums[mode] = (list(values), row if previous is None else previous[1] + row)
+        if previous is None:
+            self._metric_sums[mode] = (list(values), row, [logits.double()])
+        else:
+            previous[2].append(logits.double())
+            self._metric_sums[mode] = (list(values), previous[1] + row, previous[2])
 
     def _reduced_metrics(self, mode) -> dict[str, float]:
         if self._metric_sums[mode] is None:
             return {}
-        names, sums = self._metric_sums[mode]
+        names, sums, logit_rows = self._metric_sums[mode]
         self._metric_sums[mode] = None
-        totals = dict(zip(names, self.accelerator.reduce(sums, "sum").tolist()))
+        # One collective: every process has as many micro-batches (as TRL's per-batch gathers
+        # require too), so the rows line up.
+        reduced = self.accelerator.reduce(torch.cat([sums, *logit_rows]), "sum").tolist()
+        totals = dict(zip(names, reduced[: len(names)]))
         pairs, batches, tokens = totals.pop("_pairs"), totals.pop("_batches"), totals.pop("_tokens")
         metrics = {k: v / (batches if k in _PER_BATCH else pairs) for k, v in totals.items()}
         metrics.pop("loss", None)  # Trainer logs the optimised loss itself
+        rows = [reduced[i : i + 4] for i in range(len(names), len(reduced), 4)]
+        for name, column in (("logits/chosen", 0), ("logits/rejected", 2)):
+            ratios = [r[column] / r[column + 1] if r[column + 1] > 0 else 0.0 for r in rows]
+            metrics[name] = sum(ratios) / len(ratios)
         # As TRL: the training tokens seen so far, all processes (logged with eval metrics too).
         if mode == "train":
             self._train_tokens += int(tokens)
@@ -672,11 +688,22 @@ class EpsilonDPOTrainer(DPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        # Every process saves (the engines' shards), so every process takes part in the sum of
+        # the training tokens not yet logged; a resumed run's num_tokens goes on from the total.
+        tokens = self._train_tokens + self._unlogged_train_tokens()
         if self.args.should_save:
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             path = self._beta_state_path(os.path.join(self._get_output_dir(trial=trial), folder))
             with open(path, "w") as f:
-                json.dump(self.adaptive_beta.state_dict(), f)
+                json.dump({**self.adaptive_beta.state_dict(), "num_tokens": tokens}, f)
+
+    def _unlogged_train_tokens(self) -> int:
+        """The training tokens of every process since the last log (a collective)."""
+        sums = self._metric_sums["train"]
+        local = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        if sums is not None:
+            local = sums[1][sums[0].index("_tokens")]
+        return int(self.accelerator.reduce(local, "sum"))
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -694,11 +721,14 @@ class EpsilonDPOTrainer(DPOTrainer):
                     "run's β cannot be restored (was the checkpoint written by EpsilonDPOTrainer?)"
                 )
             with open(path) as f:
-                try:
-                    self.adaptive_beta.load_state_dict(json.load(f))
-                except ValueError as e:
-                    raise ValueError(f"resume_from_checkpoint={checkpoint}: {e}") from None
+                state = json.load(f)
+            try:
+                self.adaptive_beta.load_state_dict(state)
+            except ValueError as e:
+                raise ValueError(f"resume_from_checkpoint={checkpoint}: {e}") from None
             self.beta = self.adaptive_beta.beta
+            # Checkpoints written before num_tokens was saved count from 0 again, as TRL does.
+            self._train_tokens = int(state.get("num_tokens", 0))
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 
 
