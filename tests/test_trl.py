@@ -746,6 +746,24 @@ def test_epsilon_zero_equals_trl_dpo_trainer_loss_and_gradients(tmp_path, softca
 
 
 @pytest.mark.slow
+def test_a_peft_adapter_on_the_lm_head_is_refused(tmp_path):
+    """The fused loss reads the head's weight, never its output: a LoRA on the lm_head would be
+    left out of the loss and never trained, silently. TRL 1.16 refuses it for its own fused
+    head, before the trainer is built."""
+    peft = pytest.importorskip("peft")
+
+    policy, _ = tiny_models(tied=False)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    with pytest.raises(ValueError, match="PEFT adapter to `lm_head` is not supported"):
+        EpsilonDPOTrainer(
+            policy,
+            args=config(tmp_path),
+            train_dataset=pairs(4),
+            processing_class=byte_tokenizer(),
+            peft_config=lora,
+        )
+
+
 def test_peft_reference_is_the_policy_with_its_adapter_disabled(tmp_path):
     """No ref_model and a LoRA adapter: the reference is the policy with the adapter disabled
     (TRL's convention); one batch equals epsilon_dpo_loss on logits computed that way, only the

@@ -2,8 +2,9 @@
 the other, under the engine the launcher set up (DDP, DeepSpeed, FSDP1/FSDP2 through accelerate).
 
 ``python -m tests.helpers.engine_run OUT MODEL ENGINE``, started on every rank by torchrun or
-``accelerate launch``. In order, each from the model saved at MODEL, on 16 embedded pairs, 2
-pairs per rank and step, fp32, SGD:
+``accelerate launch``. In order, each from the model saved at MODEL (with ENGINE ``*-peft``, a
+LoRA adapter on it and no reference model), on 16 embedded pairs, 2 pairs per rank and step,
+fp32, SGD:
 
 - ``dpo``: TRL's ``DPOTrainer``, 4 steps;
 - ``eps0``: ``EpsilonDPOTrainer`` at ε = 0, 4 steps;
@@ -75,11 +76,20 @@ def momentum(engine: str) -> bool:
     return not engine.startswith("fsdp1")
 
 
-def models(model_dir: str):
-    # from_pretrained, so that zero3_init_flag partitions them as they load, as for users.
-    return tuple(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32) for _ in range(2)
-    )
+def models(model_dir: str, engine: str):
+    """The policy and the reference (None with PEFT: the policy with its adapter disabled), and
+    the PEFT config for the trainer, or None. From ``from_pretrained``, so that
+    ``zero3_init_flag`` partitions them as they load, as for users."""
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    if engine.endswith("-peft"):
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0)
+        return load(), None, lora
+    return load(), load(), None
 
 
 def sharded_numel(model) -> int:
@@ -125,7 +135,7 @@ def main(out: Path, model_dir: str, engine: str) -> None:
 
     def run(name, trainer, resume=None):
         seen = []
-        watch_loss(trainer.model, trainer.ref_model, seen)
+        watch_loss(trainer.model, trainer.ref_model or trainer.model, seen)
         trainer.train(resume_from_checkpoint=resume)
         runs[name] = dict(
             logs=[e for e in trainer.state.log_history if "loss" in e],
@@ -137,9 +147,9 @@ def main(out: Path, model_dir: str, engine: str) -> None:
         )
 
     with_momentum = momentum(engine)
-    policy, reference = models(model_dir)
+    policy, reference, peft = models(model_dir, engine)
     args = DPOConfig(**options(out / "dpo", engine, with_momentum))
-    run("dpo", DPOTrainer(policy, reference, args=args, **_data(train)))
+    run("dpo", DPOTrainer(policy, reference, args=args, peft_config=peft, **_data(train)))
     plan = [
         ("eps0", 0.0, with_momentum, {}, None),
         ("eps", EPSILON, with_momentum, dict(save_strategy="steps", save_steps=2), None),
@@ -149,9 +159,13 @@ def main(out: Path, model_dir: str, engine: str) -> None:
         plan.append(("eps-no-momentum", EPSILON, False, {}, None))
     for name, epsilon, with_momentum, extra, resume in plan:
         args = {**options(out / name, engine, with_momentum), **extra, "epsilon": epsilon}
-        policy, reference = models(model_dir)
+        policy, reference, peft = models(model_dir, engine)
         config = EpsilonDPOConfig(**args)
-        run(name, EpsilonDPOTrainer(policy, reference, args=config, **_data(train)), resume)
+        run(
+            name,
+            EpsilonDPOTrainer(policy, reference, config, peft_config=peft, **_data(train)),
+            resume,
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "results.json").write_text(json.dumps(runs))
 

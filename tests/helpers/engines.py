@@ -86,6 +86,12 @@ ENGINES = {
             "zero3_save_16bit_model": True,
         },
     ),
+    # TRL's QLoRA-style recipe without the quantisation: a LoRA adapter under ZeRO-3, the
+    # reference the policy with its adapter disabled.
+    "zero3-peft": dict(
+        distributed_type="DEEPSPEED",
+        deepspeed_config={**_ZERO, "zero_stage": 3, "zero3_init_flag": True},
+    ),
     "zero3-offload": dict(
         distributed_type="DEEPSPEED",
         deepspeed_config={
