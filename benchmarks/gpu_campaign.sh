@@ -213,8 +213,9 @@ phase_train_small() {
     cp /tmp/campaign/default/metrics.jsonl "$OUT_DIR/train_default_metrics.jsonl"
     $PY benchmarks/bench_packing.py --json "$OUT_DIR/packing.json" 2>&1 \
         | tee "$OUT_DIR/packing.log"
-    # EpsilonDPOTrainer on CUDA (bf16 autocast) against DPOTrainer's memory, printed.
-    $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k cuda 2>&1 \
+    # EpsilonDPOTrainer on CUDA (bf16 autocast) against DPOTrainer's memory, printed; and
+    # under FSDP2 through accelerate against a plain run.
+    $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k "cuda or fsdp2_matches" 2>&1 \
         | tee "$OUT_DIR/trl_cuda.log"
 }
 
