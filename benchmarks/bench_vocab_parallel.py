@@ -4,8 +4,9 @@ Each configuration runs in fresh processes (gloo ranks on this machine's CPU, or
 process): ``linear_epsilon_dpo_loss`` forward and backward on S scored tokens with the lm_head
 weight a DTensor sharded over the vocabulary (``Shard(0)``), hidden states replicated. Measured
 per rank: the peak resident memory added by the loss call (Linux VmHWM after a reset, malloc
-returning freed blocks at once) and the payload handed to ``all_reduce`` (every call counted, by
-wrapping it). The wire bytes of a ring all-reduce are 2·(n−1)/n times the payload per rank.
+returning freed blocks at once) and the payloads handed to ``all_reduce`` and ``all_gather``
+(every call counted, by wrapping them). The wire bytes of a ring all-reduce are 2·(n−1)/n times
+its payload per rank; an all-gather brings each rank n − 1 times its payload.
 The scaling model these numbers check is in benchmarks/RESULTS.md.
 
     python benchmarks/bench_vocab_parallel.py [--vocab 128256 256000] [--ranks 1 2 4]
@@ -58,16 +59,21 @@ def _worker(cfg: dict) -> dict:
     weight.requires_grad_()
     hidden_states.requires_grad_()
 
-    payload = [0, 0]  # bytes, calls
+    payload = [0, 0, 0]  # all-reduce bytes, calls; all-gather bytes (each rank's own part)
     if distributed:
-        original = dist.all_reduce
+        all_reduce, all_gather = dist.all_reduce, dist.all_gather
 
         def counting_all_reduce(tensor, *args, **kwargs):
             payload[0] += tensor.numel() * tensor.element_size()
             payload[1] += 1
-            return original(tensor, *args, **kwargs)
+            return all_reduce(tensor, *args, **kwargs)
 
-        dist.all_reduce = counting_all_reduce
+        def counting_all_gather(tensors, tensor, *args, **kwargs):
+            payload[2] += tensor.numel() * tensor.element_size()
+            payload[1] += 1
+            return all_gather(tensors, tensor, *args, **kwargs)
+
+        dist.all_reduce, dist.all_gather = counting_all_reduce, counting_all_gather
         dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak restarts here: the inputs and the weight shard do not count
@@ -81,7 +87,8 @@ def _worker(cfg: dict) -> dict:
         loss=float(out.loss),
         peak_extra_bytes=peak,
         all_reduce_payload_bytes=payload[0],
-        all_reduce_calls=payload[1],
+        all_gather_payload_bytes=payload[2],
+        collective_calls=payload[1],
         scored_tokens=int((labels != -100).sum()),
         local_vocab=int(weight.to_local().shape[0]) if distributed else vocab,
     )
@@ -145,7 +152,7 @@ def main(argv=None) -> int:
     rows = []
     print(
         f"{'V':>7} {'ranks':>5} {'peak MiB/rank':>13} {'all-reduce KiB/rank':>19} "
-        f"{'B/token':>8} {'calls':>5} {'logits gather B/token':>21}"
+        f"{'B/token':>8} {'all-gather B/token':>18} {'calls':>5} {'logits gather B/token':>21}"
     )
     for vocab in args.vocab:
         for ranks in args.ranks:
@@ -153,6 +160,7 @@ def main(argv=None) -> int:
             results = _run(cfg)
             peak = max(r["peak_extra_bytes"] for r in results)
             payload = max(r["all_reduce_payload_bytes"] for r in results)
+            gathered = max(r["all_gather_payload_bytes"] for r in results)
             tokens = results[0]["scored_tokens"]
             losses = {round(r["loss"], 6) for r in results}
             # What gathering each token's fp32 logits row from the other ranks would move.
@@ -162,14 +170,16 @@ def main(argv=None) -> int:
                 peak_extra_bytes_per_rank=peak,
                 all_reduce_payload_bytes_per_rank=payload,
                 payload_bytes_per_token=payload / tokens,
-                all_reduce_calls=results[0]["all_reduce_calls"],
+                all_gather_payload_bytes_per_rank=gathered,
+                collective_calls=results[0]["collective_calls"],
                 logits_gather_bytes_per_token=gather,
                 losses=sorted(losses),
             )
             rows.append(row)
             print(
                 f"{vocab:>7} {ranks:>5} {peak / 2**20:>13.1f} {payload / 2**10:>19.1f} "
-                f"{payload / tokens:>8.0f} {row['all_reduce_calls']:>5} {gather:>21.0f}"
+                f"{payload / tokens:>8.0f} {gathered / tokens:>18.0f} "
+                f"{row['collective_calls']:>5} {gather:>21.0f}"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -302,9 +302,10 @@ def test_packing_benchmark_runs_both_layouts_and_they_agree(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_vocab_parallel_benchmark_counts_the_modelled_bytes(tmp_path):
-    """Two gloo ranks and one process at a small size: the same loss, and the payload each rank
-    hands to all_reduce is exactly the scaling model's (RESULTS.md): 12 fp32 per token in the
-    forward, H fp32 per token for the hidden-state gradient, and the one agreement check."""
+    """Two gloo ranks and one process at a small size: the same loss, and the payloads each rank
+    hands to the collectives are exactly the scaling model's (RESULTS.md): to all_reduce, 4 fp32
+    per token in the forward, H fp32 per token for the hidden-state gradient, and the one
+    agreement check; to all_gather, the 8 sums per token."""
     out = tmp_path / "vp.json"
     proc = subprocess.run(
         [
@@ -327,5 +328,6 @@ def test_vocab_parallel_benchmark_counts_the_modelled_bytes(tmp_path):
     # smoothing, averaging, the logit scale and cap, wpo_weights)
     check = 2 * 8 * 9
     # 4 maxima; 4 rescaled sums, the label's 2 lm_head outputs, Σ logits, Σ exp(2h) (WPO)
-    forward = 12 * 4 * tokens
-    assert double["all_reduce_payload_bytes_per_rank"] == forward + 4 * hidden * tokens + check
+    maxima, sums = 4 * 4 * tokens, 8 * 4 * tokens
+    assert double["all_reduce_payload_bytes_per_rank"] == maxima + 4 * hidden * tokens + check
+    assert double["all_gather_payload_bytes_per_rank"] == sums

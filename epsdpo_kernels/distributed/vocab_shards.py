@@ -2,14 +2,14 @@
 lm_head (a DTensor ``Shard(0)``, what ``ColwiseParallel`` on the lm_head gives) and the same,
 replicated hidden states.
 
-Forward, per token: each rank computes its shard's logits and, for each of the four
-distributions of docs/SPEC.md (policy h, reference g, the two mixes h ± ε(h − g)), the partial
-log-sum-exp as (max, Σ exp(x − max)), the lm_head outputs at the label when the label falls in
-its shard, Σ_v h and (for WPO's weights) the policy's Σ exp(2(h − max)) (layout.py,
-``SHARD_*``). The partials merge exactly: one MAX all-reduce of the 4 maxes, then one SUM
-all-reduce of the 8 sums, the Σexp rescaled to the merged maxes first: 12 floats per token,
-never a logit. The merged values give the token fields of layout.py, after which everything
-(sequence sums, pair head) is the single-process path.
+Forward, per token: each rank computes its shard's logits and, for each of the four distributions of
+docs/SPEC.md (policy h, reference g, the two mixes h ± ε(h − g)), the partial log-sum-exp as (max, Σ
+exp(x − max)), the lm_head outputs at the label when the label falls in its shard, Σ_v h and (for
+WPO's weights) the policy's Σ exp(2(h − max)) (layout.py, ``SHARD_*``). The partials merge exactly:
+one MAX all-reduce of the 4 maxes, then the 8 sums, the Σexp rescaled to the merged maxes first,
+gathered and added in rank order (``merge_partials``): 12 floats per token, never a logit. The
+merged values give the token fields of layout.py, after which everything (sequence sums, pair head)
+is the single-process path.
 
 Backward: the per-token gradient ``c·(onehot − softmax)`` of a shard needs only the shard's
 logits and the merged lse, so each rank runs the usual vocabulary-slice backward on its own rows
@@ -193,8 +193,15 @@ def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) ->
 def merge_partials(maxes: torch.Tensor, sums: torch.Tensor, shard: VocabShard) -> None:
     """This rank's per-token partials (layout.py, ``SHARD_*``) → every shard's, in place: a
     MAX all-reduce of the 4 maxes, then each rank rescales its 4 Σexp (and Σ exp(2h), by the
-    square) to the merged max and a SUM all-reduce adds them with the label outputs (0 where
-    not owned) and Σh."""
+    square) to the merged max, and the ranks' sums are added with the label outputs (0 where
+    not owned) and Σh.
+
+    The addition is an all-gather and a sum in rank order, the same on every rank, not a SUM
+    all-reduce: that adds each element in an order that depends on where it lies in the buffer
+    (a ring reduces each chunk starting from another rank), so from three ranks on the four
+    streams' Σexp of equal logits (policy == reference) could round apart, and u − a would not
+    be exactly 0 (docs/SPEC.md). Each rank receives the other W − 1 ranks' 8 floats per token
+    instead of about twice its own: small beside the hidden-state gradient's H."""
     import torch.distributed as dist
 
     local = maxes.clone()
@@ -203,7 +210,11 @@ def merge_partials(maxes: torch.Tensor, sums: torch.Tensor, shard: VocabShard) -
     rescale = torch.where(torch.isfinite(local), (local - safe).exp(), 0.0)
     sums[L.SHARD_EXP_SUMS : L.SHARD_EXP_SUMS + 4] *= rescale
     sums[L.SHARD_SQUARES] *= rescale[0] * rescale[0]  # the policy's Σ exp(2(h − m)), or 0
-    dist.all_reduce(sums, group=shard.group)
+    parts = [torch.empty_like(sums) for _ in range(dist.get_world_size(shard.group))]
+    dist.all_gather(parts, sums, group=shard.group)
+    sums.copy_(parts[0])
+    for part in parts[1:]:
+        sums += part
 
 
 def complete_hidden_gradient(grad_hidden: torch.Tensor, shard: VocabShard | None) -> None:
