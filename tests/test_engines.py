@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.engines import ENGINES, launch, save_tiny_model
+from tests.helpers.engines import ENGINES, HEAD_COLUMNS, HEAD_ROWS, launch, save_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +104,9 @@ def test_engine_is_the_one_asked_for(engine_results, engine):
     for name, run in results.items():
         assert run["distributed_type"] == f"DistributedType.{expected[0]}", name
         assert run["wrapped"] == expected[1], name
-        if engine.startswith("zero3"):  # a partition of half the 2000 × 64 head on each rank
-            assert run["lm_head"] == "zero3 (64000,) of (2000, 64)", name
+        if engine.startswith("zero3"):  # a partition of half the head on each rank
+            head = (HEAD_ROWS, HEAD_COLUMNS)
+            assert run["lm_head"] == f"zero3 ({HEAD_ROWS * HEAD_COLUMNS // 2},) of {head}", name
         if engine == "fsdp2":
             assert run["lm_head"] == "dtensor (Shard(dim=0),)", name
 
@@ -149,7 +150,7 @@ def test_zero3_loss_gathers_the_lm_heads_and_nothing_else(engine_results, engine
     whole and nothing else; the policy holds its lm_head, and at the first call, before
     DeepSpeed's prefetching has a trace to follow, nothing else either (later it prefetches
     what the backward needs next, as in any ZeRO-3 forward)."""
-    head = 2000 * 64
+    head = HEAD_ROWS * HEAD_COLUMNS
     for name in ("eps0", "eps"):
         gathered = engine_results(engine)[name]["gathered"]
         assert len(gathered) == 4, name

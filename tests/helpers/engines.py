@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from transformers import LlamaConfig, LlamaForCausalLM
-
 ROOT = Path(__file__).resolve().parents[2]
+# The tiny model's lm_head (save_tiny_model).
+HEAD_ROWS, HEAD_COLUMNS = 4000, 32
 # Run as a module: as a script, its own folder would come first on sys.path, where this
 # package's trl.py would stand for TRL.
 MODULE = "tests.helpers.engine_run"
@@ -134,27 +134,16 @@ ENGINES = {
 
 
 def save_tiny_model(path: Path) -> Path:
-    """A tiny random Llama with an untied lm_head of 2000 × 64 = 128000 elements: above ZeRO-3's
-    parameter persistence thresholds (DeepSpeed's default 1e5, which the policy gets; 10 ×
-    hidden = 640, which TRL gives the reference), so ZeRO-3 partitions both heads between
-    forwards (below it, a head would stay whole on every rank and hide the engine)."""
-    config = LlamaConfig(
-        vocab_size=2000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-    )
-    import torch
+    """The tiny Llama of tests/helpers/trl.py with an untied lm_head of 4000 × 32 = 128000
+    elements: above ZeRO-3's parameter persistence thresholds (DeepSpeed's default 1e5, which
+    the policy gets; 10 × hidden = 320, which TRL gives the reference), so ZeRO-3 partitions
+    both heads between forwards (below it, a head would stay whole on every rank and hide the
+    engine)."""
+    from tests.helpers.trl import tiny_models
 
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    policy, _ = tiny_models(vocab=HEAD_ROWS, tied=False)
+    assert tuple(policy.lm_head.weight.shape) == (HEAD_ROWS, HEAD_COLUMNS)
+    policy.save_pretrained(path)
     return path
 
 
