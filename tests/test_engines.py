@@ -5,8 +5,9 @@ with TRL's configs for DeepSpeed ZeRO-2/ZeRO-3 and FSDP1/FSDP2) and trains, in o
 rank, TRL's DPOTrainer, EpsilonDPOTrainer at ε = 0, at ε > 0 with checkpoints, and at ε > 0
 resumed from the step-2 checkpoint (tests/helpers/engine_run.py). The tests then hold:
 
-- ε = 0 logs every metric DPOTrainer logs (but the two it cannot compute), equal;
-- ε > 0 logs what DDP logs, at every step, and ends with DDP's β;
+- ε = 0 logs every metric DPOTrainer logs (but the two it cannot compute), equal, in training
+  and in the evaluation after it;
+- ε > 0 logs what DDP logs, at every step and in the evaluation, and ends with DDP's β;
 - the resumed run logs what the uninterrupted run logs from step 3 on, bit for bit;
 - the engine is the one asked for (accelerate falls back to DDP silently), and under ZeRO-3
   the loss finds the lm_heads gathered and nothing else of the models it need not have.
@@ -61,6 +62,8 @@ SUMMED_MAGNITUDE = {
 }
 # TRL's per-token metrics the fused loss does not compute (docs/TRL.md).
 NOT_LOGGED = {"entropy", "mean_token_accuracy"}
+# Wall-clock values of an evaluation.
+TIMINGS = {"runtime", "samples_per_second", "steps_per_second"}
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +79,29 @@ def engine_results(tmp_path_factory):
     return results
 
 
+def assert_equal_values(want: dict, have: dict, keys, at: str) -> None:
+    for key in keys:
+        name = key.removeprefix("eval_")
+        if name in EXACT:
+            assert have[key] == want[key], f"{at}, {key}"
+        else:
+            bound = 1e-6 * SUMMED_MAGNITUDE[name]
+            assert have[key] == pytest.approx(want[key], rel=0, abs=bound), f"{at}, {key}"
+
+
 def assert_logs_equal(expected: list[dict], got: list[dict], keys, where: str) -> None:
     assert [e["step"] for e in got] == [e["step"] for e in expected], where
     for want, have in zip(expected, got):
-        for key in keys:
-            at = f"{where}, step {want['step']}, {key}"
-            if key in EXACT:
-                assert have[key] == want[key], at
-            else:
-                bound = 1e-6 * SUMMED_MAGNITUDE[key]
-                assert have[key] == pytest.approx(want[key], rel=0, abs=bound), at
+        assert_equal_values(want, have, keys, f"{where}, step {want['step']}")
+
+
+def evaluation_keys(evaluation: dict) -> list[str]:
+    """An evaluation's metrics, but the wall-clock ones and those the fused loss lacks."""
+    return sorted(
+        key
+        for key in evaluation
+        if key.removeprefix("eval_") not in NOT_LOGGED | TIMINGS and key != "epoch"
+    )
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
@@ -119,6 +135,12 @@ def test_at_epsilon_zero_every_metric_equals_dpo_trainers(engine_results, engine
     trl_keys = set(dpo[0]) - NOT_LOGGED
     assert trl_keys <= set(ours[0]), trl_keys - set(ours[0])
     assert_logs_equal(dpo, ours, sorted(trl_keys), f"{engine}: DPOTrainer against ε = 0")
+    trl_evaluation = results["dpo"]["evaluation"]
+    keys = evaluation_keys(trl_evaluation)
+    assert "eval_rewards/margins" in keys and set(keys) <= set(results["eps0"]["evaluation"])
+    assert_equal_values(
+        trl_evaluation, results["eps0"]["evaluation"], keys, f"{engine}: evaluation at ε = 0"
+    )
 
 
 @pytest.mark.parametrize("engine", SHARDED)
@@ -132,6 +154,10 @@ def test_above_epsilon_zero_every_metric_equals_ddps(engine_results, engine):
     keys = sorted(set(expected["logs"][0]) - {"train_runtime"})
     assert_logs_equal(expected["logs"], got["logs"], keys, f"{engine} against DDP at ε > 0")
     assert got["beta"] == expected["beta"] != BETA
+    keys = evaluation_keys(expected["evaluation"])
+    assert_equal_values(
+        expected["evaluation"], got["evaluation"], keys, f"{engine}: evaluation at ε > 0"
+    )
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
@@ -142,6 +168,10 @@ def test_resumed_run_logs_what_the_uninterrupted_run_logs(engine_results, engine
     assert [e["step"] for e in resumed["logs"]] == [1, 2, 3, 4]
     assert resumed["logs"] == straight["logs"]
     assert resumed["beta"] == straight["beta"]
+    keys = evaluation_keys(straight["evaluation"])
+    assert {k: resumed["evaluation"][k] for k in keys} == {
+        k: straight["evaluation"][k] for k in keys
+    }
 
 
 @pytest.mark.parametrize("engine", ["zero3", "zero3-offload"])
@@ -153,6 +183,6 @@ def test_zero3_loss_gathers_the_lm_heads_and_nothing_else(engine_results, engine
     head = HEAD_ROWS * HEAD_COLUMNS
     for name in ("eps0", "eps"):
         gathered = engine_results(engine)[name]["gathered"]
-        assert len(gathered) == 4, name
+        assert len(gathered) == 5, name  # 4 steps, 1 evaluation batch
         assert gathered[0] == [head, head], name
         assert all(policy >= head and reference == head for policy, reference in gathered), name

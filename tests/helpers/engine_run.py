@@ -10,11 +10,14 @@ fp32, SGD:
 - ``eps0``: ``EpsilonDPOTrainer`` at ε = 0, 4 steps;
 - ``eps``: ``EpsilonDPOTrainer`` at ε > 0, 4 steps, with checkpoints at steps 2 and 4;
 - ``resumed``: the same, resumed from ``eps``'s step-2 checkpoint;
-- under DDP, ``eps-no-momentum``: ``eps`` with SGD without momentum (``momentum``).
+- under DDP, ``eps-no-momentum``: ``eps`` with SGD without momentum (``momentum``);
+
+each then evaluated on 8 more pairs (4 per rank).
 
 Rank 0 alone writes OUT/results.json (the ranks never share a stdout): each run's logged steps,
-its final β, the engine's wrapper, and what the engine did to the lm_head (how it was sharded,
-and at each fused loss call how much of the models' sharded parameters was held whole).
+its evaluation's metrics, its final β, the engine's wrapper, and what the engine did to the
+lm_head (how it was sharded, and at each fused loss call how much of the models' sharded
+parameters was held whole).
 """
 
 from __future__ import annotations
@@ -142,9 +145,11 @@ def main(out: Path, model_dir: str, engine: str) -> None:
             beta=getattr(getattr(trainer, "adaptive_beta", None), "beta", None),
             distributed_type=str(trainer.accelerator.distributed_type),
             wrapped=type(trainer.model_wrapped).__name__,
+            # As training left it (an evaluation's forward leaves FSDP2's root unsharded).
             lm_head=head_sharding(trainer),
             gathered=seen,
         )
+        runs[name]["evaluation"] = trainer.evaluate()
 
     with_momentum = momentum(engine)
     policy, reference, peft = models(model_dir, engine)
@@ -171,7 +176,9 @@ def main(out: Path, model_dir: str, engine: str) -> None:
 
 
 def _data(train) -> dict:
-    return dict(train_dataset=train, processing_class=byte_tokenizer())
+    return dict(
+        train_dataset=train, eval_dataset=pairs(8, offset=16), processing_class=byte_tokenizer()
+    )
 
 
 if __name__ == "__main__":
