@@ -112,23 +112,9 @@ def refused_options(args: DPOConfig) -> list[str]:
             "length-desensitised (weighted) sums only, and TRL's SFT term is the unweighted "
             "NLL; use one of them"
         )
-    parallelism = getattr(args, "parallelism_config", None)
-    split = {
-        name: size
-        for name in ("tp_size", "cp_size", "sp_size")
-        if (size := getattr(parallelism, name, 1) or 1) > 1
-    }
-    if split:
-        sizes = ", ".join(f"{name}={size}" for name, size in split.items())
-        problems.append(
-            f"parallelism_config with {sizes}: tensor parallelism splits the lm_head over the "
-            "vocabulary and context/sequence parallelism splits every sequence over ranks, and "
-            "this trainer would sum each rank's part as if it were the whole sequence; use data "
-            "parallelism only (dp_replicate_size, dp_shard_size). accelerate runs these meshes "
-            "only on GPUs (it refuses a ParallelismConfig on CPU processes), so this path has "
-            "no test yet; outside the trainer, linear_epsilon_dpo_loss takes a vocabulary-"
-            "sharded lm_head (DTensor Shard(0)) and sequence_group= (tested on CPU)"
-        )
+    problem = parallelism_problem(getattr(args, "parallelism_config", None))
+    if problem:
+        problems.append(problem)
     # The loss's own checks, so that the config says what the loss would say.
     for check, value in (
         (check_beta, args.beta),
@@ -140,6 +126,28 @@ def refused_options(args: DPOConfig) -> list[str]:
         except (TypeError, ValueError) as e:
             problems.append(str(e))
     return list(dict.fromkeys(problems))  # one loss type's checks repeat the scalar ones
+
+
+def parallelism_problem(parallelism) -> str | None:
+    """Why an accelerate ``ParallelismConfig`` with tensor, context or sequence parallelism is
+    refused (None for data parallelism alone, or none)."""
+    split = {
+        name: size
+        for name in ("tp_size", "cp_size", "sp_size")
+        if (size := getattr(parallelism, name, 1) or 1) > 1
+    }
+    if not split:
+        return None
+    sizes = ", ".join(f"{name}={size}" for name, size in split.items())
+    return (
+        f"parallelism_config with {sizes}: tensor parallelism splits the lm_head over the "
+        "vocabulary and context/sequence parallelism splits every sequence over ranks, and "
+        "this trainer would sum each rank's part as if it were the whole sequence; use data "
+        "parallelism only (dp_replicate_size, dp_shard_size). accelerate runs these meshes "
+        "only on GPUs (it refuses a ParallelismConfig on CPU processes), so this path has "
+        "no test yet; outside the trainer, linear_epsilon_dpo_loss takes a vocabulary-"
+        "sharded lm_head (DTensor Shard(0)) and sequence_group= (tested on CPU)"
+    )
 
 
 def check_options(args: DPOConfig) -> None:
@@ -349,6 +357,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         finally:
             args.padding_free = padding_free
         self.padding_free = padding_free
+        self._check_parallelism()
         if self._is_vision_dataset:
             raise ValueError(
                 "train_dataset has images: EpsilonDPOTrainer supports text-only causal LMs"
@@ -375,6 +384,13 @@ class EpsilonDPOTrainer(DPOTrainer):
         self._metric_sums = {"train": None, "eval": None}
         self._train_tokens = 0  # attention-mask tokens of the training batches, all processes
         self.add_callback(_BetaUpdate(self))
+
+    def _check_parallelism(self) -> None:
+        """The accelerator's parallelism, which args may not show: transformers gives it the
+        tensor-parallel size of a model sharded as it loaded (``tp_plan="auto"``)."""
+        problem = parallelism_problem(getattr(self.accelerator, "parallelism_config", None))
+        if problem:
+            raise ValueError(f"{problem} (the model or the accelerator set it)")
 
     def _use_packed_batches(self, data_collator) -> None:
         """padding_free=True: batches reach the model as one packed row with ``position_ids``

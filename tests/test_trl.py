@@ -385,6 +385,21 @@ def test_tensor_and_context_parallel_configs_are_refused(tmp_path, sizes):
     assert config(tmp_path, parallelism_config=ParallelismConfig(dp_shard_size=2))
 
 
+def test_a_tensor_parallel_size_the_args_do_not_show_is_refused(tmp_path, monkeypatch):
+    """transformers hands the accelerator the tensor-parallel size of a model sharded as it
+    loaded (``tp_plan="auto"``), with no parallelism_config in the args; accelerate refuses it
+    on CPU processes before the trainer could, so the accelerator's config is set here."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    trainer = make_trainer(tmp_path)
+    trainer._check_parallelism()  # data parallelism (none here) passes
+    monkeypatch.setattr(
+        trainer.accelerator.state, "parallelism_config", ParallelismConfig(tp_size=2)
+    )
+    with pytest.raises(ValueError, match="parallelism_config with tp_size=2: tensor parallel"):
+        trainer._check_parallelism()
+
+
 def test_trainer_refuses_a_plain_dpo_config(tmp_path):
     from trl import DPOConfig
 
