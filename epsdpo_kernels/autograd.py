@@ -3,68 +3,18 @@
 ``EpsilonDPOLogitsFunction`` (materialised logits) and ``LinearEpsilonDPOFunction`` (hidden states
 and lm_head weights) both return ``(losses, chosen_logps, rejected_logps, pair)``: the first three
 differentiable, the pair buffer (layout.py) not. Each takes its tensors and the call's
-``LossCall`` (call.py). Their backward passes both start from the same per-sequence coefficient
-c_n = ∂(upstream)/∂A_n (``row_coefficients``, docs/SPEC.md, Gradients), handed to each token of
-sequence n (``Sequences.token_coefficients``), then go to the per-token backward directly
-(logits) or through the vocabulary-sliced driver (linear).
+``LossCall`` (call.py). Their backward passes both start from each token's coefficient c_n =
+∂(upstream)/∂A_n of its sequence (``steps.token_coefficients``, docs/SPEC.md, Gradients), then go
+to the per-token backward directly (logits) or through the vocabulary slices (linear).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import layout as L
-from .dispatch import token_backward
-from .drivers import logits_forward
+from . import steps
 from .linear_chunks import linear_backward, linear_forward
 from .plans import LinearInputs
-
-
-def split_pair(pair: torch.Tensor):
-    """The differentiable outputs (losses, chosen_logps, rejected_logps), as tensors of their
-    own rather than views of the pair buffer."""
-    return (
-        pair[L.PAIR_LOSS].clone(),
-        pair[L.PAIR_CHOSEN_LOGPS].clone(),
-        pair[L.PAIR_REJECTED_LOGPS].clone(),
-    )
-
-
-def row_coefficients(
-    pair: torch.Tensor,
-    grad_losses: torch.Tensor | None,
-    grad_chosen_logps: torch.Tensor | None,
-    grad_rejected_logps: torch.Tensor | None,
-    *,
-    average_log_prob: bool,
-) -> torch.Tensor:
-    """c_n = ∂(upstream)/∂A_n for the 2B sequences, from the head's ∂L_i/∂ℓ_i.
-
-    ℓ_i = A_chosen − A_rejected, so the chosen row gets +g·∂L/∂ℓ and the rejected row −g·∂L/∂ℓ;
-    gradients that reach chosen_logps/rejected_logps directly (an NLL term, say) add on top.
-    With averaging, A_n is a mean, so every token of sequence n carries c_n / count_n.
-    """
-    dloss = pair[L.PAIR_DLOSS_DLOGRATIO]
-    through_loss = dloss * grad_losses if grad_losses is not None else torch.zeros_like(dloss)
-    chosen = through_loss.clone()
-    rejected = -through_loss
-    if grad_chosen_logps is not None:
-        chosen = chosen + grad_chosen_logps.float()
-    if grad_rejected_logps is not None:
-        rejected = rejected + grad_rejected_logps.float()
-    coef = torch.cat([chosen, rejected])
-    if average_log_prob:
-        counts = torch.cat([pair[L.PAIR_CHOSEN_COUNT], pair[L.PAIR_REJECTED_COUNT]])
-        coef = coef / counts.clamp(min=1)
-    return coef
-
-
-def _token_coefficients(ctx, pair, grads) -> torch.Tensor:
-    call = ctx.call
-    row_coef = row_coefficients(pair, *grads, average_log_prob=call.params.average_log_prob)
-    coef = call.sequences.token_coefficients(row_coef)
-    # ∂A_n/∂h_t = w_t·(onehot − p) under token_weights: the weight rides on the coefficient.
-    return coef if call.token_weights is None else coef * call.token_weights
 
 
 class EpsilonDPOLogitsFunction(torch.autograd.Function):
@@ -80,27 +30,29 @@ class EpsilonDPOLogitsFunction(torch.autograd.Function):
     @staticmethod
     def evaluate(policy_logits, ref_logits, labels, call):
         """The forward alone: the ``(PAIR_FIELDS, B)`` pair buffer (see layout.py)."""
-        return logits_forward(policy_logits, ref_logits, labels, call)[1]
+        stats = steps.token_stats(policy_logits, ref_logits, labels, call)
+        return steps.pair_buffer(stats, labels, call)
 
     @staticmethod
     def forward(ctx, policy_logits, ref_logits, labels, call):
-        stats, pair = logits_forward(policy_logits, ref_logits, labels, call)
+        stats = steps.token_stats(policy_logits, ref_logits, labels, call)
+        pair = steps.pair_buffer(stats, labels, call)
         ctx.call = call
         ctx.save_for_backward(policy_logits, labels, stats, pair)
         ctx.mark_non_differentiable(pair)
-        return (*split_pair(pair), pair)
+        return (*steps.split_pair(pair), pair)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
         policy_logits, labels, stats, pair = ctx.saved_tensors
         call = ctx.call
-        token_coef = _token_coefficients(
-            ctx, pair, (grad_losses, grad_chosen_logps, grad_rejected_logps)
+        token_coef = steps.token_coefficients(
+            ctx.call, pair, (grad_losses, grad_chosen_logps, grad_rejected_logps)
         )
         if policy_logits.shape[-1] == 0:  # a vocabulary shard with no entries
             return torch.zeros_like(policy_logits), None, None, None
-        grad = token_backward(
+        grad = steps.token_backward(
             policy_logits,
             labels,
             stats,
@@ -150,14 +102,14 @@ class LinearEpsilonDPOFunction(torch.autograd.Function):
             pair,
         )
         ctx.mark_non_differentiable(pair)
-        return (*split_pair(pair), pair)
+        return (*steps.split_pair(pair), pair)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses, grad_chosen_logps, grad_rejected_logps, _grad_pair):
         policy_hidden, policy_weight, policy_bias, labels, stats, scored, pair = ctx.saved_tensors
-        token_coef = _token_coefficients(
-            ctx, pair, (grad_losses, grad_chosen_logps, grad_rejected_logps)
+        token_coef = steps.token_coefficients(
+            ctx.call, pair, (grad_losses, grad_chosen_logps, grad_rejected_logps)
         )
         needs = (
             ctx.needs_input_grad[0],
@@ -189,4 +141,4 @@ def run(function, *tensors, call):
         return function.apply(*policy, *rest, call)
     detached = tuple(None if x is None else x.detach() for x in policy)
     pair = function.evaluate(*detached, *rest, call)
-    return (*split_pair(pair), pair)
+    return (*steps.split_pair(pair), pair)

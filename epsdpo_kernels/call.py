@@ -3,9 +3,10 @@
 Each public entry point hands its arguments to ``prepare_logits`` or ``prepare_linear``, which
 check them in one order, before any kernel runs:
 
-1. the scalar options (params.py) and the sequence group's type;
+1. the scalar options (checked when the entry point built its ``LossOptions``, params.py), the
+   other arguments' types and the sequence group's type;
 2. DTensor localisation: a vocabulary-sharded input becomes its local shard and a ``VocabShard``
-   (distributed/vocab_shards.py); any other DTensor is refused;
+   (distributed/vocab_shard.py); any other DTensor is refused;
 3. shapes, dtypes and devices (validation.py), packed streams viewed as one row;
 4. the label scan: labels in range and, packed, sequence ids in range, counted in one transfer,
    the call's one host synchronisation; from it the ``LossParams`` and the token-to-sequence map;
@@ -27,7 +28,7 @@ import torch
 from . import params as P
 from . import sequences as S
 from . import validation as V
-from .distributed import vocab_shards as VS
+from .distributed import vocab_shard as VS
 from .distributed.sequence_group import check_group_agrees, resolve_group
 from .plans import LinearInputs, LinearPlan, LogitsPlan, default_chunk_rows
 
@@ -53,7 +54,7 @@ def prepare_logits(
     ref_logits,
     labels,
     *,
-    options: dict,
+    options: P.LossOptions,
     inplace_backward,
     sequence_ids,
     num_pairs,
@@ -61,7 +62,6 @@ def prepare_logits(
     token_weights=None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], LossCall]:
     """``epsilon_dpo_loss``'s arguments, checked: ((policy_logits, ref_logits, labels), call)."""
-    P.check_loss_options(**options)
     P.check_flag("inplace_backward", inplace_backward)
     V.check_token_weights(token_weights, labels)
     group = resolve_group(sequence_group)
@@ -96,7 +96,7 @@ def prepare_logits(
     call = _scan_and_agree(
         labels,
         device,
-        P.resolve_backend(options["backend"], device),
+        P.resolve_backend(options.backend, device),
         options=options,
         vocab=vocab if shard is None else shard.vocab,
         plan=LogitsPlan(inplace=inplace_backward),
@@ -113,7 +113,7 @@ def prepare_linear(
     inputs: LinearInputs,
     labels,
     *,
-    options: dict,
+    options: P.LossOptions,
     chunk_size,
     vocab_chunk_size,
     sequence_ids,
@@ -122,7 +122,6 @@ def prepare_linear(
     token_weights=None,
 ) -> tuple[LinearInputs, torch.Tensor, LossCall]:
     """``linear_epsilon_dpo_loss``'s arguments, checked: (inputs, labels, call)."""
-    P.check_loss_options(**options)
     V.check_token_weights(token_weights, labels)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (
@@ -183,7 +182,7 @@ def prepare_linear(
     call = _scan_and_agree(
         labels,
         device,
-        P.resolve_backend(options["backend"], device),
+        P.resolve_backend(options.backend, device),
         options=options,
         vocab=vocab if shard is None else shard.vocab,
         plan=plan,
@@ -215,18 +214,18 @@ def _scan_and_agree(
     if token_weights is not None:
         # Zero at unscored tokens, whatever was there: their stats are zeros, and a NaN or inf
         # weight would make 0·w a NaN in a padded row's sum.
-        scored = (labels != options["ignore_index"]).reshape(-1)
+        scored = (labels != options.ignore_index).reshape(-1)
         token_weights = torch.where(scored, token_weights.reshape(-1).float(), 0.0)
     count, sequences = scan_labels(
         labels,
         vocab=vocab,
-        ignore_index=options["ignore_index"],
+        ignore_index=options.ignore_index,
         sequence_ids=sequence_ids,
         num_sequences=2 * num_pairs if num_pairs else labels.shape[0],
         whole_sequences=group is None,
         token_weights=token_weights,
     )
-    params = P.loss_params(options, backend, count)
+    params = options.resolve(backend, count)
     if shard is not None:
         VS.check_vocab_group(shard, labels, options)
     if group is not None:

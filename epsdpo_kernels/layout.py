@@ -44,7 +44,7 @@ SEQ_FROM_TOKEN = (
     TOK_WPO_LOGP,
 )
 
-# Per token, a vocabulary shard's partials (distributed/vocab_shards.py merges them over the
+# Per token, a vocabulary shard's partials (distributed/vocab_shard.py merges them over the
 # shard's ranks: a MAX of the maxes, then a SUM of the rescaled sums): ``(SHARD_MAXES, N)``
 # maxes m of the four streams (h, g, mix⁺, mix⁻; −inf where a row reads nothing) and
 # ``(SHARD_SUMS, N)`` sums.

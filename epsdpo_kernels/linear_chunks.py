@@ -39,11 +39,10 @@ from __future__ import annotations
 import torch
 
 from . import layout as L
-from .dispatch import token_backward
-from .distributed.vocab_shards import complete_hidden_gradient
-from .drivers import pair_buffer, token_stats
+from .distributed.vocab_shard import complete_hidden_gradient
 from .plans import LinearInputs, slice_plan
 from .sequences import scored_rows, spread_scored
+from .steps import pair_buffer, token_backward, token_stats
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from .autograd import LinearEpsilonDPOFunction, run
 from .call import prepare_linear
 from .output import EpsilonDPOOutput, build_output
+from .params import LossOptions
 from .plans import LinearInputs
 
 
@@ -60,7 +61,7 @@ def linear_epsilon_dpo_loss(
         policy_weight: ``(V, H)`` policy lm_head weight (tied embeddings are fine); or a
             DTensor sharded over the vocabulary (``Shard(0)`` on one mesh dimension, as
             ``ColwiseParallel`` gives) with the hidden states replicated: vocabulary
-            parallelism (distributed/vocab_shards.py); its gradient comes back with its
+            parallelism (distributed/vocab_shard.py); its gradient comes back with its
             placement.
         ref_hidden: ``(2B, T, H_ref)`` reference hidden states; no gradient.
         ref_weight: ``(V, H_ref)`` reference lm_head weight; no gradient.
@@ -107,7 +108,7 @@ def linear_epsilon_dpo_loss(
         >>> hidden.grad.shape, lm_head.weight.grad.shape
         (torch.Size([4, 6, 16]), torch.Size([301, 16]))
     """
-    options = dict(
+    options = LossOptions(
         beta=beta,
         epsilon=epsilon,
         label_smoothing=label_smoothing,
@@ -129,7 +130,7 @@ def linear_epsilon_dpo_loss(
         sequence_group=sequence_group,
         token_weights=token_weights,
     )
-    # Autocast stays out of the kernels and the drivers, which cast what they read themselves.
+    # Autocast stays out of the kernels and the steps, which cast what they read themselves.
     with (
         torch.autocast(labels.device.type, enabled=False)
         if call.plan.matmul_dtype

@@ -7,6 +7,7 @@ import torch
 from .autograd import EpsilonDPOLogitsFunction, run
 from .call import prepare_logits
 from .output import EpsilonDPOOutput, build_output
+from .params import LossOptions
 
 
 @torch.compiler.disable
@@ -41,7 +42,7 @@ def epsilon_dpo_loss(
             responses, ``[B, 2B)`` the rejected ones (pair i = rows i and B+i). Or a DTensor
             sharded over the vocabulary (``Shard(-1)`` on one mesh dimension: a ColwiseParallel
             lm_head with ``use_local_output=False``), whose ranks hold the same tokens; its
-            gradient comes back with its placement (distributed/vocab_shards.py).
+            gradient comes back with its placement (distributed/vocab_shard.py).
         ref_logits: ``(2B, T, V)`` reference-model logits; never receives a gradient.
         labels: ``(2B, T)`` integer, already shifted (``policy_logits[:, t]`` scores
             ``labels[:, t]``); ``ignore_index`` marks prompt and padding positions.
@@ -94,7 +95,7 @@ def epsilon_dpo_loss(
         >>> out.steps.shape, policy_logits.grad.shape
         (torch.Size([2]), torch.Size([4, 8, 507]))
     """
-    options = dict(
+    options = LossOptions(
         beta=beta,
         epsilon=epsilon,
         label_smoothing=label_smoothing,

@@ -1,9 +1,10 @@
-"""Parameters of one loss call: each scalar checked on its own, then one typed object.
+"""Parameters of one loss call: each scalar checked on its own, then two typed objects.
 
 The checks are per argument, so that everything else that takes the same values (``AdaptiveBeta``,
-the TRL config, the command-line scripts) runs the same check and says the same thing. A call's
-``LossParams`` is built once, by ``call.py``, after the labels have been counted; the
-backend is resolved for the inputs' device at the same moment.
+the TRL config, the command-line scripts) runs the same check and says the same thing. An entry
+point puts its scalar arguments in a ``LossOptions``, which checks them when built; ``call.py``
+resolves it into the call's ``LossParams`` once the labels have been counted, the backend
+resolved for the inputs' device at the same moment.
 """
 
 from __future__ import annotations
@@ -90,47 +91,60 @@ def check_logit_transform(logit_softcap, logit_scale) -> None:
         raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
 
 
-def check_loss_options(
-    *,
-    beta,
-    epsilon,
-    label_smoothing,
-    ignore_index,
-    average_log_prob,
-    backend,
-    logit_softcap=None,
-    logit_scale=1.0,
-    wpo_weights=False,
-) -> None:
-    """Every scalar option of the entry points, before any tensor is looked at (the logit
-    transform is the linear entry point's: logits come from the model already transformed)."""
-    check_logit_transform(logit_softcap, logit_scale)
-    check_beta(beta)
-    check_epsilon(epsilon)
-    check_label_smoothing(label_smoothing)
-    check_ignore_index(ignore_index)
-    check_flag("average_log_prob", average_log_prob)
-    check_flag("wpo_weights", wpo_weights)
-    check_backend(backend)
+@dataclass(frozen=True)
+class LossOptions:
+    """The scalar options of one loss call as its caller gave them, checked when built (each by
+    its own check, in one order, before any tensor is looked at). The entry points build one
+    and hand it down; ``resolve`` makes the call's ``LossParams`` once the labels are counted.
+    The logit transform is the linear entry point's: logits come from the model transformed."""
 
+    beta: float
+    epsilon: float
+    label_smoothing: float
+    ignore_index: int
+    average_log_prob: bool
+    backend: str  # as given: "auto", "triton" or "torch"
+    wpo_weights: bool = False
+    logit_softcap: float | None = None
+    logit_scale: float = 1.0
 
-def loss_params(options: dict, backend: str, scored_count: int) -> LossParams:
-    """``LossParams`` from checked options (``check_loss_options``), the backend resolved for
-    the inputs' device (``resolve_backend``) and the count of scored labels."""
-    return LossParams(
-        beta=float(options["beta"]),
-        epsilon=float(options["epsilon"]),
-        label_smoothing=float(options["label_smoothing"]),
-        ignore_index=options["ignore_index"],
-        average_log_prob=options["average_log_prob"],
-        backend=backend,
-        scored_count=scored_count,
-        logit_scale=float(options.get("logit_scale", 1.0)),
-        logit_softcap=(
-            None if options.get("logit_softcap") is None else float(options["logit_softcap"])
-        ),
-        wpo_weights=options.get("wpo_weights", False),
-    )
+    def __post_init__(self) -> None:
+        check_logit_transform(self.logit_softcap, self.logit_scale)
+        check_beta(self.beta)
+        check_epsilon(self.epsilon)
+        check_label_smoothing(self.label_smoothing)
+        check_ignore_index(self.ignore_index)
+        check_flag("average_log_prob", self.average_log_prob)
+        check_flag("wpo_weights", self.wpo_weights)
+        check_backend(self.backend)
+
+    def resolve(self, backend: str, scored_count: int) -> LossParams:
+        """The call's ``LossParams``: these options with the backend resolved for the inputs'
+        device (``resolve_backend``) and the count of scored labels."""
+        return LossParams(
+            beta=float(self.beta),
+            epsilon=float(self.epsilon),
+            label_smoothing=float(self.label_smoothing),
+            ignore_index=self.ignore_index,
+            average_log_prob=self.average_log_prob,
+            backend=backend,
+            scored_count=scored_count,
+            logit_scale=float(self.logit_scale),
+            logit_softcap=None if self.logit_softcap is None else float(self.logit_softcap),
+            wpo_weights=self.wpo_weights,
+        )
+
+    def agreed_values(self) -> dict:
+        """The options every rank of a group must share, by name, as numbers."""
+        return dict(
+            beta=self.beta,
+            epsilon=self.epsilon,
+            label_smoothing=self.label_smoothing,
+            average_log_prob=self.average_log_prob,
+            logit_scale=self.logit_scale,
+            logit_softcap=self.logit_softcap or 0.0,  # None: no cap
+            wpo_weights=float(self.wpo_weights),
+        )
 
 
 def triton_available() -> bool:

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epsdpo_kernels import dispatch, epsilon_dpo_loss
+from epsdpo_kernels import epsilon_dpo_loss
 from epsdpo_kernels import layout as L
-from epsdpo_kernels.dispatch import token_forward
+from epsdpo_kernels import steps as loss_steps
 from epsdpo_kernels.params import LossParams
 from epsdpo_kernels.sequences import padded_sequences
 from tests.helpers.batches import make_batch
@@ -19,6 +19,10 @@ from tests.helpers.checks import compare_to_reference
 from tests.helpers.compare import VALUE_TOL, assert_close
 
 BACKENDS = ["torch", "triton"]
+
+
+def token_forward(policy_logits, ref_logits, labels, params):
+    return loss_steps.backend(params).token_forward(policy_logits, ref_logits, labels, params)
 
 
 def _params(backend, epsilon=0.01):
@@ -93,13 +97,13 @@ def test_step_decisions_on_long_completions_agree_with_float64(backend, device):
     assert ((dp[:b] - dp[b:]) - p_gap).abs().le(bound).all()
     assert ((dn[:b] - dn[b:]) - n_gap).abs().le(bound).all()
 
-    # The steps from these stats, as the entry points take them (drivers.pair_buffer): a second
+    # The steps from these stats, as the entry points take them (steps.pair_buffer): a second
     # forward through epsilon_dpo_loss would repeat the interpreter's slowest part.
     labels = labels.to(device)
-    sums = dispatch.sequence_sums(
+    sums = loss_steps.backend(params).sequence_sums(
         stats.view(L.TOKEN_FIELDS, -1).to(device), labels, padded_sequences(labels), params
     )
-    steps = dispatch.pair_head(sums, params)[L.PAIR_STEP].cpu().long()
+    steps = loss_steps.backend(params).pair_head(sums, params)[L.PAIR_STEP].cpu().long()
     decided = torch.minimum(p_gap.abs(), n_gap.abs()) > bound
     assert decided.sum() >= b // 2, "too few pairs clear the bound for the test to mean much"
     assert torch.equal(steps[decided], expected[decided])
@@ -261,7 +265,6 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
     log-sum-exp could push the label's term above it (a shipped kernel elsewhere got this
     wrong and its training collapsed)."""
     from epsdpo_kernels import layout
-    from epsdpo_kernels.dispatch import token_forward
 
     gen = torch.Generator().manual_seed(0)
     policy = torch.randn(8, 16, 333, generator=gen) * scale

@@ -34,14 +34,3 @@ def check_ranks_agree(group, device: torch.device, values: dict, argument: str, 
     ]
     if differ:
         raise ValueError(f"{argument}: {why}; over the group they range: " + "; ".join(differ))
-
-
-def option_values(options: dict) -> dict:
-    """The loss options every rank of a group must share, by name."""
-    values = {
-        name: options[name] for name in ("beta", "epsilon", "label_smoothing", "average_log_prob")
-    }
-    values["logit_scale"] = options.get("logit_scale", 1.0)
-    values["logit_softcap"] = options.get("logit_softcap") or 0.0  # None: no cap
-    values["wpo_weights"] = float(options.get("wpo_weights", False))
-    return values

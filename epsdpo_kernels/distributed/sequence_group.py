@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .agreement import check_ranks_agree, option_values
+from .agreement import check_ranks_agree
 
 
 def resolve_group(sequence_group):
@@ -51,13 +51,13 @@ def resolve_group(sequence_group):
     return sequence_group
 
 
-def check_group_agrees(group, device: torch.device, count: int, options: dict) -> None:
+def check_group_agrees(group, device: torch.device, count: int, options) -> None:
     """Every rank of ``group`` holds the same number of sequences and the same options;
     otherwise a ValueError, raised on every rank alike."""
     check_ranks_agree(
         group,
         device,
-        {"sequences (2B)": count, **option_values(options)},
+        {"sequences (2B)": count, **options.agreed_values()},
         "sequence_group",
         "every rank must call the loss with the same sequences and options",
     )

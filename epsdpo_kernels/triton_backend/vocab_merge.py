@@ -9,7 +9,7 @@ the parts combine as m = max_k m_k, s = Σ_k s_k·exp(m_k − m). Three places u
 - the V-splits of a row when the forward splits the vocabulary across programs
   (``token_merge_kernel``, reading the ``(splits, PARTIAL_FIELDS, N)`` partial buffer);
 - vocabulary shards on other ranks (tensor parallelism) combine the same states, merged by
-  all-reduces (distributed/vocab_shards.py) and finished by ``token_finish_kernel``.
+  all-reduces (distributed/vocab_shard.py) and finished by ``token_finish_kernel``.
 
 ``_finish`` turns a row's merged states into the ``(TOKEN_FIELDS, N)`` token stats (layout.py).
 """

@@ -1,12 +1,12 @@
 """A vocabulary shard's partials on the Triton token kernel, and the stats from merged ones
-(torch_backend/vocab_partials.py: the contract and the reference).
+(torch_backend/vocab_shard.py: the contract and the reference).
 
 The partials are the token forward's split mode run over the shard's columns: one launch for
 the whole ``(N, T, V_r)`` shard (or linear-path chunk), each row's (max, Σexp) of the four
 streams, Σh and the policy's Σ exp(2(h − max)) written as a V-split's partial state would be;
 unscored rows read nothing. The label's lm_head outputs are gathered where the label falls in the
 shard (N·T elements, no copy of the logits). After the ranks' all-reduces
-(distributed/vocab_shards.py), ``token_finish_kernel`` writes the token stats with u − a in
+(distributed/vocab_shard.py), ``token_finish_kernel`` writes the token stats with u − a in
 SPEC's small-number form, as the unsharded kernels do.
 """
 

@@ -5,7 +5,7 @@ stats from the partials once they are merged over the shard's ranks.
 For each of the four distributions of docs/SPEC.md (policy h, reference g, the two mixes h ± ε(h −
 g)), the shard's log-sum-exp as (max, Σ exp(x − max)); the lm_head outputs at the label where the
 label falls in the shard (0 elsewhere); Σ_v h; and, for WPO, the policy's Σ exp(2(h − max))
-(layout.py, ``SHARD_*``). Merged over the ranks of the shard's group (distributed/vocab_shards.py: a
+(layout.py, ``SHARD_*``). Merged over the ranks of the shard's group (distributed/vocab_shard.py: a
 MAX all-reduce, then the sums gathered and added in rank order), they give the token fields of
 layout.py, with u − a in SPEC's small-number form; everything after is the single-process path. This
 is the reference path; triton_backend/vocab_shard.py computes the same on the Triton token kernel.

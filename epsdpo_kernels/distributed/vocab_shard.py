@@ -17,7 +17,7 @@ logits and the merged lse, so each rank runs the usual vocabulary-slice backward
 gradient Σ_v G[:, v]·W[v] is a sum over shards, completed by one SUM all-reduce of S × H floats.
 
 The partials come from the backend's token pass over the shard (the Triton token kernel's
-split mode, one launch for the whole shard; torch_backend/vocab_partials.py, the reference) and
+split mode, one launch for the whole shard; torch_backend/vocab_shard.py, the reference) and
 the merged stats from its finish (dispatch.py); this module holds the shards and their
 collectives.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import layout as L
-from .agreement import check_ranks_agree, option_values
+from .agreement import check_ranks_agree
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def localize_logits(policy_logits, ref_logits):
     return policy_logits.to_local(), ref_logits, shard
 
 
-def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) -> None:
+def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options) -> None:
     """The ranks sharing the vocabulary must hold the same tokens and options. A weight that
     is FSDP-sharded over data-parallel ranks (a Shard(0) too, but with other data on every
     rank) fails here instead of merging unrelated tokens."""
@@ -177,7 +177,7 @@ def check_vocab_group(shard: VocabShard, labels: torch.Tensor, options: dict) ->
     values = {
         "tokens": labels.numel(),
         "label checksum": (flat * weights.remainder(9973)).sum(),
-        **option_values(options),
+        **options.agreed_values(),
     }
     check_ranks_agree(
         shard.group,
