@@ -83,6 +83,15 @@ class EpsilonDPOOutput:
             "displacement/chosen_logratio": (self.chosen_logps - self.ref_chosen_logps).detach(),
         }
 
+    def pair_metric_sums(self, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``pair_metrics`` summed over the pairs (each pair times ``weight``, shape (B,), when
+        given), as float64 0-dim tensors on the device: what a training loop adds up over
+        micro-batches and ranks before dividing by the pairs (no sync)."""
+        return {
+            k: (v.double() if weight is None else v.double() * weight).sum()
+            for k, v in self.pair_metrics().items()
+        }
+
     def metrics(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The batch means TRL logs, under TRL's names (detached 0-dim tensors, no sync)."""
         values = {k: v.mean() for k, v in self.pair_metrics().items()}

@@ -95,6 +95,17 @@ def run_lengths(keys: torch.Tensor, count: int) -> torch.Tensor:
     return runs[:count]
 
 
+def places(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """(N,) each token's 1-based place among the tokens of its ``sequence_keys`` key, in stream
+    order (on the device, no sync)."""
+    runs = torch.bincount(keys, minlength=count + 1)
+    starts = torch.cumsum(runs, 0) - runs
+    order = torch.argsort(keys, stable=True)
+    place = torch.empty_like(keys)
+    place[order] = torch.arange(1, keys.numel() + 1, device=keys.device) - starts[keys[order]]
+    return place
+
+
 def packed_sequences(
     keys: torch.Tensor, runs: torch.Tensor, scored_count: int, longest: int
 ) -> Sequences:

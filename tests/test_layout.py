@@ -102,7 +102,17 @@ LAYERS = {
         "diagnostics",
         "reference",
     ],
-    "integrations": ["hugging_face", "engines", "trl"],
+    "integrations": [
+        "hugging_face",
+        "engines",
+        "integrations",
+        "integrations.trl.config",
+        "integrations.trl.collator",
+        "integrations.trl.model_hook",
+        "integrations.trl.trainer",
+        "integrations.trl",
+        "trl",
+    ],
     "package": [""],
 }
 

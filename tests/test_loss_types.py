@@ -376,7 +376,7 @@ def test_ld_alpha_equals_trl_dpo_trainer(pair_of_trainers, layout):
 
 
 def test_ld_token_weights_down_weight_the_longer_tail():
-    from epsdpo_kernels.trl import ld_token_weights
+    from epsdpo_kernels.integrations.trl.trainer import ld_token_weights
 
     # Pair 0: chosen scores 3 tokens, rejected 1 → chosen's last 2 get α. Pair 1: 2 and 2.
     labels = torch.tensor(

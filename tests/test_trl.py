@@ -155,7 +155,7 @@ def test_mixed_precision_epsilon_zero_equals_trl_dpo_trainer(
     (``HALF_BACKWARD_STAGES``)."""
     from trl import DPOConfig, DPOTrainer
 
-    import epsdpo_kernels.trl as integration
+    import epsdpo_kernels.integrations.trl.trainer as integration
 
     seen = []
     loss_fn = integration.linear_epsilon_dpo_loss
@@ -856,7 +856,7 @@ def _sharded_head_worker(rank, world, store, results):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from epsdpo_kernels.trl import _hidden_state_forward
+    from epsdpo_kernels.integrations.trl.model_hook import hidden_state_forward
 
     with gloo_group(rank, world, store):
         policy, batch = _sharded_head_case()
@@ -865,7 +865,7 @@ def _sharded_head_worker(rank, world, store, results):
         for layer in policy.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(policy, mesh=mesh)
-        _hidden_state_forward(policy)
+        hidden_state_forward(policy)
         rows = _rank_rows(rank, world, batch["labels"].shape[0] // 2)
         _head_loss(policy, batch["input_ids"][rows], batch["labels"][rows]).backward()
         assert hasattr(policy.lm_head.weight, "full_tensor")
@@ -893,12 +893,12 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     pairs (the mean loss), on both ranks."""
     import torch.multiprocessing as mp
 
-    from epsdpo_kernels.trl import _hidden_state_forward
+    from epsdpo_kernels.integrations.trl.model_hook import hidden_state_forward
 
     results = mp.Manager().dict()
     mp.spawn(_sharded_head_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)
     policy, batch = _sharded_head_case()
-    _hidden_state_forward(policy)
+    hidden_state_forward(policy)
     _head_loss(policy, batch["input_ids"], batch["labels"]).backward()
     expected = policy.lm_head.weight.grad
     assert expected.abs().max() > 1e-4

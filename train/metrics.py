@@ -16,7 +16,7 @@ from train.outputs import replace_whole
 
 
 class MetricSums:
-    """Sums of ``EpsilonDPOOutput.pair_metrics()`` over a global batch, all-reduced so every key
+    """Sums of ``EpsilonDPOOutput.pair_metric_sums()`` over a global batch, all-reduced so every key
     is a mean over all pairs of all ranks (what TRL logs per step). ``group``: the ranks that
     hold different pairs (the data-parallel ones; tensor-parallel ranks repeat their pairs)."""
 
@@ -29,8 +29,8 @@ class MetricSums:
         self.pairs = torch.zeros(3, dtype=torch.float64, device=device)
 
     def add(self, out: EpsilonDPOOutput, weight: torch.Tensor):
-        per_pair = out.pair_metrics()
-        values = torch.stack([(v.double() * weight).sum() for v in per_pair.values()])
+        per_pair = out.pair_metric_sums(weight)
+        values = torch.stack(list(per_pair.values()))
         if self.sums is None:
             self.names, self.sums = list(per_pair), torch.zeros_like(values)
         self.sums += values

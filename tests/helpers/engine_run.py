@@ -34,7 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-import epsdpo_kernels.trl as epsdpo_trl
+import epsdpo_kernels.integrations.trl.trainer as epsdpo_trl
 from epsdpo_kernels.trl import EpsilonDPOConfig, EpsilonDPOTrainer
 from tests.helpers.trl import pairs
 from train.launch import exit_process

@@ -1,0 +1,2 @@
+"""Integrations with training frameworks: TRL's trainer (``integrations/trl/``, imported as
+``epsdpo_kernels.trl``)."""
