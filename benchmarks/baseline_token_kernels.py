@@ -24,7 +24,7 @@ TOK_LSE, TOK_LOGIT_SUM, TOKEN_FIELDS = 4, 5, 6
 # 256 elements per warp so the four fp32 streams stay in registers. Not tuned on a GPU yet; chosen
 # from ptxas's static counts for sm_90 (bf16): forward 4096 × 16 warps = 63 registers, backward
 # 8192 × 16 warps = 56, no spills (at 8 warps the forward needs 110), so two 512-thread programs
-# fit an SM. tests/test_compile.py holds every launched configuration to zero spills.
+# fit an SM. tests/kernels/test_compile.py holds every launched configuration to zero spills.
 MAX_BLOCK_V_FWD = 4096
 MAX_BLOCK_V_BWD = 8192
 

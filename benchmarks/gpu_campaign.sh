@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_campaign.sh OUT_DIR             # the one call (GPU)
 #   bash benchmarks/gpu_campaign.sh OUT_DIR --dry-run   # the same steps on the CPU: interpreter,
-#                                                       # tiny shapes (tested in tests/test_bench.py)
+#                                                       # tiny shapes (tested in tests/scripts/test_bench.py)
 #   bash benchmarks/gpu_campaign.sh OUT_DIR PHASE ...   # the longer phases, for a second call
 #
 # Steps (cap in seconds; file under OUT_DIR):
@@ -123,7 +123,7 @@ one_call() {
         export TRITON_INTERPRET=1 EPSDPO_TEST_DEVICE=cpu
         local shapes_check=(--dry-run)
         local kernels=(--dry-run --rows 32 --vocab 300 1000 --no-sweep)
-        local tests=(tests/test_layout.py tests/test_launch.py)
+        local tests=(tests/test_layout.py tests/kernels/test_launch.py)
         local linear=(--dry-run --tokens 64 --hidden 32 --vocab 300)
         local bench=(--dry-run)
         local train=(--max-steps 2 --max-length 96 --micro-batch-size 2 --global-batch-size 4)
@@ -132,7 +132,7 @@ one_call() {
         local kernels=(--rows 16384 --vocab 32000 128256 256000 --no-sweep)
         # The CUDA-relevant tier: what the compile tests check CI runs, and -m slow is the
         # second call's (tests-all).
-        local tests=(-m "not slow" --ignore=tests/test_compile.py)
+        local tests=(-m "not slow" --ignore=tests/kernels/test_compile.py)
         local linear=(--tokens 8192 --hidden 4096 --vocab 128256)
         local bench=(--device cuda --preset llama3-8k --row-timeout 45)
         local train=(--max-steps 20)
@@ -183,7 +183,7 @@ EOF
 }
 
 phase_tests_all() {
-    pytest_cmd --ignore=tests/test_compile.py 2>&1 | tee "$OUT_DIR/pytest_all.log"
+    pytest_cmd --ignore=tests/kernels/test_compile.py 2>&1 | tee "$OUT_DIR/pytest_all.log"
 }
 
 phase_bench() {
@@ -215,7 +215,7 @@ phase_train_small() {
         | tee "$OUT_DIR/packing.log"
     # EpsilonDPOTrainer on CUDA (bf16 autocast) against DPOTrainer's memory, printed; and
     # under FSDP2 through accelerate against a plain run.
-    $PY -m pytest -q -s -p no:cacheprovider tests/test_trl.py -k "cuda or fsdp2_matches" 2>&1 \
+    $PY -m pytest -q -s -p no:cacheprovider tests/integrations/test_trl.py -k "cuda or fsdp2_matches" 2>&1 \
         | tee "$OUT_DIR/trl_cuda.log"
 }
 

@@ -9,6 +9,12 @@ import os
 
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each of the run's xdist workers is one of the machine's cores: torch's own threads would
+    # contend with the other worker (and the ranks a test spawns inherit this too).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 if os.environ.get("EPSDPO_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu") == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
     DEVICE = torch.device("cpu")
@@ -28,6 +34,16 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("default")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``-n 2 --dist loadgroup`` the tests that spawn communicating processes run one after
+    another on one worker (the ``multi_process`` group), never two of them at once; before
+    xdist reads the groups (its own hook runs later)."""
+    for item in items:
+        if item.get_closest_marker("multi_process"):
+            item.add_marker(pytest.mark.xdist_group("multi_process"))
 
 
 @pytest.fixture

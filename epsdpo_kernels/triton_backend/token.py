@@ -70,7 +70,7 @@ BWD_WARPS, BWD_LANES_PER_THREAD = 8, 2
 # share an SM, 4 × 256 × 32 bytes = 32 KB of loads in flight, what an H200's 4.3 TB/s needs at
 # ~1 µs latency. Left alone, the backward's allocation varies with Triton's code (3.6: 40-80 with
 # rows not 16-byte aligned in bf16), and so does the half-precision forward's with WPO's sums
-# (Triton 3.9: 80 at V = 50257); with the cap neither spills (tests/test_compile.py). See
+# (Triton 3.9: 80 at V = 50257); with the cap neither spills (tests/kernels/test_compile.py). See
 # ``_backward_register_cap`` and ``forward_launches``.
 MAX_REGISTERS = 64
 # Programs an SM holds at once, for the split heuristic: register-limited, 256 threads of up to
@@ -821,7 +821,7 @@ def _backward_register_cap(logit_scale: float, logit_softcap: float | None) -> d
     (the slope 1 − tanh²): uncapped it takes 80 registers in half precision at rows that are
     not 16-byte aligned (3 programs, 24 KB in flight), and under the cap Triton 3.6's code spills
     (8 bytes on sm_90, 24 on sm_80) where Triton 3.9's does not. So it is capped from 3.9 on,
-    the newest release compiled here (tests/test_compile.py runs 3.6 and 3.9)."""
+    the newest release compiled here (tests/kernels/test_compile.py runs 3.6 and 3.9)."""
     if logit_softcap is None and float(logit_scale) == 1.0:
         return dict(maxnreg=MAX_REGISTERS)
     if _triton_version() >= (3, 9):

@@ -1,5 +1,6 @@
-"""One launched rank of tests/test_engines.py: TRL's DPOTrainer and EpsilonDPOTrainer, one after
-the other, under the engine the launcher set up (DDP, DeepSpeed, FSDP1/FSDP2 through accelerate).
+"""One launched rank of tests/distributed/test_engines.py: TRL's DPOTrainer and
+EpsilonDPOTrainer, one after the other, under the engine the launcher set up (DDP, DeepSpeed,
+FSDP1/FSDP2 through accelerate).
 
 ``python -m tests.helpers.engine_run OUT MODEL ENGINE``, started on every rank by torchrun or
 ``accelerate launch``. In order, each from the model saved at MODEL (with ENGINE ``*-peft``, a

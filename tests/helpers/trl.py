@@ -26,6 +26,23 @@ def pairs(n: int, offset: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def token_pairs(seed: int = 0, n: int = 4) -> Dataset:
+    """Token-id pairs of ragged lengths; the first has an empty prompt, so its first completion
+    token opens a sequence and must not be scored (it has no preceding token of its own)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        length = int(torch.randint(low, high, (), generator=gen))
+        return torch.randint(0, 256, (length,), generator=gen).tolist()
+
+    rows = [dict(prompt_ids=[], chosen_ids=ids(3, 9), rejected_ids=ids(3, 9))]
+    rows += [
+        dict(prompt_ids=ids(2, 14), chosen_ids=ids(1, 12), rejected_ids=ids(1, 12))
+        for _ in range(n - 1)
+    ]
+    return Dataset.from_list(rows)
+
+
 def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True, softcap: float | None = None):
     """A tiny Llama policy and an equal reference; with ``softcap``, a tiny Gemma 2 whose
     logits are capped at it (``final_logit_softcapping``)."""

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 from train.data import (  # noqa: E402
     DataError,

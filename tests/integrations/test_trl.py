@@ -22,7 +22,7 @@ from epsdpo_kernels import epsilon_dpo_loss  # noqa: E402
 from epsdpo_kernels.trl import BETA_STATE_FILE, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
 from tests.helpers.distributed import gloo_group, rendezvous_file  # noqa: E402
 from tests.helpers.parity import loss_disagreement  # noqa: E402
-from tests.helpers.trl import ROOT, config, make_trainer, pairs, step_logs, tiny_models  # noqa: E402
+from tests.helpers.trl import ROOT, config, make_trainer, pairs, step_logs, tiny_models, token_pairs  # noqa: E402
 from train.tokenizer import byte_tokenizer  # noqa: E402
 
 
@@ -332,6 +332,7 @@ def _run_ddp(tmp_path, processes: int, batch: int) -> dict:
     return json.loads((out / "logs.json").read_text())
 
 
+@pytest.mark.multi_process
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     """2 processes × 2 pairs × 2 accumulation steps against 1 process × 4 pairs × 2: the same 8
@@ -588,7 +589,7 @@ trainer.train()
 def test_fsdp2_matches_a_plain_run(tmp_path):
     """Under FSDP2 (accelerate, one process; on CPU through tests/helpers/fsdp_on_cpu.py) the
     trainer gives the same losses and β as without FSDP. (Two ranks and every other engine:
-    tests/test_engines.py.)"""
+    tests/distributed/test_engines.py.)"""
     script = tmp_path / "fsdp_run.py"
     script.write_text(_FSDP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -887,6 +888,7 @@ def _rank_rows(rank, world, pairs):
     return torch.cat([mine, mine + pairs])
 
 
+@pytest.mark.multi_process
 def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     """Two gloo ranks, each on half the pairs, with the lm_head an FSDP2 unit of its own that
     the loss reaches through its forward: the lm_head gradient equals one process's on all the
@@ -909,23 +911,6 @@ def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
 
 
 # -- padding_free=True: packed rows through the model and the fused loss ----------------------
-
-
-def _token_pairs(seed: int = 0, n: int = 4) -> Dataset:
-    """Token-id pairs of ragged lengths; the first has an empty prompt, so its first completion
-    token opens a sequence and must not be scored (it has no preceding token of its own)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def ids(low, high):
-        length = int(torch.randint(low, high, (), generator=gen))
-        return torch.randint(0, 256, (length,), generator=gen).tolist()
-
-    rows = [dict(prompt_ids=[], chosen_ids=ids(3, 9), rejected_ids=ids(3, 9))]
-    rows += [
-        dict(prompt_ids=ids(2, 14), chosen_ids=ids(1, 12), rejected_ids=ids(1, 12))
-        for _ in range(n - 1)
-    ]
-    return Dataset.from_list(rows)
 
 
 def test_packed_collator_lays_out_whole_sequences_in_one_row():
@@ -965,7 +950,7 @@ def test_packed_batch_equals_padded_batch(tmp_path, truncation_mode, rpo_alpha):
     overrides = dict(padding_free=True, max_length=16, truncation_mode=truncation_mode)
     if rpo_alpha is not None:
         overrides.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha])
-    trainer = make_trainer(tmp_path, train=_token_pairs(), **overrides)
+    trainer = make_trainer(tmp_path, train=token_pairs(), **overrides)
     assert trainer.args.padding_free  # the user's config is left as given
     examples = list(trainer.train_dataset)
     packed = trainer.data_collator(examples)

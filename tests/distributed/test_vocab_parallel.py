@@ -24,6 +24,8 @@ from tests.helpers.distributed import (
 from tests.helpers.packing import pack
 from tests.helpers.syncs import library_syncs
 
+pytestmark = pytest.mark.multi_process
+
 # (backend, dtype, layout, V, reference weight: "sharded" DTensor or "plain" whole tensor,
 # mesh: "1d" or "2d" (a (1, w) data × tensor mesh, sharded on "tp")). V = 301 splits unevenly
 # over 2 and 3 ranks; V = 4 over 3 ranks leaves the last rank no rows at all.

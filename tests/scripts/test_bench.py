@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers.scripts import script_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.scripts import FAST, metrics, run, run_in_process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "train" / "pairs" / "default"
 
 

@@ -22,8 +22,10 @@ from epsdpo_kernels.loss_types import LOSS_TYPES, f_divergence_scores  # noqa: E
 from epsdpo_kernels.reference import reference_epsilon_dpo  # noqa: E402
 from epsdpo_kernels.trl import DataCollatorForPackedPreference  # noqa: E402
 from tests.helpers.parity import fp32_sum_rel_error, sequence_logp_disagreement  # noqa: E402
-from tests.helpers.trl import dpo_trainer, make_trainer  # noqa: E402
-from tests.test_trl import _token_pairs  # noqa: E402
+from tests.helpers.trl import dpo_trainer, make_trainer, token_pairs  # noqa: E402
+
+# One xdist worker runs the whole module: its module-scoped runs are computed once.
+pytestmark = pytest.mark.xdist_group("integrations/test_loss_types")
 
 # (loss_type list, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef)
 CASES = {
@@ -77,7 +79,7 @@ def _pair_of_trainers(tmp, **overrides):
     and one batch of ragged token pairs (one with an empty prompt), padded and packed."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    ours = make_trainer(tmp / "eps", train=_token_pairs(n=6), epsilon=0.0, **overrides)
+    ours = make_trainer(tmp / "eps", train=token_pairs(n=6), epsilon=0.0, **overrides)
     theirs = dpo_trainer(tmp / "dpo", **overrides)
     for trainer in (ours, theirs):
         gen = torch.Generator().manual_seed(7)

@@ -47,7 +47,8 @@ BF16_FORWARD_LOOP_BUDGET = 29
 BACKWARD_LOOP_BUDGET = 12
 
 # Every test here reads one compile sweep, run in a subprocess off the interpreter (minutes).
-pytestmark = pytest.mark.slow
+# One xdist worker runs the whole module: its module-scoped sweeps are computed once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kernels/test_compile")]
 
 # One case per (arch, dtype, V), compiled in a pool of processes: ptxas is single-threaded, and
 # the sweep is most of this module's time (CI has 2 cores).
@@ -79,7 +80,7 @@ def _compile_sweep(archs, dtypes, vocabs, softcap=None, wpo=False) -> dict:
     interpreter; with ``softcap``, the token kernels' soft-capped specialisation; with ``wpo``,
     the forward and sequence sums that also compute WPO's terms."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     args = [json.dumps(x) for x in (archs, dtypes, vocabs, softcap, wpo)]
     proc = subprocess.run(
