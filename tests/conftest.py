@@ -3,6 +3,10 @@
 TRITON_INTERPRET must be set before triton is imported anywhere, hence at the top of conftest.
 With a GPU, tests run on CUDA tensors and compiled kernels instead (``EPSDPO_TEST_DEVICE=cpu``
 forces the interpreter even there).
+
+The suite runs on two xdist workers (``-n 2 --dist loadgroup``). Every test that spawns ranks or
+processes that talk to each other carries ``@pytest.mark.xdist_group("multi_process")``: that
+group runs on one worker, one test at a time, so no two multi-process tests ever overlap.
 """
 
 import os
@@ -36,14 +40,19 @@ settings.register_profile(
 settings.load_profile("default")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``-n 2 --dist loadgroup`` the tests that spawn communicating processes run one after
-    another on one worker (the ``multi_process`` group), never two of them at once; before
-    xdist reads the groups (its own hook runs later)."""
+    """Under ``--dist loadgroup`` (in a worker, after xdist's own hook), refuse to run if xdist
+    did not tag the grouped tests (pytest-xdist 3.8 renames ``item._nodeid``, which pytest 9.2
+    no longer reads): multi-process tests would silently run two at a time."""
+    if not getattr(config.option, "loadgroup", False):
+        return
     for item in items:
-        if item.get_closest_marker("multi_process"):
-            item.add_marker(pytest.mark.xdist_group("multi_process"))
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"pytest-xdist did not group {item.nodeid} (pytest {pytest.__version__}): "
+                "install the versions the test extra pins (pytest<9.2)"
+            )
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import pytest
 
 from tests.helpers.engines import ENGINES, HEAD_COLUMNS, HEAD_ROWS, launch, save_tiny_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.multi_process]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_process")]
 
 ENGINE_NAMES = list(ENGINES)
 # Against DDP at ε > 0: the engines that train the same models (not the PEFT one).

@@ -14,7 +14,7 @@ from tests.helpers.compare import assert_close
 from tests.helpers.distributed import gloo_group, rendezvous_file
 from tests.helpers.syncs import library_syncs
 
-pytestmark = pytest.mark.multi_process
+pytestmark = pytest.mark.xdist_group("multi_process")
 
 
 def test_output_is_a_pytree_of_its_tensors():

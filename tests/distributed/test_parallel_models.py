@@ -15,7 +15,7 @@ from tests.helpers.compare import assert_close
 from tests.helpers.distributed import gloo_group, guarded, output_fields, result_of, spawn_ranks
 from tests.helpers.models import tiny_transformed_lm
 
-pytestmark = [pytest.mark.slow, pytest.mark.multi_process]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multi_process")]
 
 CAP = 0.5  # the logits reach a few units (weights × 4 below): the cap bites
 BETA, EPSILON = 0.1, 0.3

@@ -22,7 +22,7 @@ from tests.helpers.distributed import (
 from tests.helpers.packing import pack
 from tests.helpers.syncs import library_syncs
 
-pytestmark = pytest.mark.multi_process
+pytestmark = pytest.mark.xdist_group("multi_process")
 
 BETA, EPSILON = 0.1, 0.2
 # (entry, backend, dtype, layout, split). Layouts: padded (2B, T) rows, or a packed stream with

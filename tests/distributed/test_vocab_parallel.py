@@ -24,7 +24,7 @@ from tests.helpers.distributed import (
 from tests.helpers.packing import pack
 from tests.helpers.syncs import library_syncs
 
-pytestmark = pytest.mark.multi_process
+pytestmark = pytest.mark.xdist_group("multi_process")
 
 # (backend, dtype, layout, V, reference weight: "sharded" DTensor or "plain" whole tensor,
 # mesh: "1d" or "2d" (a (1, w) data × tensor mesh, sharded on "tp")). V = 301 splits unevenly

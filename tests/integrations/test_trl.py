@@ -332,7 +332,7 @@ def _run_ddp(tmp_path, processes: int, batch: int) -> dict:
     return json.loads((out / "logs.json").read_text())
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     """2 processes × 2 pairs × 2 accumulation steps against 1 process × 4 pairs × 2: the same 8
@@ -888,7 +888,7 @@ def _rank_rows(rank, world, pairs):
     return torch.cat([mine, mine + pairs])
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_fsdp2_sharded_lm_head_gradient_sums_every_rank():
     """Two gloo ranks, each on half the pairs, with the lm_head an FSDP2 unit of its own that
     the loss reaches through its forward: the lm_head gradient equals one process's on all the

@@ -67,7 +67,7 @@ def _worker(rank, world, store, results):
         results[rank] = controller.update()
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_update_all_reduces_across_ranks():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, rendezvous_file(), results), nprocs=2, join=True)

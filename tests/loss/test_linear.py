@@ -388,7 +388,7 @@ def _ddp_worker(rank, world, store, results):
         results[rank] = head.weight.grad.clone()
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_works_under_ddp():
     """Under DDP (gloo, 2 ranks) the averaged gradient equals the single-process gradient of the
     mean loss over all pairs."""

@@ -104,7 +104,7 @@ def test_bad_data_files_are_one_line(tmp_path, capsys, monkeypatch, content, mat
     assert "Traceback" not in err
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 @pytest.mark.slow
 def test_under_torchrun_only_rank_zero_prints_the_error(tmp_path):
     """torchrun adds its own failure report after the workers exit; ours is one line."""

@@ -139,7 +139,7 @@ def test_sigterm_is_one_line_with_the_resume_hint(tmp_path):
     assert last.startswith("interrupted at step ") and last.endswith("resume with --resume"), last
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_ctrl_c_of_launched_ranks_is_one_line(tmp_path):
     """--nproc-per-node 2 and Ctrl-C at the terminal (SIGINT to the whole process group): one
     line and status 130, where torchrun's agent added its log lines and a 20-line traceback."""
@@ -206,7 +206,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
     """kill -9 of the torchrun agent once left its workers training, orphaned."""
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ from train.tokenizer import byte_tokenizer  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_two_processes_match_one(tmp_path):
     proc = run(["--max-steps", "3", "--output-dir", str(tmp_path / "one"), *FAST])
     # What the reported times and memory depend on, and the peak memory on a CPU too.
@@ -185,7 +185,7 @@ def test_loads_a_saved_model_by_path_and_logits_loss(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_tensor_parallel_trains_the_one_process_steps_and_resumes(tmp_path):
     """--tp 2 on 2 processes (blocks, tied embedding and lm_head split; the vocabulary-parallel
     linear loss) trains the steps of one process, exports the same model, and a checkpoint
@@ -227,7 +227,7 @@ def test_tensor_parallel_trains_the_one_process_steps_and_resumes(tmp_path):
         assert a["kl/beta"] == pytest.approx(b["kl/beta"], rel=1e-12), a["step"]
 
 
-@pytest.mark.multi_process
+@pytest.mark.xdist_group("multi_process")
 def test_tensor_parallel_logits_loss_on_packed_rows_and_uneven_vocabulary(tmp_path):
     """--tp 2 with an untied lm_head over a vocabulary of 263 (shards of 132 and 131), the
     logits loss on vocabulary-sharded logits, packed rows and evaluation: one process's steps."""
