@@ -106,7 +106,9 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
     import torch
 
     from benchmarks import baseline_token_kernels as old
-    from epsdpo_kernels.triton_backend import token as new
+    from epsdpo_kernels import triton_backend as new
+    from epsdpo_kernels.triton_backend import backward as new_backward
+    from epsdpo_kernels.triton_backend import forward as new_forward
 
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (16, max(1, rows // 16), vocab)
@@ -149,12 +151,18 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
         print(_describe(row), flush=True)
 
     if sweep:
-        default = (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS, new.BWD_LANES_PER_THREAD)
+        # Each launcher reads its module's own binding of its launch shape (launch.py's values).
+        default = (
+            new_forward.FWD_WARPS,
+            new_forward.FWD_LANES_PER_THREAD,
+            new_backward.BWD_WARPS,
+            new_backward.BWD_LANES_PER_THREAD,
+        )
         try:
             for warps in WARPS:
                 for lanes in LANES_PER_THREAD:
-                    new.FWD_WARPS = new.BWD_WARPS = warps
-                    new.FWD_LANES_PER_THREAD = new.BWD_LANES_PER_THREAD = lanes
+                    new_forward.FWD_WARPS = new_backward.BWD_WARPS = warps
+                    new_forward.FWD_LANES_PER_THREAD = new_backward.BWD_LANES_PER_THREAD = lanes
                     row = _sweep_point(
                         new,
                         policy,
@@ -174,9 +182,12 @@ def _bench_vocab(vocab, rows, sweep, params, bench, result, device) -> None:
                     result["sweep"].append(row)
                     print(_describe(row), flush=True)
         finally:
-            (new.FWD_WARPS, new.FWD_LANES_PER_THREAD, new.BWD_WARPS, new.BWD_LANES_PER_THREAD) = (
-                default
-            )
+            (
+                new_forward.FWD_WARPS,
+                new_forward.FWD_LANES_PER_THREAD,
+                new_backward.BWD_WARPS,
+                new_backward.BWD_LANES_PER_THREAD,
+            ) = default
 
 
 def _row(name, vocab, fwd_ms, bwd_ms, bytes_each, copy_bw):

@@ -3,10 +3,10 @@
     python benchmarks/kernel_report.py [--arch 90] [--rows 16384] [--vocab V ...] [--json PATH]
 
 Every kernel is compiled exactly as a real launch at the given shape would compile it: the
-launchers in triton_backend/token.py build the arguments (on meta tensors: real shapes, no
-memory) and Triton's own specialisation function turns them into the signature, the constexprs
-and the 16-byte alignment/divisibility attributes. For each kernel and dtype the report gives
-the cubin's registers, stack and spill bytes (cuobjdump -res-usage, its local loads and
+launchers (triton_backend/forward.py, backward.py) build the arguments (on meta tensors: real
+shapes, no memory) and Triton's own specialisation function turns them into the signature, the
+constexprs and the 16-byte alignment/divisibility attributes. For each kernel and dtype the
+report gives the cubin's registers, stack and spill bytes (cuobjdump -res-usage, its local loads and
 stores), the SASS of the steady-state loop (the backward branch whose body holds the most
 MUFU.EX2) per element, and a predicted time range at ``rows × vocab``.
 
@@ -201,7 +201,8 @@ def kernel_rows(
     import torch
 
     from epsdpo_kernels import layout as L
-    from epsdpo_kernels.triton_backend import token as K
+    from epsdpo_kernels.triton_backend.backward import backward_launch
+    from epsdpo_kernels.triton_backend.forward import forward_launches
     from epsdpo_kernels.triton_backend.pair_head import pair_head_launch
 
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -210,11 +211,11 @@ def kernel_rows(
     policy = torch.empty(rows // t, t, vocab, dtype=dtype, device="meta")
     labels = torch.empty(rows // t, t, dtype=torch.long, device="meta")
     stats = torch.empty(L.TOKEN_FIELDS, rows, device="meta")
-    partial = torch.empty(2, K.N_PARTIAL, rows, device="meta")
+    partial = torch.empty(2, L.PARTIAL_FIELDS, rows, device="meta")
     element = policy.element_size()
     out = []
     for splits in (1, 2):
-        for launch in K.forward_launches(
+        for launch in forward_launches(
             policy,
             policy,
             labels,
@@ -237,7 +238,7 @@ def kernel_rows(
             out.append((name, launch, per_trip, 2 * element))
     if wpo:  # the backward does not change; the sums below gain a term
         return out + _sequence_sums_rows(stats, wpo=True)
-    grad_launch = K.backward_launch(
+    grad_launch = backward_launch(
         policy,
         labels,
         stats,

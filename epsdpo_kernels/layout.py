@@ -44,6 +44,16 @@ SEQ_FROM_TOKEN = (
     TOK_WPO_LOGP,
 )
 
+# Per token, one V-split's partial state in the Triton forward (a row's vocabulary split across
+# programs, merged by its merge kernel; a vocabulary shard's, before the ranks' merge): the four
+# streams' maxes (h, g, mix⁺, mix⁻), their sums relative to those maxes, Σ_v h and (for WPO's
+# weights) the policy's Σ exp(2(h − m_h)).
+PART_MAXES = 0  # [0, 4)
+PART_EXP_SUMS = 4  # [4, 8)
+PART_LOGIT_SUM = 8
+PART_SQUARES = 9
+PARTIAL_FIELDS = 10
+
 # Per token, a vocabulary shard's partials (distributed/vocab_shard.py merges them over the
 # shard's ranks: a MAX of the maxes, then a SUM of the rescaled sums): ``(SHARD_MAXES, N)``
 # maxes m of the four streams (h, g, mix⁺, mix⁻; −inf where a row reads nothing) and

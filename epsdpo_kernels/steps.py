@@ -39,7 +39,8 @@ BACKENDS = {"triton": _triton, "torch": _torch}
 
 def backend(params):
     """The package of ``params.backend``'s steps."""
-    return BACKENDS[params.backend]()
+    load = BACKENDS[params.backend]
+    return load()
 
 
 def token_stats(policy_logits, ref_logits, labels, call) -> torch.Tensor:

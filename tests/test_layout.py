@@ -73,13 +73,16 @@ LAYERS = {
         "triton_backend",
         "triton_backend.fields",
         "triton_backend.launch",
-        "triton_backend.vocab_merge",
-        "triton_backend.token",
+        "triton_backend.lse",
+        "triton_backend.forward",
+        "triton_backend.backward",
         "triton_backend.vocab_shard",
         "triton_backend.sequence_sums",
         "triton_backend.pair_head",
         "torch_backend",
-        "torch_backend.token",
+        "torch_backend.rows",
+        "torch_backend.forward",
+        "torch_backend.backward",
         "torch_backend.vocab_shard",
         "torch_backend.sequence_sums",
         "torch_backend.pair_head",
@@ -147,9 +150,9 @@ def test_every_module_has_a_layer_and_imports_only_from_layers_before_it():
     )
     assert upward_imports(graph, layers) == []
     # The check itself: a kernel module importing the steps that call it would point up.
-    broken = {**graph, "epsdpo_kernels.triton_backend.token": {"epsdpo_kernels.steps"}}
+    broken = {**graph, "epsdpo_kernels.triton_backend.forward": {"epsdpo_kernels.steps"}}
     assert upward_imports(broken, layers) == [
-        "epsdpo_kernels.triton_backend.token → epsdpo_kernels.steps"
+        "epsdpo_kernels.triton_backend.forward → epsdpo_kernels.steps"
     ]
 
 
@@ -164,3 +167,4 @@ def test_no_import_cycles():
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
     # The check itself, on a three-module cycle.
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import layout as L
-from .token import _nonpositive, _ScoredRows, logit_transform
+from .rows import ScoredRows, logit_transform, nonpositive
 
 
 def _partials(z: torch.Tensor):
@@ -51,7 +51,7 @@ def token_partials(policy_logits, ref_logits, labels, params, offset: int, rows:
     sums = torch.zeros((L.SHARD_SUMS, n * t), device=device)
     if rows == 0:  # a rank whose shard holds no vocabulary entries
         return maxes, sums
-    scored = _ScoredRows(labels, params.ignore_index, rows, policy_logits, ref_logits)
+    scored = ScoredRows(labels, params.ignore_index, rows, policy_logits, ref_logits)
     for sel, r, c in scored.chunks():
         z_h = scored.take(policy_logits, sel, r, c).float()
         z_g = scored.take(ref_logits, sel, r, c).float()
@@ -85,9 +85,9 @@ def stats_from_partials(maxes: torch.Tensor, sums: torch.Tensor, labels, params)
     h_y = logit_transform(label_h, params) if params.transformed else label_h
     g_y = logit_transform(label_g, params) if params.transformed else label_g
     stats = torch.empty((L.TOKEN_FIELDS, maxes.shape[1]), dtype=torch.float32, device=maxes.device)
-    a = _nonpositive(h_y - lse_h)
+    a = nonpositive(h_y - lse_h)
     stats[L.TOK_LOGP] = a
-    stats[L.TOK_REF_LOGP] = _nonpositive(g_y - lse_g)
+    stats[L.TOK_REF_LOGP] = nonpositive(g_y - lse_g)
     label_diff = params.epsilon * (h_y - g_y)
     for field, sign, m, s in ((L.TOK_P_EPS_DELTA, 1, m_p, s_p), (L.TOK_N_EPS_DELTA, -1, m_n, s_n)):
         ratio = s / s_h

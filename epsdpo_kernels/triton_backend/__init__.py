@@ -1,10 +1,12 @@
-"""The Triton backend: the per-token kernels (with the merge of vocabulary partials they use),
-the per-sequence sums and the pair head, each launched on its tensors' device. Imported only when
-used (steps.py): CPU users need no working Triton install."""
+"""The Triton backend, by op: the per-token forward (forward.py) and backward (backward.py), the
+log-sum-exp math they share (lse.py), a vocabulary shard's partials (vocab_shard.py), the
+per-sequence sums and the pair head; the launch policy and every launch in launch.py. Imported
+only when used (steps.py): CPU users need no working Triton install."""
 
+from .backward import token_backward
+from .forward import token_forward
 from .pair_head import pair_head
 from .sequence_sums import sequence_sums
-from .token import token_backward, token_forward
 from .vocab_shard import stats_from_partials, token_partials
 
 __all__ = [

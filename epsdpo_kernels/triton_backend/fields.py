@@ -28,6 +28,12 @@ SEQ_LOGIT_SUM = tl.constexpr(L.SEQ_LOGIT_SUM)
 SEQ_WPO_LOGP = tl.constexpr(L.SEQ_WPO_LOGP)
 SEQ_COUNT = tl.constexpr(L.SEQ_COUNT)
 
+PART_MAXES = tl.constexpr(L.PART_MAXES)
+PART_EXP_SUMS = tl.constexpr(L.PART_EXP_SUMS)
+PART_LOGIT_SUM = tl.constexpr(L.PART_LOGIT_SUM)
+PART_SQUARES = tl.constexpr(L.PART_SQUARES)
+PARTIAL_FIELDS = tl.constexpr(L.PARTIAL_FIELDS)
+
 SHARD_EXP_SUMS = tl.constexpr(L.SHARD_EXP_SUMS)
 SHARD_LABEL_H = tl.constexpr(L.SHARD_LABEL_H)
 SHARD_LABEL_G = tl.constexpr(L.SHARD_LABEL_G)

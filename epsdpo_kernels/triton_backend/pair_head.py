@@ -36,7 +36,7 @@ from .fields import (
     SEQ_REF_LOGP,
     SEQ_WPO_LOGP,
 )
-from .launch import launch
+from .launch import Launch, launch
 
 
 @triton.jit
@@ -133,9 +133,9 @@ def pair_head_kernel(
 
 
 def pair_head_launch(sequence_sums, out, beta, epsilon, label_smoothing, average_log_prob):
-    """(kernel, grid, args, constexprs, num_warps), shared by the launch and the compile check."""
+    """The ``Launch``, shared by the launch and the compile check."""
     b = sequence_sums.shape[1] // 2
-    return (
+    return Launch(
         pair_head_kernel,
         (b,),
         (sequence_sums, out, b, beta, epsilon, label_smoothing),

@@ -28,7 +28,7 @@ from .fields import (
     TOK_REF_LOGP,
     TOK_WPO_LOGP,
 )
-from .launch import launch
+from .launch import Launch, launch
 
 # Token rows summed per step of the loop: 512 keeps the six fp32 accumulators of a 4-warp
 # program in registers (1024 spills on sm_90; benchmarks/kernel_report.py).
@@ -99,13 +99,13 @@ def sequence_sums_kernel(
 
 
 def sequence_sums_launch(stats, labels, sequences: Sequences, out, ignore_index, wpo=False):
-    """(kernel, grid, args, constexprs, num_warps), shared by the launch and the compile check."""
+    """The ``Launch``, shared by the launch and the compile check."""
     _, t = labels.shape
     packed = not sequences.padded
     # Padded rows use no index tensors: the output stands in for those pointers, never read.
     order = sequences.order if packed else out
     offsets = sequences.offsets if packed else out
-    return (
+    return Launch(
         sequence_sums_kernel,
         (sequences.count,),
         (

@@ -24,7 +24,7 @@ DTYPES = ["fp32", "bf16", "fp16"]
 # vocabularies whose rows start mid-vector (GPT-2's 50257; 128257, a pad token added to 128k).
 VOCABS = [507, 5000, 50257, 128256, 128257]
 # The vocabularies the steady-state loops are held to their budget at: aligned rows and rows the
-# kernels must align themselves (triton_backend/token.py, align_rows).
+# kernels must align themselves (triton_backend/launch.py, align_rows).
 BUDGET_VOCABS = [50257, 128256, 128257]
 KERNELS = [
     "token_forward_kernel",
@@ -200,8 +200,8 @@ def test_the_soft_capped_specialisation_costs_one_exp_and_one_reciprocal_per_str
         capped = compiled_softcap[f"{kernel}-softcap-sm{arch}-{dtype}-V{vocab}"]
         assert capped["spill_bytes"] == 0 and capped["stack_bytes"] == 0, capped
         if kernel == "token_backward_kernel" and arch == 90:
-            # Capped at 64 registers from Triton 3.9 on (triton_backend/token.py,
-            # _backward_register_cap); under 3.6 the cap spills, and the half-precision backward
+            # Capped at 64 registers from Triton 3.9 on (triton_backend/launch.py,
+            # backward_register_cap); under 3.6 the cap spills, and the half-precision backward
             # at rows not 16-byte aligned keeps 80 registers: 24 KB in flight, a known gap.
             needed = 32 if _triton_version() >= (3, 9) else 24
             assert capped["in_flight_kb_per_sm"] >= needed, capped

@@ -45,7 +45,8 @@ def test_every_launch_of_a_loss_call_is_guarded_with_its_device(monkeypatch, dev
 
 def test_rows_that_start_mid_vector_are_aligned_by_the_kernels():
     """Which loop each layout gets (meta tensors: shapes and strides, no memory)."""
-    from epsdpo_kernels.triton_backend.token import _gradient_like, align_rows
+    from epsdpo_kernels.triton_backend.backward import _gradient_like
+    from epsdpo_kernels.triton_backend.launch import align_rows
 
     def logits(*shape):
         return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
@@ -68,7 +69,7 @@ def test_bf16_blocks_are_read_as_words_only_from_16_byte_boundaries():
     """The forward's 32-bit word loads of bf16 logits (token._load_block) go only where every
     whole block starts on a 16-byte boundary: a 4-byte load from a 2-byte-aligned address
     faults on a GPU, and the interpreter, which reads it, cannot show that."""
-    from epsdpo_kernels.triton_backend.token import word_loads
+    from epsdpo_kernels.triton_backend.launch import word_loads
 
     def logits(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")

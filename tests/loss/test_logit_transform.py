@@ -108,8 +108,8 @@ def test_policy_equal_to_reference_still_takes_no_step_under_a_cap(backend, devi
 def test_the_split_forward_transforms_like_the_unsplit_one():
     """Few rows split each row's vocabulary over programs, whose partial states a merge kernel
     combines and which reads the label logits itself: it must cap them too."""
-    from epsdpo_kernels.torch_backend.token import token_forward as torch_forward
-    from epsdpo_kernels.triton_backend.token import token_forward as triton_forward
+    from epsdpo_kernels.torch_backend.forward import token_forward as torch_forward
+    from epsdpo_kernels.triton_backend.forward import token_forward as triton_forward
     from tests.helpers.interpreter import interpreter_problem
 
     if interpreter_problem():

@@ -191,7 +191,7 @@ def test_entries_minus_inf_in_both_are_absent(backend, device, dtype):
 def test_split_v_matches_one_program_per_row(device):
     """Few rows: the forward splits V across programs and merges partial (max, sum) states;
     the backward splits the columns. Both equal the unsplit kernels."""
-    from epsdpo_kernels.triton_backend import token as K
+    from epsdpo_kernels import triton_backend as K
 
     policy, ref, labels = make_batch(2, 3, 9000, device=device, seed=6)
     params = _params("triton", 0.1)
@@ -217,7 +217,7 @@ def test_split_v_matches_one_program_per_row(device):
 
 
 def test_split_count_fills_the_gpu_once():
-    from epsdpo_kernels.triton_backend.token import PROGRAMS_PER_SM, split_count
+    from epsdpo_kernels.triton_backend.launch import PROGRAMS_PER_SM, split_count
 
     slots = 132 * PROGRAMS_PER_SM
     assert split_count(rows=16384, vocab=128256, block=2048, sm_count=132) == 1
@@ -237,7 +237,7 @@ def test_split_count_fills_the_gpu_once():
     splits=st.integers(1, 600),
 )
 def test_split_plan_leaves_no_split_empty(vocab, block, splits):
-    from epsdpo_kernels.triton_backend.token import split_plan
+    from epsdpo_kernels.triton_backend.launch import split_plan
 
     count, width = split_plan(vocab, block, splits)
     assert 1 <= count <= splits
@@ -249,13 +249,13 @@ def test_split_plan_leaves_no_split_empty(vocab, block, splits):
 def test_torch_backend_sub_chunks_follow_the_device():
     """A CPU sub-chunk stays within the cache; a GPU one holds enough rows to fill the device
     (at V = 128k, 512 KiB would be one row per kernel launch)."""
-    from epsdpo_kernels.torch_backend.token import TORCH_CHUNK_BYTES, _chunk_rows
+    from epsdpo_kernels.torch_backend.rows import TORCH_CHUNK_BYTES, chunk_rows
 
     vocab = 128256
-    assert _chunk_rows(vocab, torch.device("cpu")) == 1
-    assert _chunk_rows(vocab, torch.device("cuda", 1)) == TORCH_CHUNK_BYTES["cuda"] // (4 * vocab)
-    assert _chunk_rows(vocab, torch.device("cuda")) >= 128
-    assert _chunk_rows(32000, torch.device("cpu")) == 4
+    assert chunk_rows(vocab, torch.device("cpu")) == 1
+    assert chunk_rows(vocab, torch.device("cuda", 1)) == TORCH_CHUNK_BYTES["cuda"] // (4 * vocab)
+    assert chunk_rows(vocab, torch.device("cuda")) >= 128
+    assert chunk_rows(32000, torch.device("cpu")) == 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -293,7 +293,7 @@ def test_every_per_token_logprob_is_nonpositive(backend, device, scale):
 @pytest.mark.parametrize("rise", [0.37, 45.0, 150.0, -150.0], ids=lambda r: f"rise{r:g}")
 def test_a_max_that_moves_block_by_block_rescales_the_sums_exactly(backend, device, dtype, rise):
     """The forward's lanes keep their sums relative to 2^k, k an integer near max·log2e, and
-    rescale them by exact powers of two when a block raises the max (triton_backend/token.py):
+    rescale them by exact powers of two when a block raises the max (triton_backend/forward.py):
     logits that rise by ``rise`` per 1024 columns (more than one block of every dtype's tile)
     move k by fractions of a unit (0.37), by ~65 (45: a rescale of 2^-65) and past 2^-126 (150:
     the old sums vanish, as in float64); falling logits (−150) keep the first block's k. Every

@@ -94,7 +94,7 @@ def test_logits_of_ten_thousand_keep_the_weights_finite(backend, device):
 def test_a_split_row_gives_the_unsplit_wpo_term(device):
     """Few rows: the forward splits V over programs and the merge kernel combines their sums of
     squares (each at its own max) as it combines the lanes of one program."""
-    from epsdpo_kernels.triton_backend.token import token_forward
+    from epsdpo_kernels.triton_backend.forward import token_forward
     from tests.helpers.interpreter import interpreter_problem
 
     if device.type == "cpu" and interpreter_problem():

@@ -158,7 +158,7 @@ def test_sweep_agreement_check_allows_reordering_and_nothing_more():
     from benchmarks.bench_kernels import _abs_logit_sums, check_layout_agreement
     from epsdpo_kernels import layout as L
     from epsdpo_kernels.params import LossParams
-    from epsdpo_kernels.torch_backend.token import token_forward
+    from epsdpo_kernels.torch_backend.forward import token_forward
     from tests.helpers.batches import make_batch
 
     policy, ref, labels = make_batch(
