@@ -1,7 +1,10 @@
 """Correctness of every kernel on CUDA at the shapes users run, against float64, case by case.
 
-    python benchmarks/cuda_check.py --jsonl check.jsonl          # on CUDA
-    python benchmarks/cuda_check.py --jsonl check.jsonl --dry-run  # no GPU: tiny shapes
+    python -m benchmarks.cuda_check --jsonl check.jsonl            # on CUDA
+    python -m benchmarks.cuda_check --jsonl check.jsonl --dry-run  # no GPU: tiny shapes
+
+From the repository root: it reuses the test suite's comparisons (tests/helpers/), which the
+install does not carry, so run it as a module (or with PYTHONPATH=$PWD, as the GPU campaign does).
 
 The test suite checks the kernels at small shapes (and, without a GPU, through the interpreter);
 this is the GPU campaign's check that the compiled kernels are right where users are: V ∈
@@ -25,11 +28,6 @@ import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 BETA, EPSILON = 0.1, 0.01
 VOCABS = (32000, 50257, 128256, 151936, 256000)

@@ -168,3 +168,16 @@ def test_no_import_cycles():
     # The check itself, on a three-module cycle.
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
+
+def test_no_module_edits_sys_path():
+    """Scripts import the repository's packages through the install (or PYTHONPATH), never by
+    editing sys.path: an edit hides a missing install and can shadow the installed package."""
+    root = PACKAGE.parent
+    edits = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("epsdpo_kernels", "train", "benchmarks", "tests")
+        for path in sorted((root / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "sys.path." + "insert" in line or "sys.path." + "append" in line
+    ]
+    assert edits == []
