@@ -50,41 +50,48 @@ BACKWARD_LOOP_BUDGET = 12
 # One xdist worker runs the whole module: its module-scoped sweeps are computed once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("kernels/test_compile")]
 
-# One case per (arch, dtype, V), compiled in a pool of processes: ptxas is single-threaded, and
-# the sweep is most of this module's time (CI has 2 cores).
+# Every case of every sweep (plain, soft-capped, WPO; one case per (arch, dtype, V)) compiled in
+# one pool of processes: ptxas is single-threaded, and the sweeps are most of this module's time
+# (CI has 2 cores), so one pool keeps both busy and starts its interpreters once.
 _COMPILE_ALL = r"""
 import json, os, sys
 from concurrent.futures import ProcessPoolExecutor
 from benchmarks.kernel_report import report
-archs, dtypes, vocabs, softcap, wpo = (json.loads(a) for a in sys.argv[1:6])
+cases = [tuple(c) for c in json.loads(sys.argv[1])]
 
-def case(arch, dt, v):
+def case(sweep, arch, dt, v, softcap, wpo):
     try:
         rows = report(arch, dt, 16384, v, softcap=softcap, wpo=wpo)
-        return {f"{row['kernel']}-sm{arch}-{dt}-V{v}": row for row in rows}
+        return sweep, {f"{row['kernel']}-sm{arch}-{dt}-V{v}": row for row in rows}
     except Exception as e:  # reported per case by the test
-        return {f"error-sm{arch}-{dt}-V{v}": f"{type(e).__name__}: {e}"[:3000]}
+        return sweep, {f"error-sm{arch}-{dt}-V{v}": f"{type(e).__name__}: {e}"[:3000]}
 
 if __name__ == "__main__":
-    cases = [(a, d, v) for a in archs for d in dtypes for v in vocabs]
-    results = {}
+    results = {sweep: {} for sweep, *_ in cases}
     with ProcessPoolExecutor(max_workers=min(len(cases), os.cpu_count() or 1)) as pool:
-        for found in pool.map(case, *zip(*cases)):
-            results.update(found)
+        for sweep, found in pool.map(case, *zip(*cases)):
+            results[sweep].update(found)
     print(json.dumps(results))
 """
 
 
-def _compile_sweep(archs, dtypes, vocabs, softcap=None, wpo=False) -> dict:
-    """Every kernel's report row (or the error of a case), compiled in a subprocess off the
-    interpreter; with ``softcap``, the token kernels' soft-capped specialisation; with ``wpo``,
-    the forward and sequence sums that also compute WPO's terms."""
+def _compile_sweeps(sweeps: dict) -> dict:
+    """Each sweep's report rows (or the error of a case), by sweep name, compiled in a subprocess
+    off the interpreter. A sweep is (archs, dtypes, vocabs, softcap, wpo): with ``softcap``, the
+    token kernels' soft-capped specialisation; with ``wpo``, the forward and sequence sums that
+    also compute WPO's terms."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    args = [json.dumps(x) for x in (archs, dtypes, vocabs, softcap, wpo)]
+    cases = [
+        (name, a, d, v, softcap, wpo)
+        for name, (archs, dtypes, vocabs, softcap, wpo) in sweeps.items()
+        for a in archs
+        for d in dtypes
+        for v in vocabs
+    ]
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_ALL, *args],
+        [sys.executable, "-c", _COMPILE_ALL, json.dumps(cases)],
         capture_output=True,
         text=True,
         env=env,
@@ -95,9 +102,24 @@ def _compile_sweep(archs, dtypes, vocabs, softcap=None, wpo=False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
+WPO_ARCHS, WPO_DTYPES, WPO_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
+
+
 @pytest.fixture(scope="module")
-def compiled() -> dict:
-    return _compile_sweep(ARCHS, DTYPES, VOCABS)
+def sweeps() -> dict:
+    return _compile_sweeps(
+        {
+            "plain": (ARCHS, DTYPES, VOCABS, None, False),
+            "softcap": (SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS, 30.0, False),
+            "wpo": (WPO_ARCHS, WPO_DTYPES, WPO_VOCABS, None, True),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled(sweeps) -> dict:
+    return sweeps["plain"]
 
 
 # V = 507 is below two forward blocks in every dtype: no launch splits it, so the split forward
@@ -166,9 +188,6 @@ def test_token_forward_divides_with_round_to_nearest(compiled, arch, dtype):
         assert set(divisions) == {"div.rn.f32"}, divisions
 
 
-SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
-
-
 def _triton_version() -> tuple[int, int]:
     import triton
 
@@ -177,8 +196,8 @@ def _triton_version() -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def compiled_softcap() -> dict:
-    return _compile_sweep(SOFTCAP_ARCHS, SOFTCAP_DTYPES, SOFTCAP_VOCABS, softcap=30.0)
+def compiled_softcap(sweeps) -> dict:
+    return sweeps["softcap"]
 
 
 SOFTCAP_CASES = [(a, d, v) for a in SOFTCAP_ARCHS for d in SOFTCAP_DTYPES for v in SOFTCAP_VOCABS]
@@ -211,12 +230,9 @@ def test_the_soft_capped_specialisation_costs_one_exp_and_one_reciprocal_per_str
         )
 
 
-WPO_ARCHS, WPO_DTYPES, WPO_VOCABS = (80, 90), ("fp32", "bf16"), (50257, 128256)
-
-
 @pytest.fixture(scope="module")
-def compiled_wpo() -> dict:
-    return _compile_sweep(WPO_ARCHS, WPO_DTYPES, WPO_VOCABS, wpo=True)
+def compiled_wpo(sweeps) -> dict:
+    return sweeps["wpo"]
 
 
 WPO_CASES = [(a, d, v) for a in WPO_ARCHS for d in WPO_DTYPES for v in WPO_VOCABS]
