@@ -121,6 +121,8 @@ one_call() {
     install_wheels
     if [ $DRY -eq 1 ]; then
         export TRITON_INTERPRET=1 EPSDPO_TEST_DEVICE=cpu
+        # Two test files on a CPU: in-process (eight xdist workers would each start torch).
+        export CAMPAIGN_XDIST=${CAMPAIGN_XDIST:-0}
         local shapes_check=(--dry-run)
         local kernels=(--dry-run --rows 32 --vocab 300 1000 --no-sweep)
         local tests=(tests/test_layout.py tests/kernels/test_launch.py)
