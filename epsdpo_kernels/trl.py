@@ -1,20 +1,5 @@
 """``epsdpo_kernels.trl``: ε-DPO in TRL (``EpsilonDPOConfig``, ``EpsilonDPOTrainer``), the public
 name of ``epsdpo_kernels/integrations/trl/``."""
 
-from .integrations.trl import (
-    BETA_STATE_FILE,
-    TOKENIZED_COLUMNS,
-    DataCollatorForPackedPreference,
-    EpsilonDPOConfig,
-    EpsilonDPOTrainer,
-    refused_options,
-)
-
-__all__ = [
-    "EpsilonDPOConfig",
-    "EpsilonDPOTrainer",
-    "DataCollatorForPackedPreference",
-    "refused_options",
-    "BETA_STATE_FILE",
-    "TOKENIZED_COLUMNS",
-]
+from .integrations.trl import *  # noqa: F403
+from .integrations.trl import __all__  # noqa: F401

@@ -1,9 +1,17 @@
-"""Tiny random causal LMs of the families whose logits are soft-capped or scaled."""
+"""Tiny random causal LMs: the decoder sizes every test model shares, and the families whose
+logits are soft-capped or scaled."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+# The decoder every tiny test Llama (and its Gemma 2 and Mixtral variants) shares.
+TINY_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2
+)
+# The special tokens of train/tokenizer.py's byte tokenizer.
+BYTE_TOKENS = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)
 
 
 def tiny_transformed_lm(family: str, **transform):

@@ -11,6 +11,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from epsdpo_kernels.trl import EpsilonDPOConfig, EpsilonDPOTrainer
+from tests.helpers.models import BYTE_TOKENS, TINY_DECODER
 from train.tokenizer import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,16 +49,11 @@ def tiny_models(seed: int = 0, vocab: int = 260, tied: bool = True, softcap: flo
     logits are capped at it (``final_logit_softcapping``)."""
     sizes = dict(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=tied,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
+        **TINY_DECODER,
+        **BYTE_TOKENS,
     )
     if softcap is None:
         config, model_cls = LlamaConfig(**sizes), LlamaForCausalLM

@@ -9,19 +9,17 @@ transformers = pytest.importorskip("transformers")
 
 from epsdpo_kernels import causal_lm_hidden_and_head, epsilon_dpo_loss, linear_epsilon_dpo_loss  # noqa: E402
 from tests.helpers.compare import assert_close  # noqa: E402
+from tests.helpers.models import TINY_DECODER  # noqa: E402
 
 
 def tiny_llama(tie: bool, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=211,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
+        **TINY_DECODER,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

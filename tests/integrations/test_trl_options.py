@@ -129,20 +129,17 @@ def test_precomputed_reference_is_refused_at_positive_epsilon(tmp_path):
 def _tiny_mixtral(coef: float):
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    from tests.helpers.models import BYTE_TOKENS, TINY_DECODER
+
     cfg = MixtralConfig(
         vocab_size=260,
-        hidden_size=32,
-        intermediate_size=32,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_local_experts=4,
         num_experts_per_tok=2,
         router_aux_loss_coef=coef,
         max_position_embeddings=512,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
+        **{**TINY_DECODER, "intermediate_size": 32},
+        **BYTE_TOKENS,
     )
     torch.manual_seed(0)
     policy = MixtralForCausalLM(cfg)

@@ -145,18 +145,15 @@ def _save_untied_llama(path, vocab_size: int = 260) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tests.helpers.models import BYTE_TOKENS, TINY_DECODER
+
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
+        **TINY_DECODER,
+        **BYTE_TOKENS,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
