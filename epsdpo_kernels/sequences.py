@@ -95,11 +95,12 @@ def run_lengths(keys: torch.Tensor, count: int) -> torch.Tensor:
     return runs[:count]
 
 
-def places(keys: torch.Tensor, count: int) -> torch.Tensor:
+def places(keys: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
     """(N,) each token's 1-based place among the tokens of its ``sequence_keys`` key, in stream
-    order (on the device, no sync)."""
-    runs = torch.bincount(keys, minlength=count + 1)
+    order, from the keys' ``run_lengths`` (on the device, no sync). Unscored tokens (key 2B)
+    come after every run."""
     starts = torch.cumsum(runs, 0) - runs
+    starts = torch.cat([starts, runs.sum().reshape(1)])
     order = torch.argsort(keys, stable=True)
     place = torch.empty_like(keys)
     place[order] = torch.arange(1, keys.numel() + 1, device=keys.device) - starts[keys[order]]

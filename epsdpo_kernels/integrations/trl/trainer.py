@@ -48,7 +48,7 @@ def ld_token_weights(labels, sequence_ids, num_pairs, alpha: float) -> torch.Ten
     lengths = S.run_lengths(keys, count)
     shared = torch.minimum(lengths[: count // 2], lengths[count // 2 :]).repeat(2)
     shared = torch.cat([shared, shared.new_zeros(1)])[keys]
-    weights = torch.where(S.places(keys, count) <= shared, 1.0, float(alpha))
+    weights = torch.where(S.places(keys, lengths) <= shared, 1.0, float(alpha))
     return torch.where(scored.reshape(-1), weights, 0.0).reshape(labels.shape)
 
 
